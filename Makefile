@@ -1,0 +1,24 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+# The embedded default: real handwritten digits, a small CNN, 2 CPU DDP workers, WE on.
+demo: setup
+	$(BIN)/we-dist convert digits --out data/digits
+	$(BIN)/we-dist train recipes/demo.yaml
+
+# The whole suite: fast unit tests and slow integration tests (real Ray, MLflow, FFCV).
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf .pytest_cache .hypothesis build *.egg-info
