@@ -1,0 +1,86 @@
+"""The `we-dist` command line.
+
+Subcommands (each area of the package owns its arguments and its `run`):
+
+    we-dist convert ...                 write .beton files (we_dist.data.convert)
+    we-dist train RECIPE [key=value]    train on Ray Train (we_dist.train.driver)
+    we-dist tune SWEEP [key=value]      sweep with Ray Tune (we_dist.tune.sweep)
+    we-dist submit RECIPE [key=value]   submit a Ray Job to a cluster (we_dist.cluster.submit)
+    we-dist jobs list|logs|stop|status  follow submitted jobs (we_dist.cluster.submit)
+    we-dist cluster up|down|status      a two-node Ray cluster on this machine (we_dist.cluster.local)
+    we-dist config RECIPE [key=value]   print the resolved config, validated
+
+User errors (bad config, bad data, unreachable services) print one line to stderr and
+exit with status 2; nothing starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, help). Modules are imported only when their command runs,
+# so `we-dist config` does not pay for importing Ray or FFCV.
+COMMANDS = {
+    "convert": ("we_dist.data.convert", "write FFCV .beton files from images, digits or synthetic data"),
+    "train": ("we_dist.train.driver", "train a recipe with Ray Train (DDP workers)"),
+    "tune": ("we_dist.tune.sweep", "run a Ray Tune sweep of a recipe's hyperparameters"),
+    "submit": ("we_dist.cluster.submit", "submit a training or sweep as a Ray Job to a cluster"),
+    "jobs": ("we_dist.cluster.jobs", "list, follow, stop submitted Ray Jobs"),
+    "cluster": ("we_dist.cluster.local", "start/stop a two-node Ray cluster on this machine (loopback)"),
+    "config": ("we_dist.cli", "print a recipe's resolved, validated config as YAML"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `we-dist config`."""
+    parser.add_argument("recipe", help="YAML recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.1")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`we-dist config`: validate and print the resolved recipe."""
+    from we_dist.config import load_config
+
+    print(load_config(args.recipe, args.overrides).to_yaml(), end="")
+    return 0
+
+
+def _usage() -> str:
+    lines = ["usage: we-dist COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<9} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += ["", "`we-dist COMMAND --help` describes one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `we-dist` console script."""
+    from we_dist.config import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"we-dist: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, help_text = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"we-dist {command}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    args.command = command
+    try:
+        return int(module.run(args) or 0)
+    except ConfigError as exc:
+        print(f"we-dist {command}: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"we-dist {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
