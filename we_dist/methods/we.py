@@ -1,0 +1,87 @@
+"""Weight Evolution as a training method.
+
+On its interval (every ``interval`` epochs after validation, or every ``interval``
+optimizer steps), rank 0 plans WE on its replica, broadcasts the plan as one flat byte
+tensor, and every rank applies the same plan, so replicas stay bit-identical. The
+patience counters travel inside the plan, so every rank also holds the same WE state.
+"""
+
+from __future__ import annotations
+
+import time
+
+from we_dist import sync
+from we_dist.config import WEMethodConfig
+from we_dist.evolution import EvolutionPlan, WeightEvolution, collect_scores
+from we_dist.methods.base import FitContext, Method, ScoreHistogram
+
+
+class WeightEvolutionMethod(Method):
+    """WE (Lin et al., ACM MM 2021) between training steps; see docs/weight-evolution.md."""
+
+    name = "we"
+
+    def __init__(self, cfg: WEMethodConfig, record_histograms: bool = True) -> None:
+        self.cfg = cfg
+        self.evolution = WeightEvolution(cfg.evolution_config())
+        self.record_histograms = record_histograms
+        self.calls = 0
+        self._metrics: dict[str, float] = {}
+        self._histograms: list[ScoreHistogram] = []
+
+    # -- hooks -------------------------------------------------------------------------
+
+    def on_step_end(self, ctx: FitContext) -> None:
+        if self.cfg.interval_unit == "step" and ctx.step % self.cfg.interval == 0:
+            self._evolve(ctx)
+
+    def on_epoch_end(self, ctx: FitContext) -> None:
+        if self.cfg.interval_unit == "epoch" and (ctx.epoch + 1) % self.cfg.interval == 0:
+            self._evolve(ctx)
+
+    # -- the decision on rank 0, applied everywhere --------------------------------------
+
+    def _evolve(self, ctx: FitContext) -> None:
+        start = time.perf_counter()
+        before = collect_scores(ctx.model)["conv"] if self._want_histogram(ctx) else None
+        if ctx.rank == 0:
+            plan = self.evolution.plan(ctx.model, ctx.epoch)
+            payload = plan.to_tensor()
+        else:
+            plan, payload = None, None
+        payload = sync.broadcast_bytes(payload, src=0)
+        if plan is None:
+            plan = EvolutionPlan.from_tensor(payload)
+            # Keep every rank's WE state equal to rank 0's.
+            self.evolution.load_state_dict({**self.evolution.state_dict(), "patience": dict(plan.patience)})
+        self.evolution.apply(ctx.model, plan)
+        self.calls += 1
+        if ctx.rank == 0:
+            self._metrics = {**plan.stats, "we/calls": float(self.calls), "we/plan_bytes": float(plan.nbytes),
+                             "we/seconds": time.perf_counter() - start}
+            if before is not None:
+                after = collect_scores(ctx.model)["conv"]
+                self._histograms.append(ScoreHistogram("conv_filter_scores", ctx.epoch,
+                                                       before.float().cpu().numpy(),
+                                                       after.float().cpu().numpy()))
+
+    def _want_histogram(self, ctx: FitContext) -> bool:
+        # Epoch-interval calls are few; step-interval calls could be thousands per run.
+        return self.record_histograms and ctx.rank == 0 and self.cfg.interval_unit == "epoch"
+
+    # -- state ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"evolution": self.evolution.state_dict(), "calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evolution.load_state_dict(state["evolution"])
+        self.calls = int(state.get("calls", 0))
+
+    def pop_metrics(self) -> dict[str, float]:
+        out, self._metrics = self._metrics, {}
+        return out
+
+    def pop_histograms(self) -> list[ScoreHistogram]:
+        out, self._histograms = self._histograms, []
+        return out

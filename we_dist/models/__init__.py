@@ -1,0 +1,53 @@
+"""Model factory: networks by name, as in timm's ``create_model``.
+
+``MODELS`` maps a name to a builder ``(num_classes) -> nn.Module``. CIFAR-style
+networks (``cifar_*``) keep spatial resolution in the stem for 32x32 inputs;
+ImageNet networks are torchvision's, randomly initialised (nothing is downloaded).
+
+Example::
+
+    >>> model = create_model("cifar_resnet20", num_classes=10)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torchvision
+from torch import nn
+
+from we_dist.models.blurpool import add_blurpool
+from we_dist.models.cifar import cifar_mobilenet_v2, cifar_resnet, cifar_shufflenet_v2
+from we_dist.models.small import SmallCNN
+
+Builder = Callable[[int], nn.Module]
+
+MODELS: dict[str, Builder] = {
+    "small_cnn": lambda n: SmallCNN(num_classes=n),
+    "cifar_resnet20": lambda n: cifar_resnet(20, n),
+    "cifar_resnet56": lambda n: cifar_resnet(56, n),
+    "cifar_resnet110": lambda n: cifar_resnet(110, n),
+    "cifar_mobilenet_v2": cifar_mobilenet_v2,
+    "cifar_shufflenet_v2": cifar_shufflenet_v2,
+    "resnet18": lambda n: torchvision.models.resnet18(num_classes=n),
+    "resnet50": lambda n: torchvision.models.resnet50(num_classes=n),
+    "mobilenet_v2": lambda n: torchvision.models.mobilenet_v2(num_classes=n),
+    "mobilenet_v3_large": lambda n: torchvision.models.mobilenet_v3_large(num_classes=n),
+    "shufflenet_v2_x1_0": lambda n: torchvision.models.shufflenet_v2_x1_0(num_classes=n),
+    "efficientnet_b0": lambda n: torchvision.models.efficientnet_b0(num_classes=n),
+    "densenet121": lambda n: torchvision.models.densenet121(num_classes=n),
+    "vgg16_bn": lambda n: torchvision.models.vgg16_bn(num_classes=n),
+}
+
+
+def create_model(name: str, num_classes: int, blurpool: bool = False) -> nn.Module:
+    """Build a registered network; ``blurpool`` adds anti-aliasing before strided convs."""
+    if name not in MODELS:
+        raise ValueError(f"model.name must be one of {sorted(MODELS)}, got {name!r}")
+    model = MODELS[name](num_classes)
+    if blurpool:
+        add_blurpool(model)
+    return model
+
+
+__all__ = ["MODELS", "create_model", "SmallCNN", "add_blurpool"]

@@ -1,0 +1,222 @@
+"""`we-dist train`: check everything, then run the worker loop on Ray Train.
+
+Before any worker starts, the driver checks the datasets, the tracking server, the
+storage and resume mode, and that the Ray cluster has the CPUs/GPUs the workers need.
+Then it builds a :class:`ray.train.torch.TorchTrainer` with ``scaling.num_workers`` DDP
+workers (gloo on CPU, NCCL on GPU). With no address (and no ``RAY_ADDRESS``) it starts a
+local Ray. Re-running a run of the same ``name`` resumes from its last checkpoint.
+
+Example::
+
+    we-dist train recipes/demo.yaml method.we.ratio_conv=0.1 scaling.num_workers=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from we_dist.config import Config, ConfigError, load_config
+
+DEFAULT_STORAGE = "~/we_dist_runs"
+
+
+class PreflightError(RuntimeError):
+    """Something outside the config (data, cluster, tracking, storage) is not usable."""
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished run left behind."""
+
+    metrics: dict[str, Any]
+    run_dir: str
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Absolute local paths for data and storage: Ray workers do not share our cwd."""
+    def absolute(p: str) -> str:
+        return p if not p or _is_remote(p) else str(Path(p).expanduser().resolve())
+
+    storage = cfg.checkpoint.storage_path or os.environ.get("WE_DIST_STORAGE", DEFAULT_STORAGE)
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, train_path=absolute(cfg.data.train_path), val_path=absolute(cfg.data.val_path)),
+        checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=absolute(storage)),
+    )
+
+
+def completed_checkpoints(storage_path: str, name: str) -> list[str]:
+    """Names of the complete checkpoints of run ``name`` (those with a manifest)."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path if _is_remote(storage_path) else Path(storage_path).as_uri())
+    run_dir = f"{root.rstrip('/')}/{name}"
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True))
+    except OSError:
+        return []
+    done = []
+    for info in infos:
+        base = info.path.rsplit("/", 1)[-1]
+        if info.type == pyarrow.fs.FileType.Directory and base.startswith("epoch_"):
+            if fs.get_file_info(f"{info.path}/manifest.json").type == pyarrow.fs.FileType.File:
+                done.append(base)
+    return sorted(done)
+
+
+def preflight(cfg: Config) -> tuple[str | None, bool]:
+    """Check data, storage/resume and tracking. Returns (tracking URI, resuming?)."""
+    from we_dist.data import DatasetError, check_beton
+    from we_dist.methods import METHODS
+    from we_dist.models import MODELS
+
+    if cfg.model.name not in MODELS:
+        raise ConfigError(f"model.name must be one of {sorted(MODELS)}, got {cfg.model.name!r}")
+    if cfg.method.name not in METHODS:
+        raise ConfigError(f"method.name must be one of {sorted(METHODS)}, got {cfg.method.name!r}")
+    for key, path in (("data.train_path", cfg.data.train_path), ("data.val_path", cfg.data.val_path)):
+        if not path:
+            raise ConfigError(f"{key} is empty: give a .beton file (make one with `we-dist convert`)")
+        try:
+            check_beton(path)
+        except DatasetError as exc:
+            raise PreflightError(f"{key}: {exc}") from None
+
+    done = completed_checkpoints(cfg.checkpoint.storage_path, cfg.name)
+    run_dir = f"{cfg.checkpoint.storage_path}/{cfg.name}"
+    if cfg.checkpoint.resume == "never" and done:
+        raise PreflightError(f"run {cfg.name!r} already has checkpoints in {run_dir} and checkpoint.resume=never; "
+                             f"choose another name=... or set checkpoint.resume=auto to continue it")
+    if cfg.checkpoint.resume == "must" and not done:
+        raise PreflightError(f"checkpoint.resume=must but run {cfg.name!r} has no checkpoint in {run_dir}")
+
+    uri = None
+    if cfg.tracking.enabled:
+        from we_dist.tracking import TrackingError, check_reachable, resolve_uri
+
+        uri = resolve_uri(cfg.tracking)
+        try:
+            check_reachable(uri)
+        except TrackingError as exc:
+            raise PreflightError(f"tracking: {exc} (or set tracking.enabled=false)") from None
+    return uri, bool(done)
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster at ``address`` / ``RAY_ADDRESS``, or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        ray.init(address=address, log_to_driver=True, include_dashboard=False if address is None else None)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise PreflightError(f"cannot reach the Ray cluster at {address!r}: {exc}. Start one with "
+                             f"`ray start --head` or leave --address/RAY_ADDRESS unset for a local Ray") from None
+
+
+def check_resources(cfg: Config) -> None:
+    """Refuse now rather than wait forever for workers the cluster cannot place."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    if total.get("CPU", 0) < need_cpu:
+        raise PreflightError(
+            f"scaling.num_workers={cfg.scaling.num_workers} x scaling.cpus_per_worker={cfg.scaling.cpus_per_worker} "
+            f"needs {need_cpu:g} CPUs but the cluster has {total.get('CPU', 0):g}; lower them or add nodes")
+    if cfg.scaling.use_gpu and total.get("GPU", 0) < cfg.scaling.num_workers:
+        raise PreflightError(f"scaling.use_gpu=true with {cfg.scaling.num_workers} workers needs as many GPUs; "
+                             f"the cluster has {total.get('GPU', 0):g}")
+
+
+def build_trainer(cfg: Config, tracking_uri: str | None, mlflow_run_id: str | None) -> Any:
+    """The Ray Train ``TorchTrainer`` for this config (not yet started)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from we_dist.train.loop import train_worker
+
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
+                                                           **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=cfg.checkpoint.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+        ),
+    )
+
+
+def train(cfg: Config, address: str | None = None) -> TrainOutcome:
+    """Check, then train ``cfg`` to the end. Raises PreflightError/ConfigError on bad input."""
+    cfg = resolve_paths(cfg)
+    tracking_uri, resuming = preflight(cfg)
+    connect_ray(address)
+    check_resources(cfg)
+
+    run_id = None
+    if tracking_uri is not None:
+        from we_dist.tracking import open_run
+
+        run_id = open_run(cfg.tracking, run_name=cfg.name, config_dict=cfg.to_dict(),
+                          resume=cfg.checkpoint.resume != "never")
+    print(f"[we_dist] run {cfg.name}: {cfg.scaling.num_workers} workers, method {cfg.method.name}, "
+          f"{'resuming' if resuming else 'starting'}; checkpoints in {cfg.checkpoint.storage_path}/{cfg.name}"
+          + (f"; MLflow run {run_id} at {tracking_uri}" if run_id else ""), flush=True)
+    trainer = build_trainer(cfg, tracking_uri, run_id)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if run_id:
+            from we_dist.tracking import finish_run
+
+            finish_run(tracking_uri, run_id, "FAILED")
+        raise
+    if run_id:
+        from we_dist.tracking import finish_run
+
+        finish_run(tracking_uri, run_id, "FINISHED")
+    return TrainOutcome(metrics=dict(result.metrics or {}), run_dir=f"{cfg.checkpoint.storage_path}/{cfg.name}",
+                        mlflow_run_id=run_id, tracking_uri=tracking_uri)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.we.ratio_conv=0.1")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.recipe, args.overrides)
+    try:
+        outcome = train(cfg, address=args.address)
+    except PreflightError as exc:
+        print(f"we-dist train: {exc}", file=sys.stderr)
+        return 2
+    m = outcome.metrics
+    print(f"[we_dist] done: val top1 {m.get('val/top1', float('nan')):.4f}, top5 {m.get('val/top5', float('nan')):.4f} "
+          f"after {int(m.get('epoch', -1)) + 1} epochs; checkpoints: {outcome.run_dir}")
+    if outcome.mlflow_run_id:
+        print(f"[we_dist] MLflow: run {outcome.mlflow_run_id} in {outcome.tracking_uri} "
+              f"(view: mlflow ui --backend-store-uri {outcome.tracking_uri} --host 127.0.0.1)")
+    return 0

@@ -1,0 +1,282 @@
+"""The loop every DDP worker runs.
+
+It builds the model, the optimiser and the FFCV loaders from the config, resumes from
+the latest checkpoint if there is one, and for each epoch trains, validates, calls the
+method's hooks, logs (rank 0) and checkpoints. It knows methods only through
+:class:`~we_dist.methods.base.Method`'s hooks.
+
+Order within an epoch (a resumed run repeats exactly the same order):
+
+1. train: per step, LR from the schedule, forward/backward/step, ``on_step_end``;
+2. sync BatchNorm running statistics from rank 0 (so replicas are identical);
+3. validate (top-1, top-5, summed over ranks);
+4. ``on_epoch_end`` (WE runs here: after validation, as in the paper);
+5. optional replica check; log metrics (rank 0); checkpoint and report.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from we_dist import sync
+from we_dist.config import Config, OptimConfig, config_from_dict
+from we_dist.methods import FitContext, Method, create_method
+from we_dist.models import create_model
+from we_dist.train.checkpoint import load_state, save_state
+from we_dist.train.schedules import lr_factor
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
+    """SGD; with ``bn_weight_decay=False`` BatchNorm and bias parameters get no decay."""
+    if cfg.bn_weight_decay:
+        groups: Any = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+    else:
+        no_decay = [p for m in model.modules() for n, p in m.named_parameters(recurse=False)
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) or n == "bias"]
+        ids = {id(p) for p in no_decay}
+        decay = [p for p in model.parameters() if id(p) not in ids]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if sync.is_distributed():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    # Each rank updated BN running stats with its own batches; make rank 0's canonical.
+    if sync.is_distributed():
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, device: torch.device, autocast: Any) -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy, summed over all ranks."""
+    model.eval()
+    loss_sum = correct1 = correct5 = count = 0.0
+    for images, labels in loader:
+        with autocast():
+            logits = model(images)
+        loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hits = top.eq(labels[:, None])
+        correct1 += float(hits[:, 0].sum())
+        correct5 += float(hits.any(dim=1).sum())
+        count += labels.numel()
+    loss_sum, correct1, correct5, count = _all_reduce_sum([loss_sum, correct1, correct5, count], device)
+    count = max(count, 1.0)
+    return {"val/loss": loss_sum / count, "val/top1": correct1 / count, "val/top5": correct5 / count}
+
+
+class _Progress:
+    """Rank 0's live bar (loss, accuracy, throughput) plus one line per epoch."""
+
+    def __init__(self, session: Any, enabled: bool) -> None:
+        self.session, self.enabled, self.bar = session, enabled, None
+
+    def start(self, epoch: int, epochs: int, steps: int) -> None:
+        if self.enabled:
+            self.bar = self.session.progress_bar(total=steps, desc=f"epoch {epoch + 1}/{epochs}")
+
+    def update(self, n: int, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _summary_table(history: list[dict[str, float]]) -> str:
+    cols = [("epoch", "epoch", "{:>5.0f}"), ("train/loss", "loss", "{:>7.4f}"), ("val/top1", "top1", "{:>6.2%}"),
+            ("val/top5", "top5", "{:>6.2%}"), ("lr", "lr", "{:>8.4g}"),
+            ("throughput/train_images_per_s", "img/s", "{:>8.0f}"), ("time/epoch_s", "s", "{:>6.1f}"),
+            ("we/receivers_conv", "WE conv", "{:>7.0f}")]
+    cols = [c for c in cols if any(c[0] in h for h in history)]
+    head = " ".join(f"{label:>{len(fmt.format(0))}}" for _, label, fmt in cols)
+    lines = [head, "-" * len(head)]
+    for h in history:
+        cells = []
+        for key, _, fmt in cols:
+            width = len(fmt.format(0))
+            cells.append(fmt.format(h[key]) if key in h else " " * (width - 1) + "-")
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
+
+
+def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
+                 mlflow_run_id: str | None = None) -> dict[str, float]:
+    """Train ``cfg`` on this rank; returns the last epoch's metrics."""
+    from we_dist.data import make_train_loader, make_val_loader
+
+    rank, world, device = session.rank, session.world_size, session.device
+    on_gpu = device.type == "cuda"
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts)
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True
+
+    model = create_model(cfg.model.name, cfg.model.num_classes, cfg.model.blurpool).to(device)
+    channels_last = on_gpu and cfg.train.channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    use_amp = on_gpu and amp_dtype is not None
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    def autocast() -> Any:
+        return torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
+
+    method: Method = create_method(cfg)
+    start_epoch, step = 0, 0
+    with session.resume_dir() as resume_dir:
+        if resume_dir is not None:
+            state = load_state(resume_dir, map_location=device)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            method.load_state_dict(state["method"])
+            start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+            if rank == 0:
+                print(f"[we_dist] resumed from {resume_dir}: continuing at epoch {start_epoch + 1}", flush=True)
+
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None) if world > 1 else model
+    distributed = world > 1
+    train_loader = make_train_loader(cfg.data, distributed=distributed, seed=cfg.seed, device=device,
+                                     epoch=start_epoch, channels_last=channels_last)
+    val_loader = make_val_loader(cfg.data, distributed=distributed, device=device, channels_last=channels_last)
+    steps_per_epoch = len(train_loader)
+    if cfg.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+
+    from we_dist.tracking import RunLogger
+
+    logger = RunLogger(tracking_uri, mlflow_run_id, enabled=rank == 0 and cfg.tracking.enabled and bool(mlflow_run_id))
+    progress = _Progress(session, enabled=rank == 0 and cfg.train.progress)
+    epochs = cfg.schedule.epochs
+
+    def context(epoch: int) -> FitContext:
+        return FitContext(model=model, epoch=epoch, step=step, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                          rank=rank, world_size=world, device=device)
+
+    method.on_fit_start(context(start_epoch))
+    history: list[dict[str, float]] = []
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, epochs):
+        train_loader.set_epoch(epoch)
+        ddp.train()
+        progress.start(epoch, epochs, steps_per_epoch)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.float64, device=device)
+        seen, shown, method_seconds = 0, 0, 0.0
+        epoch_start = time.perf_counter()
+        for i, (images, labels) in enumerate(train_loader):
+            if i >= steps_per_epoch:
+                break
+            lr = cfg.optim.lr * lr_factor(cfg.schedule, epoch + i / steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast():
+                logits = ddp(images)
+                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.optim.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            loss_sum += loss.detach().double() * labels.numel()
+            correct += (logits.detach().argmax(1) == labels).sum().double()
+            seen += labels.numel()
+            t0 = time.perf_counter()
+            method.on_step_end(context(epoch))
+            method_seconds += time.perf_counter() - t0
+            if (i + 1) % cfg.train.log_every_steps == 0 or i + 1 == steps_per_epoch:
+                rate = seen * world / (time.perf_counter() - epoch_start)
+                progress.update(i + 1 - shown, f"epoch {epoch + 1}/{epochs} loss {float(loss_sum) / max(seen, 1):.3f} "
+                                f"acc {float(correct) / max(seen, 1):.3f} {rate:.0f} img/s")
+                shown = i + 1
+        train_seconds = time.perf_counter() - epoch_start
+        progress.close()
+        loss_total, correct_total, seen_total = _all_reduce_sum([float(loss_sum), float(correct), float(seen)], device)
+
+        _broadcast_buffers(model)
+        metrics = evaluate(model, val_loader, device, autocast)
+        t0 = time.perf_counter()
+        method.on_epoch_end(context(epoch))
+        method_seconds += time.perf_counter() - t0
+        if cfg.train.check_replicas:
+            metrics["replicas/checksum_ok"] = 1.0
+            sync.check_replicas(model, where=f"epoch {epoch}")
+        epoch_seconds = time.perf_counter() - epoch_start
+        metrics.update({
+            "epoch": float(epoch),
+            "step": float(step),
+            "train/loss": loss_total / max(seen_total, 1),
+            "train/top1": correct_total / max(seen_total, 1),
+            "lr": cfg.optim.lr * lr_factor(cfg.schedule, epoch + 1 - 1e-9),
+            "throughput/train_images_per_s": seen_total / max(train_seconds, 1e-9),
+            "time/epoch_s": epoch_seconds,
+            "time/method_s": method_seconds,
+            "time/method_share": method_seconds / max(epoch_seconds, 1e-9),
+        })
+        metrics.update(method.pop_metrics())
+        if not all(math.isfinite(v) for v in (metrics["train/loss"], metrics["val/loss"])):
+            raise FloatingPointError(f"epoch {epoch}: loss is not finite ({metrics['train/loss']}, "
+                                     f"{metrics['val/loss']}); lower optim.lr or check the data")
+        history.append(dict(metrics))
+        if rank == 0:
+            print(f"[we_dist] epoch {epoch + 1}/{epochs}: loss {metrics['train/loss']:.4f} "
+                  f"val top1 {metrics['val/top1']:.4f} top5 {metrics['val/top5']:.4f} "
+                  f"{metrics['throughput/train_images_per_s']:.0f} img/s {epoch_seconds:.1f}s", flush=True)
+            # Log before the checkpoint: a crash in between re-runs this epoch, and the
+            # logger skips steps already logged, so MLflow sees each epoch exactly once.
+            logger.log_metrics(metrics, step=epoch)
+            logger.log_histograms(method.pop_histograms())
+        _report(session, cfg, rank, metrics, epoch, step, model, optimizer, scaler, method)
+
+    if rank == 0:
+        if history:
+            print("[we_dist] summary\n" + _summary_table(history), flush=True)
+        if cfg.tracking.log_model:
+            logger.log_state_dict(model.state_dict())
+    return metrics
+
+
+def _report(session: Any, cfg: Config, rank: int, metrics: dict[str, float], epoch: int, step: int,
+            model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, method: Method) -> None:
+    name = f"epoch_{epoch:04d}"
+    if rank != 0:
+        session.report(metrics, None, name)
+        return
+    with tempfile.TemporaryDirectory(prefix="we_dist_ckpt_") as tmp:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "method": method.state_dict(), "epoch": epoch, "step": step}
+        save_state(tmp, state, epoch=epoch, step=step, run=cfg.name, method=cfg.method.name)
+        session.report(metrics, tmp, name)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point for Ray Train's ``train_loop_per_worker``."""
+    from we_dist.train.session import RaySession
+
+    cfg = config_from_dict(loop_config["config"])
+    run_training(cfg, RaySession(), tracking_uri=loop_config.get("tracking_uri"),
+                 mlflow_run_id=loop_config.get("mlflow_run_id"))
