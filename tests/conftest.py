@@ -1,0 +1,65 @@
+"""Shared fixtures: real gloo process groups (forked ranks on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn: Callable, rank: int, world: int, port: int, args: tuple, results: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        results.put((rank, "ok", fn(rank, world, *args)))
+    except BaseException:  # report every failure to the parent, then exit non-zero
+        results.put((rank, "error", traceback.format_exc()))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_gloo(fn: Callable, world: int = 2, *args: Any, timeout: float = 180) -> list[Any]:
+    """Run ``fn(rank, world, *args)`` in ``world`` forked processes joined by a real gloo
+    group; returns each rank's return value, or fails with the rank's traceback."""
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, args, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out: dict[int, Any] = {}
+    try:
+        for _ in range(world):
+            rank, status, value = results.get(timeout=timeout)
+            if status == "error":
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            out[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [out[r] for r in range(world)]
+
+
+@pytest.fixture
+def gloo() -> Callable[..., list[Any]]:
+    return run_gloo
+
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
