@@ -1,0 +1,164 @@
+"""The one `.beton` schema we_dist reads and writes, and a cheap check of a file against it.
+
+Every data set is two fields, in this order:
+
+* ``image``: :class:`ffcv.fields.RGBImageField` (JPEG or raw RGB, any size),
+* ``label``: :class:`ffcv.fields.IntField` (class index, 0-based).
+
+FFCV itself reads a file with ``np.fromfile`` and trusts what it finds: a missing file
+is an ``OSError`` deep inside the loader, a truncated one can decode garbage or crash in
+JIT-compiled code, and a file with other fields fails only when a pipeline is compiled.
+:func:`check_beton` reads the header, field table, per-sample metadata and allocation
+table (no image data) and turns each of those cases into a :class:`DatasetError`
+that names the file, before any FFCV object is built.
+
+Example::
+
+    >>> info = check_beton("data/digits/train.beton")
+    >>> info.num_samples, info.num_classes
+    (1437, 10)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Importing FFCV calls torch.set_num_threads(1) (its JIT compiler's default), which would
+# silently make every CPU training step single-threaded; keep the user's setting.
+_threads = torch.get_num_threads()
+from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType  # noqa: E402
+
+torch.set_num_threads(_threads)
+del _threads
+
+# Field names and FFCV type ids (ffcv.types.TYPE_ID_HANDLER: 1 IntField, 2 RGBImageField).
+SCHEMA: tuple[tuple[str, int, str], ...] = (
+    ("image", 2, "RGBImageField"),
+    ("label", 1, "IntField"),
+)
+_TYPE_NAMES = {0: "FloatField", 1: "IntField", 2: "RGBImageField", 3: "BytesField",
+               4: "NDArrayField", 5: "JSONField", 6: "TorchTensorField", 255: "custom field"}
+
+# Per-sample metadata of the schema above, as FFCV lays it out (aligned struct).
+_IMAGE_META = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
+_SAMPLE_META = np.dtype([("", _IMAGE_META), ("", "<i8")], align=True)
+
+
+class DatasetError(ValueError):
+    """A data file or image folder cannot be used; the message names the path and the problem."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What :func:`check_beton` learnt about a valid file.
+
+    ``max_resolution`` is the longest image side stored; ``num_classes`` is the largest
+    label plus one (a split that lacks the last class reports fewer).
+    """
+
+    path: str
+    num_samples: int
+    num_classes: int
+    max_resolution: int
+    min_resolution: int
+    num_jpeg: int
+    page_size: int
+    size_bytes: int
+
+
+def _field_name(raw: np.ndarray) -> str:
+    data = bytes(raw)
+    return data.split(b"\0", 1)[0].decode("ascii", errors="replace")
+
+
+def check_beton(path: str | os.PathLike[str]) -> DatasetInfo:
+    """Validate a `.beton` file against the we_dist schema without decoding images.
+
+    Checks, in order: the path is a readable regular file; it holds a complete FFCV
+    header of the version this FFCV reads; its fields are exactly ``image``
+    (RGBImageField) and ``label`` (IntField); the metadata and allocation table lie
+    inside the file and agree with each other (which catches truncation); labels are
+    non-negative. Raises :class:`DatasetError` naming ``path`` otherwise.
+    """
+    p = Path(path)
+    if not str(path):
+        raise DatasetError("no .beton path given (data.train_path / data.val_path is empty)")
+    if not p.exists():
+        raise DatasetError(f"{p}: file not found")
+    if not p.is_file():
+        raise DatasetError(f"{p}: not a regular file")
+    if not os.access(p, os.R_OK):
+        raise DatasetError(f"{p}: not readable (permission denied)")
+    size = p.stat().st_size
+    if size < HeaderType.itemsize:
+        raise DatasetError(f"{p}: not an FFCV .beton file ({size} bytes, shorter than the "
+                           f"{HeaderType.itemsize}-byte header; empty or truncated)")
+
+    header = np.fromfile(p, dtype=HeaderType, count=1)[0]
+    version = int(header["version"])
+    if version != CURRENT_VERSION:
+        raise DatasetError(f"{p}: not an FFCV .beton file of format version {CURRENT_VERSION} "
+                           f"(header says version {version}; wrong file or corrupt)")
+    num_fields = int(header["num_fields"])
+    num_samples = int(header["num_samples"])
+    page_size = int(header["page_size"])
+    table_ptr = int(header["alloc_table_ptr"])
+    if page_size <= 0 or page_size & (page_size - 1):
+        raise DatasetError(f"{p}: corrupt header (page size {page_size} is not a power of two)")
+
+    fields_end = HeaderType.itemsize + num_fields * FieldDescType.itemsize
+    if fields_end > size:
+        raise DatasetError(f"{p}: truncated: the field table needs {fields_end} bytes, "
+                           f"the file has {size}")
+    descs = np.fromfile(p, dtype=FieldDescType, count=num_fields, offset=HeaderType.itemsize)
+    found = [(_field_name(d["name"]), int(d["type_id"])) for d in descs]
+    wanted = [(name, type_id) for name, type_id, _ in SCHEMA]
+    if found != wanted:
+        have = ", ".join(f"{n} ({_TYPE_NAMES.get(t, f'type {t}')})" for n, t in found) or "none"
+        want = ", ".join(f"{n} ({t})" for n, _, t in SCHEMA)
+        raise DatasetError(f"{p}: wrong schema: fields are [{have}], we_dist needs [{want}]; "
+                           "write it with `we-dist convert`")
+
+    meta_end = fields_end + num_samples * _SAMPLE_META.itemsize
+    if num_samples == 0:
+        raise DatasetError(f"{p}: holds no samples")
+    if meta_end > size or table_ptr > size or table_ptr < meta_end:
+        raise DatasetError(f"{p}: truncated or corrupt: header declares {num_samples} samples "
+                           f"and an allocation table at byte {table_ptr}, the file has {size} bytes")
+    table_bytes = size - table_ptr
+    if table_bytes % ALLOC_TABLE_TYPE.itemsize:
+        raise DatasetError(f"{p}: truncated: the allocation table ({table_bytes} bytes) is not a "
+                           f"whole number of {ALLOC_TABLE_TYPE.itemsize}-byte entries")
+
+    meta = np.fromfile(p, dtype=_SAMPLE_META, count=num_samples, offset=fields_end)
+    table = np.fromfile(p, dtype=ALLOC_TABLE_TYPE, offset=table_ptr)
+    image, labels = meta[meta.dtype.names[0]], meta[meta.dtype.names[1]]
+    if len(table) < num_samples:
+        raise DatasetError(f"{p}: truncated or corrupt: {len(table)} stored images for "
+                           f"{num_samples} samples")
+    ends = table["ptr"].astype(np.uint64) + table["size"].astype(np.uint64)
+    if np.any(ends > np.uint64(table_ptr)) or np.any(table["sample_id"] >= np.uint64(num_samples)):
+        raise DatasetError(f"{p}: corrupt allocation table (entries point outside the data region)")
+    if not np.all(np.isin(image["data_ptr"], table["ptr"])):
+        raise DatasetError(f"{p}: corrupt: some images point at data that was never stored")
+    if np.any(image["mode"] > 1) or np.any(image["width"] == 0) or np.any(image["height"] == 0):
+        raise DatasetError(f"{p}: corrupt image metadata (unknown mode or zero size)")
+    if np.any(labels < 0):
+        raise DatasetError(f"{p}: labels must be >= 0, found {int(labels.min())}")
+
+    longest = np.maximum(image["width"], image["height"])
+    return DatasetInfo(
+        path=str(p),
+        num_samples=num_samples,
+        num_classes=int(labels.max()) + 1,
+        max_resolution=int(longest.max()),
+        min_resolution=int(np.minimum(image["width"], image["height"]).min()),
+        num_jpeg=int(np.count_nonzero(image["mode"] == 0)),
+        page_size=page_size,
+        size_bytes=size,
+    )
