@@ -1,0 +1,240 @@
+"""Worker side: what rank 0 logs to the run that the driver opened.
+
+Every method is a no-op when the logger is disabled (ranks other than 0, or
+``tracking.enabled=false``), so the loop calls it unconditionally.
+
+Logging must not end a training job: by default a failed MLflow call is logged as
+a warning and training goes on; metrics that could not be sent are kept and sent
+with the next call (or at :meth:`RunLogger.finish`). ``strict=True`` raises instead
+(tests, debugging).
+
+Restarts: a metric (key, step) already present in the run is not logged again, so
+a worker group that resumes from a checkpoint and replays an epoch leaves exactly
+one point per epoch. The first value logged for a step wins.
+
+Example::
+
+    logger = RunLogger(uri, run_id, enabled=(rank == 0))
+    logger.log_metrics({"train/loss": 1.9, "val/top1": 0.41}, step=epoch)
+    logger.log_histograms(method.pop_histograms())
+    logger.log_state_dict(model.state_dict())
+    logger.finish()
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from we_dist.config import TrackingConfig
+from we_dist.tracking.runs import MAX_TAG_VALUE, RUN_STATUSES
+from we_dist.tracking.store import TrackingError, redact, resolve_uri
+
+log = logging.getLogger(__name__)
+
+NONFINITE_TAG = "we_dist.warning.nonfinite"
+LOG_FAILURES_TAG = "we_dist.warning.log_failures"
+_MAX_PENDING = 100_000                 # metrics kept while the store is unreachable
+_BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")   # what MLflow accepts in metric names
+
+
+def metric_name(key: str) -> str:
+    """``key`` with the characters MLflow refuses in metric names replaced by ``_``."""
+    return _BAD_NAME_CHARS.sub("_", key).strip("/") or "_"
+
+
+def _file_name(text: str) -> str:
+    return re.sub(r"[^\w.\-]", "_", text) or "_"
+
+
+class RunLogger:
+    """Logs metrics, plots, weights, text and tags to one existing MLflow run.
+
+    Args:
+        uri: the tracking URI (as returned by :func:`resolve_uri` on the driver);
+            None means ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``.
+        run_id: the id :func:`open_run` returned.
+        enabled: False makes every method a no-op (and touches no store).
+        strict: raise on MLflow errors instead of warning and going on.
+    """
+
+    def __init__(self, uri: str | None, run_id: str | None, enabled: bool, *, strict: bool = False) -> None:
+        self.enabled = bool(enabled)
+        self.strict = strict
+        self.run_id = run_id
+        self.uri = uri
+        self.failures = 0
+        self._pending: list[Any] = []             # mlflow Metric objects not yet accepted
+        self._steps: dict[str, set[int]] | None = None   # steps present in the run, per key
+        self._client = None
+        if not self.enabled:
+            return
+        if not run_id:
+            raise TrackingError("RunLogger is enabled but has no run id; call open_run on the driver first")
+        self.uri = uri or resolve_uri(TrackingConfig())
+        from mlflow.tracking import MlflowClient
+
+        self._client = MlflowClient(tracking_uri=self.uri)
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    def _attempt(self, what: str, call: Callable[[], Any]) -> bool:
+        """Run one MLflow call; on failure warn (or raise when strict). True on success."""
+        try:
+            call()
+            return True
+        except Exception as exc:
+            if self.strict:
+                raise
+            self.failures += 1
+            log.warning("MLflow: could not %s for run %s in %s (%s); training goes on",
+                        what, self.run_id, redact(self.uri or ""), exc)
+            return False
+
+    def _known_steps(self) -> dict[str, set[int]]:
+        """Steps already in the run for each metric key, read once from the store."""
+        if self._steps is None:
+            run = self._client.get_run(self.run_id)
+            self._steps = {
+                key: {m.step for m in self._client.get_metric_history(self.run_id, key)}
+                for key in run.data.metrics
+            }
+        return self._steps
+
+    # --- public --------------------------------------------------------------------------
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log scalar ``metrics`` at ``step`` (the epoch, or a global step).
+
+        Pairs (key, step) already in the run are skipped; non-finite values are skipped
+        with a warning and the tag ``we_dist.warning.nonfinite``.
+        """
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        fresh, nonfinite = [], []
+        queued = {(m.key, m.step) for m in self._pending}
+        for raw_key, raw_value in metrics.items():
+            key = metric_name(str(raw_key))
+            try:
+                value = float(raw_value)
+            except (TypeError, ValueError):
+                log.warning("MLflow: metric %r at step %d is not a number (%r); not logged", key, step, raw_value)
+                continue
+            if not math.isfinite(value):
+                nonfinite.append(f"{key}={value} at step {step}")
+                continue
+            if (key, step) in queued or (self._steps is not None and step in self._steps.get(key, ())):
+                continue
+            fresh.append(Metric(key, value, now, int(step)))
+        if nonfinite:
+            note = "not logged (non-finite): " + "; ".join(nonfinite)
+            log.warning("MLflow run %s: %s", self.run_id, note)
+            self._attempt("set a warning tag", lambda: self._client.set_tag(self.run_id, NONFINITE_TAG, note[:MAX_TAG_VALUE]))
+        self._pending.extend(fresh)
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        if self._steps is None:
+            # First call, or after a failure: without the run's history we cannot tell a
+            # replayed epoch from a new one, so nothing is sent until it is read.
+            if not self._attempt("read the metric history", self._known_steps):
+                self._cap_pending()
+                return
+            self._pending = [m for m in self._pending if m.step not in self._steps.get(m.key, ())]
+        batch = list(self._pending)
+        if self._attempt(f"log {len(batch)} metrics", lambda: self._client.log_batch(self.run_id, metrics=batch)):
+            for m in batch:
+                self._steps.setdefault(m.key, set()).add(m.step)
+            self._pending = []
+        else:
+            self._steps = None   # part of the batch may have landed: read the history again
+            self._cap_pending()
+
+    def _cap_pending(self) -> None:
+        if len(self._pending) > _MAX_PENDING:
+            dropped = len(self._pending) - _MAX_PENDING
+            self._pending = self._pending[dropped:]
+            log.warning("MLflow: dropped the %d oldest unsent metrics for run %s", dropped, self.run_id)
+
+    def log_histograms(self, hists: Iterable[Any]) -> None:
+        """One PNG per :class:`~we_dist.methods.base.ScoreHistogram`, before vs after, under
+        ``we_scores/`` (``we_scores/epoch0003_conv.png``)."""
+        if not self.enabled:
+            return
+        hists = list(hists)
+        if not hists:
+            return
+        from we_dist.tracking.plots import score_figure
+
+        with tempfile.TemporaryDirectory(prefix="we_dist_scores_") as tmp:
+            for hist in hists:
+                path = Path(tmp) / f"epoch{int(hist.epoch):04d}_{_file_name(str(hist.name))}.png"
+                fig = score_figure(hist)
+                fig.savefig(path, format="png")
+                self._attempt(f"log the score plot {path.name}",
+                              lambda p=path: self._client.log_artifact(self.run_id, str(p), "we_scores"))
+
+    def log_state_dict(self, state_dict: dict, name: str = "final_weights.pt") -> None:
+        """Save ``state_dict`` (moved to CPU) with ``torch.save`` and log it as ``model/<name>``.
+
+        Load it back with ``torch.load(path, weights_only=True)``.
+        """
+        if not self.enabled:
+            return
+        import torch
+
+        with tempfile.TemporaryDirectory(prefix="we_dist_weights_") as tmp:
+            path = Path(tmp) / _file_name(name)
+            torch.save(_to_cpu(state_dict), path)
+            self._attempt(f"log {path.name}", lambda: self._client.log_artifact(self.run_id, str(path), "model"))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Log ``text`` as the artifact ``artifact_file`` (e.g. ``"notes/summary.md"``)."""
+        if not self.enabled:
+            return
+        self._attempt(f"log {artifact_file}", lambda: self._client.log_text(self.run_id, text, artifact_file))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Set run tags (values as strings, cut to MLflow's 8000 characters)."""
+        if not self.enabled or not tags:
+            return
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(str(k), str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()]
+        self._attempt("set tags", lambda: self._client.log_batch(self.run_id, tags=batch))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Send any metrics still pending, then mark the run terminated with ``status``."""
+        if not self.enabled:
+            return
+        if status not in RUN_STATUSES:
+            raise ValueError(f"status must be one of {list(RUN_STATUSES)}, got {status!r}")
+        self._flush()
+        if self._pending:
+            log.warning("MLflow: %d metrics for run %s could not be sent", len(self._pending), self.run_id)
+        if self.failures:
+            self._attempt("record logging failures",
+                          lambda: self._client.set_tag(self.run_id, LOG_FAILURES_TAG, str(self.failures)))
+        self._attempt(f"mark the run {status}", lambda: self._client.set_terminated(self.run_id, status))
+
+
+def _to_cpu(obj: Any) -> Any:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
