@@ -37,11 +37,29 @@ from typing import Any
 SCHEDULES = ("staged", "continuous")
 
 
+def _is_number(value: Any) -> bool:
+    # bool is an int subclass; `ratio_conv: true` in a recipe is a mistake, not 1.0.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_tuple(name: str, value: Any, convert: Any) -> tuple:
+    try:
+        return tuple(convert(v) for v in value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a sequence of numbers, got {value!r}") from err
+
+
 def _check_unit_interval(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    if not _is_number(value) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number in [0, 1), got {value!r}")
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def _float(value: Any) -> float:
+    if not _is_number(value):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -63,15 +81,15 @@ class WEConfig:
 
     def __post_init__(self) -> None:
         # Lists from YAML become tuples so the config stays hashable and frozen.
-        object.__setattr__(self, "milestones", tuple(self.milestones))
-        object.__setattr__(self, "stage_divisors", tuple(float(d) for d in self.stage_divisors))
+        object.__setattr__(self, "milestones", _as_tuple("milestones", self.milestones, lambda v: v))
+        object.__setattr__(self, "stage_divisors", _as_tuple("stage_divisors", self.stage_divisors, _float))
         for name in ("ratio_conv", "ratio_bn", "ratio_bias"):
             _check_unit_interval(name, getattr(self, name))
-        if not (isinstance(self.lab, (int, float)) and 0.0 < self.lab <= 1.0):
+        if not (_is_number(self.lab) and 0.0 < self.lab <= 1.0):
             raise ValueError(f"lab must be in (0, 1], got {self.lab!r}")
-        if not (isinstance(self.ln_c, (int, float)) and math.isfinite(self.ln_c) and self.ln_c > 0):
+        if not (_is_number(self.ln_c) and math.isfinite(self.ln_c) and self.ln_c > 0):
             raise ValueError(f"ln_c must be a finite number > 0, got {self.ln_c!r}")
-        if not (isinstance(self.ramp_tau, (int, float)) and math.isfinite(self.ramp_tau) and self.ramp_tau > 0):
+        if not (_is_number(self.ramp_tau) and math.isfinite(self.ramp_tau) and self.ramp_tau > 0):
             raise ValueError(f"ramp_tau must be a finite number > 0, got {self.ramp_tau!r}")
         if not isinstance(self.elements_per_channel, int) or isinstance(self.elements_per_channel, bool) \
                 or self.elements_per_channel < 1:
@@ -93,25 +111,25 @@ class WEConfig:
             raise ValueError(f"milestones must be strictly increasing, got {ms}")
         if any(not math.isfinite(d) or d <= 0 for d in ds):
             raise ValueError(f"stage_divisors must be finite numbers > 0, got {ds}")
-        if not isinstance(self.total_epochs, int) or self.total_epochs < 0:
+        if not isinstance(self.total_epochs, int) or isinstance(self.total_epochs, bool) or self.total_epochs < 0:
             raise ValueError(f"total_epochs must be an integer >= 0, got {self.total_epochs!r}")
         if self.schedule == "continuous" and self.total_epochs < 1:
             raise ValueError("total_epochs must be >= 1 when schedule is 'continuous' "
                              f"(got {self.total_epochs!r})")
-        if not (isinstance(self.lr_power, (int, float)) and math.isfinite(self.lr_power) and self.lr_power >= 0):
+        if not (_is_number(self.lr_power) and math.isfinite(self.lr_power) and self.lr_power >= 0):
             raise ValueError(f"lr_power must be a finite number >= 0, got {self.lr_power!r}")
 
     @classmethod
     def cifar(cls, **overrides: Any) -> "WEConfig":
         """The authors' CIFAR recipe: 200 epochs, LR x0.1 at 60 and 120."""
-        return replace(cls(), **overrides)
+        return _replace_checked(cls(), overrides)
 
     @classmethod
     def imagenet(cls, **overrides: Any) -> "WEConfig":
         """The authors' ImageNet recipe: 90 epochs, LR x0.1 at 30 and 60."""
         base = cls(ratio_conv=0.02, ratio_bn=0.02, ratio_bias=0.02, lab=0.1, ln_c=2.0,
                    milestones=(0, 30, 60), stage_divisors=(1.0, 2.0, 4.0), ramp_tau=8.0)
-        return replace(base, **overrides)
+        return _replace_checked(base, overrides)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists for tuples), e.g. for logging or YAML."""
@@ -123,3 +141,10 @@ class WEConfig:
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
+
+
+def _replace_checked(base: WEConfig, overrides: dict[str, Any]) -> WEConfig:
+    unknown = sorted(set(overrides) - set(WEConfig.field_names()))
+    if unknown:
+        raise ValueError(f"unknown WEConfig field(s) {unknown}; allowed: {list(WEConfig.field_names())}")
+    return replace(base, **overrides)

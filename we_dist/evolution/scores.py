@@ -1,0 +1,111 @@
+"""Section 1: which layers WE touches, and the score of every filter and channel.
+
+Layers are found by walking ``model.modules()`` in order (after unwrapping DDP,
+``DataParallel`` and ``torch.compile``): every ``nn.Conv2d`` is a conv layer, every
+``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``, its DDP form) with affine parameters is
+a BN layer. Linear layers and everything else are ignored.
+
+* conv filter ``f``: ``sum(|W[f]|) / in_per_group``
+* BN channel ``c``: ``|gamma[c]|`` and, separately, ``|beta[c]|``
+
+Example::
+
+    >>> scores = collect_scores(torchvision.models.resnet18())
+    >>> sorted(scores)
+    ['beta', 'conv', 'gamma']
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+@dataclass(frozen=True)
+class Layers:
+    """The layers WE may touch, in module order, with their qualified names."""
+
+    conv_names: tuple[str, ...]
+    convs: tuple[nn.Conv2d, ...]
+    bn_names: tuple[str, ...]
+    bns: tuple[nn.Module, ...]
+
+    @property
+    def n_conv_layers(self) -> int:
+        """Every Conv2d counts towards the patience limit (section 3)."""
+        return len(self.convs)
+
+    def fingerprint(self) -> int:
+        """A stable 32-bit checksum of every eligible layer's shape, to match plans to models."""
+        desc = "conv:" + ";".join(str(tuple(c.weight.shape)) for c in self.convs)
+        desc += "|bn:" + ";".join(str(tuple(b.weight.shape)) for b in self.bns)
+        return zlib.crc32(desc.encode())
+
+    def device(self) -> torch.device:
+        for m in self.convs + self.bns:
+            return m.weight.device
+        return torch.device("cpu")
+
+
+def find_layers(model: nn.Module) -> Layers:
+    """Eligible conv and BN layers of ``model`` (wrappers removed), in ``modules()`` order."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"expected an nn.Module, got {type(model).__name__}")
+    conv_names, convs, bn_names, bns = [], [], [], []
+    for name, m in unwrap(model).named_modules():
+        if isinstance(m, nn.Conv2d):
+            conv_names.append(name)
+            convs.append(m)
+        elif isinstance(m, _BN_TYPES) and m.weight is not None and m.bias is not None:
+            bn_names.append(name)
+            bns.append(m)
+    devices = {m.weight.device for m in convs + bns}
+    if len(devices) > 1:
+        raise ValueError(f"WE needs all conv and BN parameters on one device, found {sorted(map(str, devices))}")
+    return Layers(tuple(conv_names), tuple(convs), tuple(bn_names), tuple(bns))
+
+
+def conv_filter_scores(weight: torch.Tensor) -> torch.Tensor:
+    """``sum(|W[f]|) / in_per_group`` for every filter ``f`` of a ``(out, in/g, kh, kw)`` weight, float32."""
+    w = weight.detach()
+    # vector_norm(ord=1) is a fused |.|-sum: no temporary the size of the weight.
+    return torch.linalg.vector_norm(w, ord=1, dim=tuple(range(1, w.dim())), dtype=torch.float32) / w.shape[1]
+
+
+def bn_scores(values: torch.Tensor) -> torch.Tensor:
+    """``|x[c]|`` for a BN gamma or beta vector, float32."""
+    return values.detach().float().abs()
+
+
+def layer_scores(layers: Layers) -> dict[str, list[torch.Tensor]]:
+    """Per kind, one 1-D float32 score tensor per layer (module order)."""
+    return {
+        "conv": [conv_filter_scores(c.weight) for c in layers.convs],
+        "gamma": [bn_scores(b.weight) for b in layers.bns],
+        "beta": [bn_scores(b.bias) for b in layers.bns],
+    }
+
+
+def collect_scores(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Per kind (``conv``, ``gamma``, ``beta``), all scores of the model concatenated, 1-D float32."""
+    layers = find_layers(model)
+    device = layers.device()
+    with torch.no_grad():
+        return {kind: torch.cat(parts) if parts else torch.zeros(0, device=device)
+                for kind, parts in layer_scores(layers).items()}
