@@ -1,0 +1,409 @@
+"""A two-node Ray cluster on this machine: a head and one worker node, on loopback.
+
+It exists so that anyone can try multi-node behaviour (job submission, workers spread
+over two nodes, a node dying) on one machine. Both nodes are ``ray start --block``
+processes, each in its own session; their process ids (and start times, against pid
+reuse) are recorded in a state directory, and stopping kills exactly those processes
+and their descendants: SIGTERM, then SIGKILL after a grace period. Nothing is found
+or killed by name.
+
+Token authentication is on by default, as for new clusters in current Ray: a fresh
+token is written to ``STATE_DIR/auth_token`` and handed to both nodes through
+``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``.
+
+Command line::
+
+    we-dist cluster up [--num-cpus 2] [--gcs-port 6390] [--dashboard-port 8275] [--no-auth]
+    we-dist cluster status
+    we-dist cluster down
+
+From Python (the pytest fixture in ``tests/cluster/conftest.py`` does this)::
+
+    >>> c = start_local_cluster("/tmp/wdc", gcs_port=0, dashboard_port=0)   # doctest: +SKIP
+    >>> c.dashboard_url, c.gcs_address                                      # doctest: +SKIP
+    ('http://127.0.0.1:40123', '127.0.0.1:40511')
+    >>> stop_local_cluster("/tmp/wdc")                                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from we_dist.cluster.client import ClusterError
+
+HOST = "127.0.0.1"
+DEFAULT_GCS_PORT = 6390          # not 6379: a default `ray.init()` / `ray start` may be running
+DEFAULT_DASHBOARD_PORT = 8275    # not 8265, for the same reason
+DEFAULT_NUM_CPUS = 2
+DEFAULT_OBJECT_STORE_BYTES = 200_000_000
+STATE_DIR_ENV = "WE_DIST_CLUSTER_DIR"
+STATE_FILE = "cluster.json"
+# Ray puts unix sockets under its temp dir; their paths must stay under ~107 bytes.
+MAX_RAY_TEMP_DIR_LEN = 40
+
+
+def default_state_dir() -> Path:
+    """``$WE_DIST_CLUSTER_DIR``, else ``/tmp/we_dist_cluster_<uid>``."""
+    env = os.environ.get(STATE_DIR_ENV)
+    return Path(env) if env else Path(tempfile.gettempdir()) / f"we_dist_cluster_{os.getuid()}"
+
+
+@dataclass
+class NodeProcess:
+    """One ``ray start --block`` process: its pid, start time (psutil) and log file."""
+
+    role: str
+    pid: int
+    create_time: float
+    log: str
+
+
+@dataclass
+class LocalCluster:
+    """What ``cluster.json`` records about a running local cluster.
+
+    ``dashboard_url`` is the Jobs API address (``--address`` / ``RAY_ADDRESS`` of
+    ``we-dist submit``); ``gcs_address`` is what ``ray.init(address=...)`` and
+    ``ray start --address`` take.
+    """
+
+    state_dir: str
+    gcs_address: str
+    dashboard_url: str
+    num_cpus: int
+    token_path: str                       # empty when started with auth disabled
+    ray_temp_dir: str
+    nodes: list[NodeProcess] = field(default_factory=list)
+
+    def env(self, for_jobs: bool = True) -> dict[str, str]:
+        """Environment variables that point a process at this cluster.
+
+        ``for_jobs``: ``RAY_ADDRESS`` is the dashboard URL (``we-dist submit``/``jobs``);
+        otherwise the GCS address (a driver calling ``ray.init()``).
+        """
+        env = {"RAY_ADDRESS": self.dashboard_url if for_jobs else self.gcs_address}
+        if self.token_path:
+            env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.token_path)
+        else:
+            env["RAY_AUTH_MODE"] = "disabled"
+        return env
+
+    def pids(self) -> list[int]:
+        """Process ids of the recorded ``ray start`` processes (worker node first)."""
+        return [n.pid for n in self.nodes]
+
+    def alive(self) -> dict[str, bool]:
+        """Role -> whether that node's recorded process is still the one we started."""
+        return {n.role: _same_process(n) is not None for n in self.nodes}
+
+    def save(self) -> None:
+        """Write ``cluster.json`` in the state directory."""
+        path = Path(self.state_dir) / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, state_dir: str | os.PathLike[str]) -> "LocalCluster | None":
+        """The recorded cluster in ``state_dir``, or None if there is none."""
+        path = Path(state_dir) / STATE_FILE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        data["nodes"] = [NodeProcess(**n) for n in data.get("nodes", [])]
+        return cls(**data)
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def _same_process(node: NodeProcess) -> Any:
+    """The psutil.Process for ``node`` if that pid still runs the process we started."""
+    import psutil
+
+    try:
+        proc = psutil.Process(node.pid)
+        if abs(proc.create_time() - node.create_time) > 1.0 or proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc
+    except psutil.Error:
+        return None
+
+
+def _stop_tree(node: NodeProcess, grace: float) -> list[int]:
+    """SIGTERM the node's process and all its descendants, SIGKILL what is left after ``grace``."""
+    import psutil
+
+    proc = _same_process(node)
+    if proc is None:
+        return []
+    try:
+        # Descendants include processes Ray put in their own sessions (job entrypoints).
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        procs = [proc]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5.0)
+    return [p.pid for p in procs]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _check_port(port: int, flag: str) -> int:
+    if port == 0:
+        return _free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            raise ClusterError(f"port {port} is already in use on this machine; pass another {flag} (0 picks a free one)") from None
+    return port
+
+
+def _ray_executable() -> str:
+    beside = Path(sys.executable).with_name("ray")
+    found = str(beside) if beside.is_file() else shutil.which("ray")
+    if not found:
+        raise ClusterError("the `ray` command is not installed here: pip install 'ray[default]'")
+    return found
+
+
+def _node_env(token_path: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    # Job entrypoints (`we-dist ...`) run with the nodes' PATH: put this interpreter's bin first.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    if token_path:
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN_PATH"] = token_path
+    else:
+        env["RAY_AUTH_MODE"] = "disabled"
+    return env
+
+
+def _tail(path: str, n: int = 15) -> str:
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+def _spawn(role: str, args: list[str], env: dict[str, str], state_dir: Path) -> NodeProcess:
+    import psutil
+
+    log = state_dir / f"{role}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    (state_dir / f"{role}.pid").write_text(f"{proc.pid}\n")
+    return NodeProcess(role, proc.pid, psutil.Process(proc.pid).create_time(), str(log))
+
+
+def _wait(what: str, ready, node: NodeProcess, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if _same_process(node) is None:
+            raise ClusterError(f"the {node.role} node exited while waiting for {what}; its log ({node.log}) ends with:\n{_tail(node.log)}")
+        if ready():
+            return
+        time.sleep(0.5)
+    raise ClusterError(f"timed out waiting for {what}; see {node.log}")
+
+
+def _alive_nodes(dashboard_url: str, token_path: str) -> int:
+    import requests
+
+    headers = {"Authorization": f"Bearer {Path(token_path).read_text().strip()}"} if token_path else {}
+    try:
+        r = requests.get(f"{dashboard_url}/api/v0/nodes?limit=100", headers=headers, timeout=3)
+        rows = r.json()["data"]["result"]["result"]
+    except Exception:  # not up yet: any failure means "keep waiting"
+        return 0
+    return sum(1 for n in rows if n.get("state") == "ALIVE")
+
+
+# --- lifecycle --------------------------------------------------------------------------------
+
+
+def start_local_cluster(
+    state_dir: str | os.PathLike[str] | None = None,
+    *,
+    num_cpus: int = DEFAULT_NUM_CPUS,
+    object_store_memory: int = DEFAULT_OBJECT_STORE_BYTES,
+    gcs_port: int = DEFAULT_GCS_PORT,
+    dashboard_port: int = DEFAULT_DASHBOARD_PORT,
+    auth: bool = True,
+    timeout: float = 120.0,
+) -> LocalCluster:
+    """Start a head node and one worker node on loopback; return when both are alive.
+
+    Ports given as 0 are picked free. On any failure, whatever was started is stopped
+    before the :class:`ClusterError` propagates.
+    """
+    state = Path(state_dir) if state_dir else default_state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    existing = LocalCluster.load(state)
+    if existing and any(existing.alive().values()):
+        raise ClusterError(f"a local cluster is already running from {state} (pids {existing.pids()}); `we-dist cluster down` first")
+    if num_cpus < 1:
+        raise ClusterError(f"--num-cpus must be >= 1, got {num_cpus}")
+
+    gcs_port = _check_port(gcs_port, "--gcs-port")
+    dashboard_port = _check_port(dashboard_port, "--dashboard-port")
+    ray_temp = state / "ray"
+    if len(str(ray_temp.resolve())) > MAX_RAY_TEMP_DIR_LEN:
+        ray_temp = Path(tempfile.mkdtemp(prefix="wdray-"))
+    token_path = ""
+    if auth:
+        token_file = state / "auth_token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(secrets.token_hex(32))
+        token_path = str(token_file.resolve())
+
+    cluster = LocalCluster(
+        state_dir=str(state.resolve()),
+        gcs_address=f"{HOST}:{gcs_port}",
+        dashboard_url=f"http://{HOST}:{dashboard_port}",
+        num_cpus=num_cpus,
+        token_path=token_path,
+        ray_temp_dir=str(ray_temp),
+    )
+    ray = _ray_executable()
+    env = _node_env(token_path)
+    common = [
+        f"--node-ip-address={HOST}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        f"--object-store-memory={object_store_memory}",
+        # Explicit free ports instead of Ray's defaults, which a second node on the same
+        # machine (or someone else's `ray.init()`) would collide with.
+        f"--dashboard-agent-listen-port={_free_port()}",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+        "--disable-usage-stats",
+        "--block",
+    ]
+    deadline = time.monotonic() + timeout
+    try:
+        head = _spawn(
+            "head",
+            [ray, "start", "--head", f"--port={gcs_port}", f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}",
+             "--include-dashboard=true", f"--ray-client-server-port={_free_port()}", f"--temp-dir={ray_temp}", *common],
+            env, state,
+        )
+        cluster.nodes.append(head)
+        cluster.save()
+        _wait("the head node's dashboard", lambda: _alive_nodes(cluster.dashboard_url, token_path) >= 1, head, deadline)
+        worker = _spawn("worker", [ray, "start", f"--address={cluster.gcs_address}", *common], env, state)
+        cluster.nodes.insert(0, worker)   # stopped first
+        cluster.save()
+        _wait("the worker node to join", lambda: _alive_nodes(cluster.dashboard_url, token_path) >= 2, worker, deadline)
+    except BaseException:
+        stop_local_cluster(state)
+        raise
+    return cluster
+
+
+def stop_local_cluster(state_dir: str | os.PathLike[str] | None = None, grace: float = 5.0) -> list[int]:
+    """Stop the cluster recorded in ``state_dir`` by process id; return the pids signalled.
+
+    Idempotent: with nothing recorded, or processes already gone, it returns ``[]``.
+    """
+    state = Path(state_dir) if state_dir else default_state_dir()
+    cluster = LocalCluster.load(state)
+    if cluster is None:
+        return []
+    stopped: list[int] = []
+    for node in cluster.nodes:   # worker node first, then the head
+        stopped += _stop_tree(node, grace)
+    (state / STATE_FILE).unlink(missing_ok=True)
+    for node in cluster.nodes:
+        (state / f"{node.role}.pid").unlink(missing_ok=True)
+    return stopped
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `we-dist cluster up|down|status`."""
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("--state-dir", default=None, help=f"where pids, logs and the token live (default: ${STATE_DIR_ENV} or {default_state_dir()})")
+    parser.add_argument("--num-cpus", type=int, default=DEFAULT_NUM_CPUS, help="CPUs per node (up)")
+    parser.add_argument("--object-store-memory", type=int, default=DEFAULT_OBJECT_STORE_BYTES, help="object store bytes per node (up)")
+    parser.add_argument("--gcs-port", type=int, default=DEFAULT_GCS_PORT, help="head GCS port; 0 picks a free one (up)")
+    parser.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT, help="dashboard / Jobs API port; 0 picks a free one (up)")
+    parser.add_argument("--no-auth", action="store_true", help="start without token authentication (up)")
+
+
+def _describe(c: LocalCluster) -> str:
+    lines = [
+        f"  dashboard / Jobs API: {c.dashboard_url}",
+        f"  GCS (ray.init):       {c.gcs_address}",
+        f"  token:                {c.token_path or 'none (authentication disabled)'}",
+        f"  pids:                 " + ", ".join(f"{n.role} {n.pid}" for n in reversed(c.nodes)),
+        f"  logs:                 {c.state_dir}/{{head,worker}}.log, Ray's in {c.ray_temp_dir}",
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`we-dist cluster up|down|status`."""
+    state = Path(args.state_dir) if args.state_dir else default_state_dir()
+    try:
+        if args.action == "up":
+            c = start_local_cluster(
+                state, num_cpus=args.num_cpus, object_store_memory=args.object_store_memory,
+                gcs_port=args.gcs_port, dashboard_port=args.dashboard_port, auth=not args.no_auth,
+            )
+            exports = " ".join(f"{k}={v}" for k, v in c.env().items() if k != "RAY_AUTH_MODE")
+            print(f"local Ray cluster up: 2 nodes x {c.num_cpus} CPUs\n{_describe(c)}\n"
+                  f"use it:  export {exports}\n         we-dist submit recipes/demo.yaml\n"
+                  f"stop it: we-dist cluster down" + (f" --state-dir {args.state_dir}" if args.state_dir else ""))
+            return 0
+        if args.action == "down":
+            pids = stop_local_cluster(state)
+            print(f"stopped {len(pids)} process(es): {pids}" if pids else f"no local cluster running from {state}")
+            return 0
+        c = LocalCluster.load(state)
+        if c is None:
+            print(f"no local cluster recorded in {state}")
+            return 1
+        alive = c.alive()
+        nodes = _alive_nodes(c.dashboard_url, c.token_path) if any(alive.values()) else 0
+        status = ", ".join(f"{role} {'running' if ok else 'DEAD'}" for role, ok in reversed(list(alive.items())))
+        print(f"local Ray cluster: {status}; {nodes} node(s) alive in Ray\n{_describe(c)}")
+        return 0 if all(alive.values()) and nodes == len(alive) else 1
+    except ClusterError as exc:
+        print(f"we-dist cluster {args.action}: {exc}", file=sys.stderr)
+        return 2
