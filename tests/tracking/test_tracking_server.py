@@ -106,6 +106,8 @@ def test_sweep_parent_and_children_through_the_server(server, http_client):
 def test_stopped_server_is_reported_fast(server):
     """Runs last (file order): stops the module's server and checks what a client then sees."""
     uri, pgid, root = server.uri, server._proc.pid, server.root
+    run_id = open_run(TrackingConfig(uri=uri, experiment="e2e_outage"), run_name="outage")
+    logger = RunLogger(uri, run_id, enabled=True)
     server.stop()
     assert not server.running and _group_gone(pgid)   # the uvicorn worker went with it
     assert (root / "mlflow.db").exists()                # a given root is kept
@@ -113,3 +115,9 @@ def test_stopped_server_is_reported_fast(server):
     with pytest.raises(TrackingError, match=uri.replace(".", r"\.")):
         open_run(TrackingConfig(uri=uri), run_name="too_late")
     assert time.monotonic() - start < 10
+
+    # A rank-0 logger whose server went away neither crashes nor stalls training for minutes.
+    start = time.monotonic()
+    logger.log_metrics({"train/loss": 1.0}, step=0)
+    assert time.monotonic() - start < 20
+    assert logger.failures == 1 and [m.key for m in logger._pending] == ["train/loss"]

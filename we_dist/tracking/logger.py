@@ -8,6 +8,14 @@ a warning and training goes on; metrics that could not be sent are kept and sent
 with the next call (or at :meth:`RunLogger.finish`). ``strict=True`` raises instead
 (tests, debugging).
 
+MLflow's HTTP client retries a failed request 7 times with exponential back-off
+(about four minutes) by default, which would stall rank 0, and with it every
+rank at the next collective. For an ``http(s)`` store the logger therefore sets,
+unless the user already did, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=2``,
+``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT=60`` in its
+process: a few seconds per call while the server is down. Unsent metrics are kept
+and sent later; a plot or file that cannot be sent is reported in the log.
+
 Restarts: a metric (key, step) already present in the run is not logged again, so
 a worker group that resumes from a checkpoint and replays an epoch leaves exactly
 one point per epoch. The first value logged for a step wins.
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import tempfile
 import time
@@ -40,6 +49,12 @@ log = logging.getLogger(__name__)
 NONFINITE_TAG = "we_dist.warning.nonfinite"
 LOG_FAILURES_TAG = "we_dist.warning.log_failures"
 _MAX_PENDING = 100_000                 # metrics kept while the store is unreachable
+# Bounded HTTP retries for the logging process; explicit user settings win.
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
 _BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")   # what MLflow accepts in metric names
 
 
@@ -77,6 +92,9 @@ class RunLogger:
         if not run_id:
             raise TrackingError("RunLogger is enabled but has no run id; call open_run on the driver first")
         self.uri = uri or resolve_uri(TrackingConfig())
+        if self.uri.startswith(("http://", "https://")):
+            for name, value in HTTP_RETRY_DEFAULTS.items():
+                os.environ.setdefault(name, value)
         from mlflow.tracking import MlflowClient
 
         self._client = MlflowClient(tracking_uri=self.uri)
