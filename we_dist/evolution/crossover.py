@@ -1,10 +1,12 @@
 """Section 5 (and 8): the new values of receivers, given their paired donors.
 
 All functions take the donor rows and receiver rows of ``p`` pairs stacked along
-dimension 0 and return the receivers' new rows; donors are never modified, so all
-pairs are independent and computed at once. The numerical guard is applied per
-value: where a denominator is exactly zero or a result is not finite, the old value
-stays. Computation is in float32.
+dimension 0 and return the receivers' new rows (float32); donors are never
+modified, so all pairs are independent and computed at once. The arithmetic of the
+formulas is done in float64 and rounded to float32 once, so the result is the
+correctly rounded value of the formula (and reproducible on any device). The
+numerical guard is applied per value: where a denominator is exactly zero or a
+result is not finite in float32, the old value stays.
 
 Example (BN, one pair)::
 
@@ -18,26 +20,61 @@ import torch
 
 
 def _guarded(new: torch.Tensor, old: torch.Tensor, denominator_ok: torch.Tensor) -> torch.Tensor:
-    return torch.where(denominator_ok & torch.isfinite(new), new, old)
+    new32 = new.to(torch.float32)
+    return torch.where(denominator_ok & torch.isfinite(new32), new32, old.to(torch.float32))
 
 
 def blend_bn(donor: torch.Tensor, receiver: torch.Tensor) -> torch.Tensor:
     """BN gamma or beta: ``a = |x_j| / (|x_j| + |x_i|)``, ``x_j = a * x_j + (1 - a) * x_i``."""
-    d, r = donor.float(), receiver.float()
+    d, r = donor.double(), receiver.double()
     den = r.abs() + d.abs()
     a = r.abs() / den
-    return _guarded(a * r + (1 - a) * d, r, den != 0)
+    return _guarded(a * r + (1 - a) * d, receiver, den != 0)
 
 
 def blend_filters(donor: torch.Tensor, receiver: torch.Tensor) -> torch.Tensor:
     """The ``kh == 1`` branch: blend whole filters with ``a = L1(W_j) / (L1(W_j) + L1(W_i))``."""
-    d, r = donor.float(), receiver.float()
+    d, r = donor.double(), receiver.double()
     dims = tuple(range(1, r.dim()))
     l1_r = torch.linalg.vector_norm(r, ord=1, dim=dims, keepdim=True)
     l1_d = torch.linalg.vector_norm(d, ord=1, dim=dims, keepdim=True)
     den = l1_r + l1_d
     a = l1_r / den
-    return _guarded(a * r + (1 - a) * d, r, den != 0)
+    return _guarded(a * r + (1 - a) * d, receiver, den != 0)
+
+
+def first_extreme(magnitude: torch.Tensor, largest: bool, taken: torch.Tensor | None = None) -> torch.Tensor:
+    """Index (keepdim) of the first largest/smallest entry along the last dim, skipping ``taken``.
+
+    "First" is the row-major tie rule. Done with amin/amax plus a priority trick
+    because argmin/argmax and sort over a short last dimension are slow on CPU.
+    A row with no candidate (e.g. NaN) gets index 0.
+    """
+    size = magnitude.shape[-1]
+    if taken is not None:
+        magnitude = magnitude.masked_fill(taken, -1.0 if largest else float("inf"))
+    best = magnitude.amax(-1, keepdim=True) if largest else magnitude.amin(-1, keepdim=True)
+    candidate = magnitude == best
+    if taken is not None:
+        candidate &= ~taken
+    # priority size..1 from the first position on; the largest priority marks the first candidate
+    priority = torch.arange(size, 0, -1, device=magnitude.device, dtype=torch.int32)
+    first = torch.where(candidate, priority, 0).amax(-1, keepdim=True)
+    return (size - first).clamp_(max=size - 1).to(torch.int64)
+
+
+def _extremes(x: torch.Tensor, largest: bool, count: int) -> torch.Tensor:
+    """Signed values of the ``count`` largest (smallest) ``|x|`` along the last dim, stable order."""
+    magnitude = x.abs()
+    if count == 1:
+        return x.gather(-1, first_extreme(magnitude, largest))
+    taken = torch.zeros_like(x, dtype=torch.bool)
+    picked = []
+    for _ in range(count):   # count = elements_per_channel, a small constant: not a loop over data
+        idx = first_extreme(magnitude, largest, taken)
+        picked.append(x.gather(-1, idx))
+        taken.scatter_(-1, idx, True)
+    return torch.cat(picked, dim=-1)
 
 
 def crossover_elements(donor: torch.Tensor, receiver: torch.Tensor, elements_per_channel: int = 1) -> torch.Tensor:
@@ -58,23 +95,19 @@ def crossover_elements(donor: torch.Tensor, receiver: torch.Tensor, elements_per
     d = donor.float().reshape(shape[0], shape[1], -1)
     r = receiver.float().reshape(shape[0], shape[1], -1)
     t = min(elements_per_channel, r.shape[-1])
+    large, small = _extremes(d, True, t), _extremes(r, False, t)        # (p, C, t)
+    s, l = small.double(), large.double()
+    den = s + l
+    alpha = s / den
+    v = (l * alpha + s * (1 - alpha)).to(torch.float32)
+    ok = (den != 0) & torch.isfinite(v)
     if t == 1:
-        # argmax/argmin return the first extremum, i.e. the row-major tie rule.
-        large = d.gather(-1, d.abs().argmax(-1, keepdim=True))
-        small = r.gather(-1, r.abs().argmin(-1, keepdim=True))
+        new = torch.where((r == small) & ok, v, r)
     else:
-        large = d.gather(-1, d.abs().sort(-1, descending=True, stable=True).indices[..., :t])
-        small = r.gather(-1, r.abs().sort(-1, stable=True).indices[..., :t])
-    den = small + large
-    alpha = small / den
-    v = large * alpha + small * (1 - alpha)
-    ok = (den != 0) & torch.isfinite(v)                       # (p, C, t)
-    if t == 1:
-        hit = (r == small) & ok
-        new = torch.where(hit, v, r)
-    else:
-        eq = r.unsqueeze(-2) == small.unsqueeze(-1)           # (p, C, t, K)
-        first = eq.to(torch.uint8).argmax(-2)                 # smallest t whose s equals the element
-        hit = eq.any(-2) & ok.gather(-1, first)
-        new = torch.where(hit, v.gather(-1, first), r)
+        eq = r.unsqueeze(-2) == small.unsqueeze(-1)                   # (p, C, t, K)
+        priority = torch.arange(t, 0, -1, device=r.device, dtype=torch.int32).view(t, 1)
+        first = torch.where(eq, priority, 0).amax(-2)                 # t - (smallest matching t), 0: none
+        which = (t - first).clamp_(max=t - 1).to(torch.int64)
+        hit = (first > 0) & ok.gather(-1, which)
+        new = torch.where(hit, v.gather(-1, which), r)
     return new.reshape(shape)

@@ -8,6 +8,12 @@ a BN layer. Linear layers and everything else are ignored.
 * conv filter ``f``: ``sum(|W[f]|) / in_per_group``
 * BN channel ``c``: ``|gamma[c]|`` and, separately, ``|beta[c]|``
 
+Conv sums are taken in float32 (one fused pass over the weights; an exact float64
+sum costs about three times as much on CPU), then scores are float64 so that the
+threshold and local comparisons are exact for the given sums. Two filters whose
+sums differ by less than float32 resolution may therefore be ordered differently
+than an exact computation would order them; nothing else depends on precision.
+
 Example::
 
     >>> scores = collect_scores(torchvision.models.resnet18())
@@ -82,19 +88,20 @@ def find_layers(model: nn.Module) -> Layers:
 
 
 def conv_filter_scores(weight: torch.Tensor) -> torch.Tensor:
-    """``sum(|W[f]|) / in_per_group`` for every filter ``f`` of a ``(out, in/g, kh, kw)`` weight, float32."""
+    """``sum(|W[f]|) / in_per_group`` for every filter ``f`` of a ``(out, in/g, kh, kw)`` weight, float64."""
     w = weight.detach()
     # vector_norm(ord=1) is a fused |.|-sum: no temporary the size of the weight.
-    return torch.linalg.vector_norm(w, ord=1, dim=tuple(range(1, w.dim())), dtype=torch.float32) / w.shape[1]
+    l1 = torch.linalg.vector_norm(w, ord=1, dim=tuple(range(1, w.dim())), dtype=torch.float32)
+    return l1.double() / w.shape[1]
 
 
 def bn_scores(values: torch.Tensor) -> torch.Tensor:
-    """``|x[c]|`` for a BN gamma or beta vector, float32."""
-    return values.detach().float().abs()
+    """``|x[c]|`` for a BN gamma or beta vector, float64."""
+    return values.detach().double().abs()
 
 
 def layer_scores(layers: Layers) -> dict[str, list[torch.Tensor]]:
-    """Per kind, one 1-D float32 score tensor per layer (module order)."""
+    """Per kind, one 1-D float64 score tensor per layer (module order)."""
     return {
         "conv": [conv_filter_scores(c.weight) for c in layers.convs],
         "gamma": [bn_scores(b.weight) for b in layers.bns],
@@ -103,7 +110,7 @@ def layer_scores(layers: Layers) -> dict[str, list[torch.Tensor]]:
 
 
 def collect_scores(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Per kind (``conv``, ``gamma``, ``beta``), all scores of the model concatenated, 1-D float32."""
+    """Per kind (``conv``, ``gamma``, ``beta``), all scores of the model concatenated, 1-D float64."""
     layers = find_layers(model)
     device = layers.device()
     with torch.no_grad():
