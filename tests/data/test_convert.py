@@ -24,6 +24,8 @@ from we_dist.data.convert import (
 )
 
 CPU = torch.device("cpu")
+# numba reports a harmless KeyError from a finalizer of FFCV's recompiled closures at exit.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 def _read_all(path: Path, val_res: int, crop_ratio: float = 1.0, batch_size: int = 64):

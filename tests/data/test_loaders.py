@@ -1,0 +1,152 @@
+"""Training and validation loaders on a real digits .beton: shapes, dtypes, normalisation,
+progressive resizing, seeded order, early exit, and the errors they raise."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from we_dist.config import DataConfig
+from we_dist.data import DatasetError, check_beton, make_train_loader, make_val_loader, resolution_at
+
+CPU = torch.device("cpu")
+# numba reports a harmless KeyError from a finalizer of FFCV's recompiled closures at exit.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def _cfg(betons, **kw) -> DataConfig:
+    base = dict(train_path=str(betons[0]), val_path=str(betons[1]), batch_size=64, val_batch_size=100,
+                min_res=16, max_res=32, start_ramp=0, end_ramp=2, res_step=8, val_res=24,
+                loader_workers=1)
+    return DataConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def train(digits_betons):
+    """One training loader shared by the tests below: each new loader JIT-compiles for seconds."""
+    return make_train_loader(_cfg(digits_betons), distributed=False, seed=3, device=CPU)
+
+
+def _unnormalise(x: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    return x * torch.tensor(cfg.std).view(1, -1, 1, 1) + torch.tensor(cfg.mean).view(1, -1, 1, 1)
+
+
+# --- resolution_at ------------------------------------------------------------------------
+
+
+def test_resolution_schedule_examples():
+    cfg = DataConfig(min_res=160, max_res=192, start_ramp=2, end_ramp=4, res_step=16)
+    assert [resolution_at(cfg, e) for e in range(6)] == [160, 160, 160, 176, 192, 192]
+    assert resolution_at(DataConfig(min_res=160, max_res=256), 50) == 160  # end_ramp 0: no ramp
+    ramp = DataConfig(min_res=160, max_res=192, start_ramp=0, end_ramp=10, res_step=32)
+    assert [resolution_at(ramp, e) for e in (0, 9, 10)] == [160, 160, 192]  # rounded down
+    with pytest.raises(ValueError, match="epoch must be >= 0"):
+        resolution_at(cfg, -1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(min_res=st.integers(8, 300), extra=st.integers(0, 300), start=st.integers(0, 30),
+       length=st.integers(0, 30), step=st.integers(1, 64))
+def test_resolution_schedule_properties(min_res, extra, start, length, step):
+    cfg = DataConfig(min_res=min_res, max_res=min_res + extra, start_ramp=start,
+                     end_ramp=start + length, res_step=step)
+    res = [resolution_at(cfg, e) for e in range(start + length + 3)]
+    assert all(min_res <= r <= min_res + extra for r in res)
+    assert res == sorted(res)  # never shrinks
+    assert res[0] == min_res
+    if start + length > 0:
+        assert res[-1] == min_res + extra
+    assert all(r % step == 0 or r in (cfg.min_res, cfg.max_res) for r in res)
+
+
+# --- training loader ----------------------------------------------------------------------
+
+
+def test_training_epoch_shapes_values_and_coverage(train, digits_betons):
+    cfg = _cfg(digits_betons)
+    train.set_epoch(0)
+    assert len(train) == 1437 // 64 and train.resolution == 16
+    labels = []
+    for images, y in train:
+        assert images.shape == (64, 3, 16, 16) and images.dtype == torch.float32
+        assert images.is_contiguous() and images.device == CPU
+        assert y.shape == (64,) and y.dtype == torch.int64
+        pixels = _unnormalise(images, cfg)
+        assert pixels.min() > -0.5 and pixels.max() < 255.5
+        labels.append(y)
+    assert len(labels) == len(train)
+    # drop_last: 22 full batches; no sample twice, so no class exceeds its true count.
+    # (This also catches reuse of FFCV's batch buffers after they were handed out.)
+    seen = Counter(torch.cat(labels).tolist())
+    counts = _label_counts(digits_betons[0])
+    assert sum(seen.values()) == 22 * 64
+    assert all(seen[c] <= counts[c] for c in seen) and len(seen) == 10
+
+
+def _label_counts(path) -> Counter:
+    cfg = DataConfig(val_path=str(path), batch_size=500, val_res=8, loader_workers=1)
+    return Counter(torch.cat([y for _, y in make_val_loader(cfg, distributed=False, device=CPU)]).tolist())
+
+
+def test_progressive_resizing_follows_set_epoch(train):
+    for epoch, res in [(1, 24), (2, 32), (7, 32), (0, 16)]:
+        train.set_epoch(epoch)
+        images, _ = next(iter(train))
+        assert train.resolution == res and images.shape[-2:] == (res, res)
+
+
+def test_order_is_a_function_of_seed_and_epoch(train):
+    def order(epoch):
+        train.set_epoch(epoch)
+        return torch.cat([y for _, y in train]).tolist()
+
+    first, again, other = order(1), order(1), order(2)
+    assert first == again
+    assert first != other
+    # Without set_epoch the loader moves on by itself (epoch 3 after epoch 2).
+    after = torch.cat([y for _, y in train]).tolist()
+    assert after != other and after == order(3)
+
+
+def test_breaking_out_early_then_full_epoch(train):
+    train.set_epoch(0)
+    for i, _ in enumerate(train):
+        if i == 1:
+            break
+    assert sum(1 for _ in train) == len(train)
+
+
+def test_channels_last_and_threads(digits_betons):
+    torch.set_num_threads(2)
+    cfg = _cfg(digits_betons, loader_workers=1)
+    val = make_val_loader(cfg, distributed=False, device=CPU, channels_last=True)
+    images, labels = next(iter(val))
+    assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+    assert torch.get_num_threads() == 2  # FFCV sets torch's thread count; the loader restores it
+
+
+def test_validation_epoch_is_complete_and_in_order(digits_betons):
+    cfg = _cfg(digits_betons)
+    val = make_val_loader(cfg, distributed=False, device=CPU)
+    assert len(val) == 4  # 360 samples, batches of 100, last one partial
+    batches = list(val)
+    assert [len(y) for _, y in batches] == [100, 100, 100, 60]
+    assert batches[0][0].shape == (100, 3, 24, 24) and batches[0][0].is_contiguous()
+    labels = torch.cat([y for _, y in batches])
+    assert labels.tolist() == torch.cat([y for _, y in val]).tolist()  # same order every time
+    assert sorted(Counter(labels.tolist()).values())[0] >= 35  # stratified: every digit ~36
+
+
+def test_loader_errors(digits_betons, tmp_path):
+    with pytest.raises(DatasetError, match="fewer than batch_size 5000"):
+        make_train_loader(_cfg(digits_betons, batch_size=5000), distributed=False, seed=0, device=CPU)
+    with pytest.raises(RuntimeError, match="after init_process_group"):
+        make_train_loader(_cfg(digits_betons), distributed=True, seed=0, device=CPU)
+    with pytest.raises(RuntimeError, match="after init_process_group"):
+        make_val_loader(_cfg(digits_betons), distributed=True, device=CPU)
+    assert check_beton(digits_betons[0]).num_samples == 1437
