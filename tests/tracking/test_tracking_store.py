@@ -106,3 +106,6 @@ def test_file_store_under_a_file_fails(tmp_path):
     blocker.write_text("x")
     with pytest.raises(TrackingError, match="not a directory"):
         check_reachable((blocker / "mlruns").as_uri())
+    with pytest.raises(TrackingError, match="not a directory"):
+        check_reachable(str(blocker / "mlruns"))      # a bare path is a file store too
+    check_reachable((tmp_path / "fresh" / "mlruns").as_uri())

@@ -118,6 +118,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             _check_sqlite(uri, db, timeout)
     elif scheme == "file":
         _check_writable_dir(uri, _file_path(uri))
+    elif not scheme and not uri.startswith("databricks"):
+        _check_writable_dir(uri, Path(uri).expanduser())   # a bare path: a file store
     else:
         _check_with_client(uri, timeout)
 
