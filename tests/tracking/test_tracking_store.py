@@ -53,6 +53,8 @@ def test_redact_hides_password_only():
 
 
 def test_closed_port_fails_fast_and_names_uri():
+    import mlflow.utils.rest_utils  # noqa: F401 - time the probe, not MLflow's import
+
     uri = f"http://127.0.0.1:{free_port()}"      # nobody listens there
     start = time.monotonic()
     with pytest.raises(TrackingError) as err:
