@@ -63,3 +63,21 @@ def gloo() -> Callable[..., list[Any]]:
 
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def digits_betons(tmp_path_factory):
+    """scikit-learn's real digits as train/val .beton files (32 px RGB), once per session."""
+    from we_dist.data.convert import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits"), workers=1)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray cluster for one test module (logical CPUs oversubscribed: 2 cores here)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()

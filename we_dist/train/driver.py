@@ -152,7 +152,9 @@ def build_trainer(cfg: Config, tracking_uri: str | None, mlflow_run_id: str | No
 
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id},
+        train_loop_config={"config": cfg.to_dict(), "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
+                           # Ray's live bars suit a terminal; logs get one line per interval.
+                           "live_progress": sys.stdout.isatty()},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,

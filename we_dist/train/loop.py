@@ -85,24 +85,25 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, autocast: Any)
 
 
 class _Progress:
-    """Rank 0's live bar (loss, accuracy, throughput) plus one line per epoch."""
+    """Rank 0's progress: one live bar for the run (when the console is a terminal), or a
+    plain line every ``log_every_steps`` steps (logs, CI, `we-dist jobs logs`)."""
 
-    def __init__(self, session: Any, enabled: bool) -> None:
-        self.session, self.enabled, self.bar = session, enabled, None
+    def __init__(self, session: Any, enabled: bool, live: bool, total_steps: int) -> None:
+        self.enabled = enabled
+        self.bar = session.progress_bar(total=total_steps, desc="training") if enabled and live else None
 
-    def start(self, epoch: int, epochs: int, steps: int) -> None:
-        if self.enabled:
-            self.bar = self.session.progress_bar(total=steps, desc=f"epoch {epoch + 1}/{epochs}")
-
-    def update(self, n: int, text: str) -> None:
+    def update(self, steps: int, text: str) -> None:
+        if not self.enabled:
+            return
         if self.bar is not None:
             self.bar.set_description(text)
-            self.bar.update(n)
+            self.bar.update(steps)
+        else:
+            print(f"[we_dist] {text}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-            self.bar = None
 
 
 def _summary_table(history: list[dict[str, float]]) -> str:
@@ -123,8 +124,12 @@ def _summary_table(history: list[dict[str, float]]) -> str:
 
 
 def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
-                 mlflow_run_id: str | None = None) -> dict[str, float]:
-    """Train ``cfg`` on this rank; returns the last epoch's metrics."""
+                 mlflow_run_id: str | None = None, live_progress: bool = False) -> dict[str, float]:
+    """Train ``cfg`` on this rank; returns the last epoch's metrics.
+
+    ``live_progress``: draw a live bar (the driver's console is a terminal) rather than
+    printing a progress line every ``train.log_every_steps`` steps.
+    """
     from we_dist.data import make_train_loader, make_val_loader
 
     rank, world, device = session.rank, session.world_size, session.device
@@ -170,8 +175,9 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
     from we_dist.tracking import RunLogger
 
     logger = RunLogger(tracking_uri, mlflow_run_id, enabled=rank == 0 and cfg.tracking.enabled and bool(mlflow_run_id))
-    progress = _Progress(session, enabled=rank == 0 and cfg.train.progress)
     epochs = cfg.schedule.epochs
+    progress = _Progress(session, enabled=rank == 0 and cfg.train.progress, live=live_progress,
+                         total_steps=steps_per_epoch * (epochs - start_epoch))
 
     def context(epoch: int) -> FitContext:
         return FitContext(model=model, epoch=epoch, step=step, epochs=epochs, steps_per_epoch=steps_per_epoch,
@@ -183,7 +189,6 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
     for epoch in range(start_epoch, epochs):
         train_loader.set_epoch(epoch)
         ddp.train()
-        progress.start(epoch, epochs, steps_per_epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.float64, device=device)
         seen, shown, method_seconds = 0, 0, 0.0
@@ -214,7 +219,6 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
                                 f"acc {float(correct) / max(seen, 1):.3f} {rate:.0f} img/s")
                 shown = i + 1
         train_seconds = time.perf_counter() - epoch_start
-        progress.close()
         loss_total, correct_total, seen_total = _all_reduce_sum([float(loss_sum), float(correct), float(seen)], device)
 
         _broadcast_buffers(model)
@@ -252,6 +256,7 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
             logger.log_histograms(method.pop_histograms())
         _report(session, cfg, rank, metrics, epoch, step, model, optimizer, scaler, method)
 
+    progress.close()
     if rank == 0:
         if history:
             print("[we_dist] summary\n" + _summary_table(history), flush=True)
@@ -279,4 +284,5 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = config_from_dict(loop_config["config"])
     run_training(cfg, RaySession(), tracking_uri=loop_config.get("tracking_uri"),
-                 mlflow_run_id=loop_config.get("mlflow_run_id"))
+                 mlflow_run_id=loop_config.get("mlflow_run_id"),
+                 live_progress=bool(loop_config.get("live_progress", False)))
