@@ -181,9 +181,10 @@ def connect(
     timeout: float = DEFAULT_TIMEOUT_S,
     allow_version_mismatch: bool = False,
 ) -> Connection:
-    """Check the cluster and return a :class:`Connection`; raise :class:`ClusterError` if unusable."""
-    import ray
+    """Check the cluster and return a :class:`Connection`; raise :class:`ClusterError` if unusable.
 
+    Ray itself is imported only once the cluster has answered, so a wrong address fails fast.
+    """
     base = resolve_address(address)
     token, source = find_token(token_file)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -209,7 +210,7 @@ def connect(
     if not cluster_version:
         raise ClusterError(f"{base} did not report its Ray version; is it a Ray dashboard? ({DASHBOARD_HINT})")
     if not allow_version_mismatch:
-        check_ray_version(ray.__version__, cluster_version)
+        check_ray_version(client_ray_version(), cluster_version)
 
     from ray.job_submission import JobSubmissionClient
 
@@ -221,6 +222,13 @@ def connect(
 
 
 # --- checks before submitting ------------------------------------------------------------------
+
+
+def client_ray_version() -> str:
+    """The installed Ray's version, read from package metadata (no ``import ray``)."""
+    from importlib.metadata import version
+
+    return version("ray")
 
 
 def _major_minor(version: str) -> tuple[int, int]:

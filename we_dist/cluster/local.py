@@ -69,6 +69,9 @@ class NodeProcess:
     pid: int
     create_time: float
     log: str
+    # Descendants seen at start-up (raylet, GCS, agents), so that they are still found and
+    # stopped if the `ray start` process itself dies first and they are re-parented.
+    children: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -123,38 +126,79 @@ class LocalCluster:
         if not path.is_file():
             return None
         data = json.loads(path.read_text())
-        data["nodes"] = [NodeProcess(**n) for n in data.get("nodes", [])]
+        nodes = []
+        for n in data.get("nodes", []):
+            n["children"] = [tuple(c) for c in n.get("children", [])]
+            nodes.append(NodeProcess(**n))
+        data["nodes"] = nodes
         return cls(**data)
 
 
 # --- processes ------------------------------------------------------------------------------
 
 
-def _same_process(node: NodeProcess) -> Any:
-    """The psutil.Process for ``node`` if that pid still runs the process we started."""
+def _process(pid: int, create_time: float) -> Any:
+    """The psutil.Process for ``pid`` if it is still the process started at ``create_time``."""
     import psutil
 
     try:
-        proc = psutil.Process(node.pid)
-        if abs(proc.create_time() - node.create_time) > 1.0 or proc.status() == psutil.STATUS_ZOMBIE:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - create_time) > 1.0 or proc.status() == psutil.STATUS_ZOMBIE:
             return None
         return proc
     except psutil.Error:
         return None
 
 
-def _stop_tree(node: NodeProcess, grace: float) -> list[int]:
-    """SIGTERM the node's process and all its descendants, SIGKILL what is left after ``grace``."""
+def _same_process(node: NodeProcess) -> Any:
+    """The psutil.Process for ``node`` if that pid still runs the process we started."""
+    return _process(node.pid, node.create_time)
+
+
+def _tree(node: NodeProcess) -> list[Any]:
+    """The node's live processes: its own, its recorded children and all their descendants.
+
+    Descendants include processes Ray put in sessions of their own (workers, job
+    entrypoints), which is why a process-group kill would not do.
+    """
+    import psutil
+
+    roots = [_same_process(node)] + [_process(pid, t) for pid, t in node.children]
+    found: dict[int, Any] = {}
+    for root in roots:
+        if root is None or root.pid in found:
+            continue
+        found[root.pid] = root
+        try:
+            for child in root.children(recursive=True):
+                found.setdefault(child.pid, child)
+        except psutil.Error:
+            pass
+    return list(found.values())
+
+
+def _record_children(node: NodeProcess) -> None:
     import psutil
 
     proc = _same_process(node)
     if proc is None:
-        return []
+        return
     try:
-        # Descendants include processes Ray put in their own sessions (job entrypoints).
-        procs = [proc] + proc.children(recursive=True)
+        known = {pid for pid, _ in node.children}
+        for child in proc.children(recursive=True):
+            if child.pid not in known:
+                node.children.append((child.pid, child.create_time()))
     except psutil.Error:
-        procs = [proc]
+        pass
+
+
+def _stop_tree(node: NodeProcess, grace: float) -> list[int]:
+    """SIGTERM the node's processes (see :func:`_tree`), SIGKILL what is left after ``grace``."""
+    import psutil
+
+    procs = _tree(node)
+    if not procs:
+        return []
     for p in procs:
         try:
             p.send_signal(signal.SIGTERM)
@@ -230,11 +274,17 @@ def _spawn(role: str, args: list[str], env: dict[str, str], state_dir: Path) -> 
     return NodeProcess(role, proc.pid, psutil.Process(proc.pid).create_time(), str(log))
 
 
+class NodeExited(ClusterError):
+    """A ``ray start`` process ended during start-up."""
+
+
 def _wait(what: str, ready, node: NodeProcess, deadline: float) -> None:
     while time.monotonic() < deadline:
+        _record_children(node)
         if _same_process(node) is None:
-            raise ClusterError(f"the {node.role} node exited while waiting for {what}; its log ({node.log}) ends with:\n{_tail(node.log)}")
+            raise NodeExited(f"the {node.role} node exited while waiting for {what}; its log ({node.log}) ends with:\n{_tail(node.log)}")
         if ready():
+            _record_children(node)
             return
         time.sleep(0.5)
     raise ClusterError(f"timed out waiting for {what}; see {node.log}")
@@ -252,6 +302,30 @@ def _alive_nodes(dashboard_url: str, token_path: str) -> int:
     return sum(1 for n in rows if n.get("state") == "ALIVE")
 
 
+def _start_node(cluster: LocalCluster, role: str, args: list[str], env: dict[str, str], state: Path,
+                alive_after: int, deadline: float, attempts: int = 3) -> None:
+    """Start one node and wait until the cluster has ``alive_after`` alive nodes.
+
+    `ray start` gives a raylet 30 s to register with the GCS and gives up otherwise,
+    which happens on an overloaded machine; such a node is stopped and started again.
+    """
+    for attempt in range(1, attempts + 1):
+        node = _spawn(role, args, env, state)
+        cluster.nodes.insert(0, node)        # the worker ends up first: it is stopped first
+        cluster.save()
+        try:
+            _wait(f"the {role} node", lambda: _alive_nodes(cluster.dashboard_url, cluster.token_path) >= alive_after,
+                  node, deadline)
+            cluster.save()                   # with the children recorded
+            return
+        except NodeExited:
+            if attempt == attempts or time.monotonic() > deadline:
+                raise
+            _stop_tree(node, grace=2.0)
+            cluster.nodes.remove(node)
+            cluster.save()
+
+
 # --- lifecycle --------------------------------------------------------------------------------
 
 
@@ -263,7 +337,7 @@ def start_local_cluster(
     gcs_port: int = DEFAULT_GCS_PORT,
     dashboard_port: int = DEFAULT_DASHBOARD_PORT,
     auth: bool = True,
-    timeout: float = 120.0,
+    timeout: float = 240.0,
 ) -> LocalCluster:
     """Start a head node and one worker node on loopback; return when both are alive.
 
@@ -315,19 +389,11 @@ def start_local_cluster(
     ]
     deadline = time.monotonic() + timeout
     try:
-        head = _spawn(
-            "head",
-            [ray, "start", "--head", f"--port={gcs_port}", f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}",
-             "--include-dashboard=true", f"--ray-client-server-port={_free_port()}", f"--temp-dir={ray_temp}", *common],
-            env, state,
-        )
-        cluster.nodes.append(head)
-        cluster.save()
-        _wait("the head node's dashboard", lambda: _alive_nodes(cluster.dashboard_url, token_path) >= 1, head, deadline)
-        worker = _spawn("worker", [ray, "start", f"--address={cluster.gcs_address}", *common], env, state)
-        cluster.nodes.insert(0, worker)   # stopped first
-        cluster.save()
-        _wait("the worker node to join", lambda: _alive_nodes(cluster.dashboard_url, token_path) >= 2, worker, deadline)
+        head_args = [ray, "start", "--head", f"--port={gcs_port}", f"--dashboard-host={HOST}",
+                     f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+                     f"--ray-client-server-port={_free_port()}", f"--temp-dir={ray_temp}", *common]
+        _start_node(cluster, "head", head_args, env, state, 1, deadline)
+        _start_node(cluster, "worker", [ray, "start", f"--address={cluster.gcs_address}", *common], env, state, 2, deadline)
     except BaseException:
         stop_local_cluster(state)
         raise
