@@ -1,0 +1,74 @@
+"""Bad input is refused before anything starts: one clear line, exit status 2."""
+
+import socket
+import subprocess
+import time
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WE_DIST = str(Path(sys.executable).with_name("we-dist"))
+DEMO = str(ROOT / "recipes" / "demo.yaml")
+
+
+def we_dist(*args, cwd=None, timeout=120):
+    return subprocess.run([WE_DIST, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def test_help_lists_every_command():
+    out = we_dist("--help")
+    assert out.returncode == 0
+    for command in ("convert", "train", "tune", "submit", "jobs", "cluster", "config"):
+        assert command in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", DEMO, "method.we.ratio_conv=2"], "method.we.ratio_conv must be in [0, 1)"),
+    (["train", DEMO, "model.nam=x"], "unknown key model.nam"),
+    (["train", "nope.yaml"], "recipe not found"),
+    (["train", DEMO, "model.name=resnet9000"], "model.name must be one of"),
+    (["config", DEMO, "scaling.num_workers=zero"], "scaling.num_workers expects an integer"),
+])
+def test_bad_config_exits_2_naming_the_key(args, message, tmp_path):
+    out = we_dist(*args, "data.train_path=x.beton", "data.val_path=y.beton", cwd=tmp_path) \
+        if args[0] == "train" and "nope" not in args[1] else we_dist(*args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_and_corrupt_datasets_are_refused(tmp_path, digits_betons):
+    train_path, val_path = digits_betons
+    missing = we_dist("train", DEMO, f"data.train_path={tmp_path / 'none.beton'}", f"data.val_path={val_path}",
+                      "tracking.enabled=false", cwd=tmp_path)
+    assert missing.returncode == 2 and "data.train_path" in missing.stderr and "none.beton" in missing.stderr
+    truncated = tmp_path / "truncated.beton"
+    truncated.write_bytes(Path(train_path).read_bytes()[:5000])
+    bad = we_dist("train", DEMO, f"data.train_path={train_path}", f"data.val_path={truncated}",
+                  "tracking.enabled=false", cwd=tmp_path)
+    assert bad.returncode == 2 and "data.val_path" in bad.stderr and "truncated.beton" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_unreachable_tracking_server_is_reported_before_training(tmp_path, digits_betons):
+    train_path, val_path = digits_betons
+    with socket.socket() as s:  # a port nobody listens on once this closes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    out = we_dist("train", DEMO, f"data.train_path={train_path}", f"data.val_path={val_path}",
+                  f"tracking.uri=http://127.0.0.1:{port}", cwd=tmp_path)
+    assert out.returncode == 2
+    assert f"127.0.0.1:{port}" in out.stderr and "tracking" in out.stderr
+    assert time.monotonic() - start < 60   # refused promptly, no minutes of retries
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_resume_must_without_checkpoint_is_refused(tmp_path, digits_betons):
+    train_path, val_path = digits_betons
+    out = we_dist("train", DEMO, f"data.train_path={train_path}", f"data.val_path={val_path}",
+                  "tracking.enabled=false", "checkpoint.resume=must", f"checkpoint.storage_path={tmp_path}",
+                  cwd=tmp_path)
+    assert out.returncode == 2 and "checkpoint.resume=must" in out.stderr
