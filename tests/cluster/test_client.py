@@ -229,3 +229,30 @@ def test_cluster_status_without_a_cluster(tmp_path, capsys):
     assert cli.main(["cluster", "status", "--state-dir", str(tmp_path)]) == 1
     assert "no local cluster" in capsys.readouterr().out
     assert cli.main(["cluster", "down", "--state-dir", str(tmp_path)]) == 0
+
+
+# --- paths the job must be able to reach ---------------------------------------------------
+
+
+def test_this_machine_is_recognised_by_node_ip():
+    from we_dist.cluster.submit import on_this_machine
+
+    assert on_this_machine([{"node_ip": "127.0.0.1"}, {"node_ip": "127.0.0.1"}])
+    assert not on_this_machine([{"node_ip": "127.0.0.1"}, {"node_ip": "203.0.113.9"}])
+    assert not on_this_machine([])
+
+
+def test_relative_paths_become_absolute_on_a_local_cluster_and_are_refused_on_a_remote_one(tmp_path):
+    from we_dist.cluster.submit import path_overrides
+    from we_dist.config import load_config
+
+    cfg = load_config(None, ["data.train_path=data/d/train.beton", "data.val_path=/abs/val.beton"])
+    extra, notes = path_overrides(cfg, tmp_path, local_cluster=True, tracking_forwarded=False)
+    assert extra == [f"data.train_path={tmp_path}/data/d/train.beton", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    assert load_config(None, extra).data.train_path == f"{tmp_path}/data/d/train.beton"   # valid overrides
+    with pytest.raises(ClusterError, match="data.train_path=data/d/train.beton is relative"):
+        path_overrides(cfg, tmp_path, local_cluster=False, tracking_forwarded=False)
+    remote = load_config(None, ["data.train_path=/mnt/shared/t.beton"])
+    extra, notes = path_overrides(remote, tmp_path, local_cluster=False, tracking_forwarded=False)
+    assert extra == [] and "tracking.uri" in notes[0]
+    assert path_overrides(remote, tmp_path, local_cluster=False, tracking_forwarded=True) == ([], [])

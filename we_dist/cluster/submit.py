@@ -43,6 +43,7 @@ DEFAULT_EXCLUDES = [
     "*.beton", "*.ckpt",
 ]
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)
+SHARED_SCHEMES = ("s3://", "gs://", "abfs://", "hdfs://")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +104,51 @@ def _env_vars(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def on_this_machine(nodes: list[dict]) -> bool:
+    """Whether every node of the cluster runs on this machine (e.g. `we-dist cluster up`).
+
+    Judged by the nodes' IP addresses, not by the dashboard address, which is also
+    127.0.0.1 for a port-forwarded remote cluster.
+    """
+    import psutil
+
+    mine = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return bool(nodes) and all(n.get("node_ip") in mine for n in nodes)
+
+
+def path_overrides(cfg, working_dir: Path, local_cluster: bool, tracking_forwarded: bool) -> tuple[list[str], list[str]]:
+    """Extra overrides so the job reads and writes where the user expects; and notes to print.
+
+    The job runs in a copy of the working directory that excludes ``data/`` and lives
+    in Ray's temporary files. So a relative data path would not be found there, and
+    the default MLflow store (``sqlite:///mlflow.db``, relative) would be lost with it.
+    On a cluster running on this machine both become absolute paths in the working
+    directory; elsewhere a relative data path is refused.
+    """
+    extra, notes = [], []
+    for key in ("train_path", "val_path"):
+        value = getattr(cfg.data, key)
+        if not value or "://" in value or Path(value).is_absolute():
+            continue
+        if not local_cluster:
+            raise ClusterError(f"data.{key}={value} is relative, and data is not shipped with the job; pass a path "
+                               f"every node can read, e.g. data.{key}=/mnt/shared/{Path(value).name}")
+        extra.append(f"data.{key}={working_dir / value}")
+    if cfg.tracking.enabled and not cfg.tracking.uri and not tracking_forwarded:
+        if local_cluster:
+            extra.append(f"tracking.uri=sqlite:///{working_dir / 'mlflow.db'}")
+        else:
+            notes.append("no tracking.uri or MLFLOW_TRACKING_URI: MLflow runs will go to a SQLite file in the job's "
+                         "temporary directory on the head node; pass tracking.uri=http://MLFLOW-HOST:5000")
+    if cfg.checkpoint.storage_path and "://" not in cfg.checkpoint.storage_path and not Path(cfg.checkpoint.storage_path).is_absolute():
+        if local_cluster:
+            extra.append(f"checkpoint.storage_path={working_dir / cfg.checkpoint.storage_path}")
+        else:
+            raise ClusterError(f"checkpoint.storage_path={cfg.checkpoint.storage_path} is relative; pass shared storage "
+                               f"every node can write, e.g. s3://BUCKET/we_dist_runs or /mnt/shared/we_dist_runs")
+    return extra, notes
+
+
 def entrypoint(command: str, recipe: str, overrides: list[str]) -> str:
     """The shell command the job runs, e.g. ``we-dist train recipes/demo.yaml optim.lr=0.1``."""
     return shlex.join(["we-dist", command, recipe, *overrides])
@@ -118,21 +164,36 @@ def run(args: argparse.Namespace) -> int:
             raise ClusterError(f"working directory not found: {args.working_dir}")
         recipe = _relative_recipe(args.recipe, working_dir)
         env_vars = _env_vars(args.env)
-        cfg = None
-        if args.entry_command in ("train", "config"):
-            cfg = load_config(args.recipe, args.overrides)   # ConfigError -> status 2 in cli.main
+        # ConfigError (a bad recipe, sweep file or override) -> one line and status 2 in cli.main.
+        if args.entry_command == "tune":
+            from we_dist.tune.space import load_sweep
+
+            spec = load_sweep(args.recipe, args.overrides)
+            _relative_recipe(spec.base_recipe, working_dir)      # the sweep's recipe must be shipped too
+            cfg, name, storage = spec.base_config, spec.name, spec.storage_path
+        else:
+            cfg = load_config(args.recipe, args.overrides)
+            name, storage = cfg.name, cfg.checkpoint.storage_path
 
         conn = connect(args.address, args.token_file, timeout=args.timeout, allow_version_mismatch=args.allow_version_mismatch)
-        if cfg is not None and not args.no_resource_check:
+        if not args.no_resource_check:
+            # A sweep runs trials of this size, so at least one must fit.
             s = cfg.scaling
             check_resources(conn.nodes(), num_workers=s.num_workers, cpus_per_worker=s.cpus_per_worker, use_gpu=s.use_gpu)
-        if args.entry_command == "train" and not cfg.checkpoint.storage_path.startswith(("s3://", "gs://", "abfs://", "hdfs://")):
-            print("we-dist submit: note: checkpoint.storage_path is not a cloud URI; on a cluster of several machines "
-                  "it must be a shared mount (NFS/PVC), or set checkpoint.storage_path=s3://...", file=sys.stderr)
+        overrides = list(args.overrides)
+        if args.entry_command != "config":
+            nodes = conn.nodes()
+            local = on_this_machine(nodes)
+            extra, notes = path_overrides(cfg, working_dir, local, "MLFLOW_TRACKING_URI" in env_vars)
+            overrides += extra
+            if not local and len(nodes) > 1 and not storage.startswith(SHARED_SCHEMES):
+                notes.append(f"the storage path {storage or '(default: ~/we_dist_runs)'} must be a mount shared by all "
+                             "nodes (NFS/PVC), or pass checkpoint.storage_path=s3://...")
+            for note in notes:
+                print(f"we-dist submit: note: {note}", file=sys.stderr)
 
-        name = cfg.name if cfg is not None else Path(recipe).stem
         submission_id = args.submission_id or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
-        command = entrypoint(args.entry_command, recipe, list(args.overrides))
+        command = entrypoint(args.entry_command, recipe, overrides)
         try:
             job_id = conn.client.submit_job(
                 entrypoint=command,
