@@ -286,16 +286,19 @@ def report_to_parent(spec: SweepSpec, rows: list, best: Any, best_yaml: str | No
     log.log_text(render_table(rows, spec.keys, spec.metric, epochs) + "\n", "results/trials.txt")
     finished = [r for r in rows if r.status(epochs) == "finished"]
     stopped = [r for r in rows if r.status(epochs) == "stopped early"]
+    client = _client(tracking_uri)
+    # One step per report (an interrupted sweep reports, then its resume reports again):
+    # the newest step is what MLflow shows as the run's value.
+    step = len(client.get_metric_history(parent_run_id, "trials/total"))
     log.log_metrics({"trials/total": len(rows), "trials/finished": len(finished), "trials/stopped_early": len(stopped),
-                     "trials/error": sum(r.state == "ERROR" for r in rows)}, step=0)
+                     "trials/error": sum(r.state == "ERROR" for r in rows)}, step=step)
     if best is not None:
-        log.log_metrics({metric_name(f"best/{spec.metric}"): best.metric}, step=0)
+        log.log_metrics({metric_name(f"best/{spec.metric}"): best.metric}, step=step)
         log.set_tags({"we_dist.best_trial": best.trial_id, "we_dist.best_mlflow_run": best.mlflow_run_id})
         for d in spec.space:
             log.set_tags({f"best.{d.key}": str(best.config.get(d.key))})
     if best_yaml is not None:
         log.log_text(best_yaml, f"best/{BEST_RECIPE}")
-    client = _client(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="we_dist_sweep_plots_") as tmp:
         for d in spec.space:
             png = plot_metric_vs_key(rows, d, spec.metric, epochs, best, Path(tmp) / f"{spec.metric.replace('/', '_')}"
@@ -434,11 +437,11 @@ def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: float | Non
     try:
         tuner = build_tuner(spec, ctx, mct)
         tuner.fit()   # the outcome is read back from the saved experiment state
-    except BaseException:
+    except BaseException as exc:
         if parent:
             from we_dist.tracking import finish_run
 
-            finish_run(tracking_uri, parent, "FAILED")
+            finish_run(tracking_uri, parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     return _finish(spec, ctx)
 
@@ -466,11 +469,11 @@ def resume_sweep(sweep_dir: str, address: str | None = None, num_cpus: float | N
     tuner = Tuner.restore(sweep_dir, trainable=_trainable(ctx), resume_unfinished=True, resume_errored=False)
     try:
         tuner.fit()   # the outcome is read back from the saved experiment state
-    except BaseException:
+    except BaseException as exc:
         if uri and parent:
             from we_dist.tracking import finish_run
 
-            finish_run(uri, parent, "FAILED")
+            finish_run(uri, parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     return _finish(spec, ctx)
 
