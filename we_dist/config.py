@@ -199,11 +199,39 @@ class WEMethodConfig(WEConfig):
 
 
 @dataclass(frozen=True)
+class ReactivateConfig:
+    """Whole-filter reactivation: the weakest conv filters are re-drawn at random."""
+
+    ratio: float = 0.02              # fraction of all conv filters (globally, by WE's score) per call
+    interval: int = 1                # epochs between calls
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ratio < 1:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        _positive("interval", self.interval)
+
+
+@dataclass(frozen=True)
+class SoftPruneConfig:
+    """Soft filter pruning: each call zeroes the smallest-L2 filters of every conv layer."""
+
+    rate: float = 0.3                # fraction of each layer's filters zeroed per call
+    interval: int = 1                # epochs between calls
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rate < 1:
+            raise ValueError(f"rate must be in [0, 1), got {self.rate}")
+        _positive("interval", self.interval)
+
+
+@dataclass(frozen=True)
 class MethodConfig:
-    """The training method plug-in (``we_dist.methods.METHODS``) and its settings."""
+    """The training method plug-in (``we_dist.methods.METHODS``) and each method's settings."""
 
     name: str = "none"
     we: WEMethodConfig = field(default_factory=WEMethodConfig)
+    reactivate: ReactivateConfig = field(default_factory=ReactivateConfig)
+    soft_prune: SoftPruneConfig = field(default_factory=SoftPruneConfig)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from typing import Callable
 
 from we_dist.config import Config
 from we_dist.methods.base import FitContext, Method, ScoreHistogram
+from we_dist.methods.reactivation import FilterReactivationMethod
+from we_dist.methods.soft_pruning import SoftFilterPruningMethod
 from we_dist.methods.we import WeightEvolutionMethod
 
 
@@ -24,6 +26,8 @@ class NoMethod(Method):
 METHODS: dict[str, Callable[[Config], Method]] = {
     "none": lambda cfg: NoMethod(),
     "we": lambda cfg: WeightEvolutionMethod(cfg.method.we),
+    "reactivate": lambda cfg: FilterReactivationMethod(cfg.method.reactivate, seed=cfg.seed),
+    "soft_prune": lambda cfg: SoftFilterPruningMethod(cfg.method.soft_prune),
 }
 
 
@@ -35,4 +39,4 @@ def create_method(cfg: Config) -> Method:
 
 
 __all__ = ["METHODS", "create_method", "Method", "FitContext", "ScoreHistogram", "NoMethod",
-           "WeightEvolutionMethod"]
+           "WeightEvolutionMethod", "FilterReactivationMethod", "SoftFilterPruningMethod"]

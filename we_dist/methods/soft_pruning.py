@@ -1,0 +1,78 @@
+"""Soft filter pruning (He et al., IJCAI 2018): a pruning method as a training plug-in.
+
+Every ``interval`` epochs, in each conv layer the ``rate`` fraction of filters with the
+smallest L2 norm is set to zero. Pruned filters keep receiving gradients and may grow
+back ("soft"); at the end of training the smallest filters can be removed for real.
+The choice depends only on the weights, which are identical on every replica, but rank 0
+still decides and broadcasts the zero mask so that ties can never split the replicas.
+
+Functional form: :func:`soft_prune`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from we_dist import sync
+from we_dist.config import SoftPruneConfig
+from we_dist.evolution.scores import unwrap
+from we_dist.methods.base import FitContext, Method
+
+
+def _convs(model: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in unwrap(model).modules() if isinstance(m, nn.Conv2d)]
+
+
+@torch.no_grad()
+def prune_mask(model: nn.Module, rate: float) -> torch.Tensor:
+    """1 for each filter to zero (all conv layers concatenated, in module order)."""
+    masks = []
+    for conv in _convs(model):
+        norms = conv.weight.detach().float().flatten(1).norm(dim=1).cpu()
+        k = int(norms.numel() * rate)
+        mask = torch.zeros(norms.numel(), dtype=torch.uint8)
+        if k:
+            mask[norms.argsort(stable=True)[:k]] = 1
+        masks.append(mask)
+    return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.uint8)
+
+
+@torch.no_grad()
+def apply_mask(model: nn.Module, mask: torch.Tensor) -> int:
+    """Zero the marked filters in place; returns how many."""
+    pos = 0
+    for conv in _convs(model):
+        n = conv.weight.shape[0]
+        rows = mask[pos:pos + n].bool().to(conv.weight.device)
+        conv.weight[rows] = 0
+        pos += n
+    return int(mask.sum())
+
+
+def soft_prune(model: nn.Module, rate: float) -> int:
+    """One soft-pruning call on a single replica; returns the number of zeroed filters."""
+    return apply_mask(model, prune_mask(model, rate))
+
+
+class SoftFilterPruningMethod(Method):
+    """Soft filter pruning every ``interval`` epochs (see the module docstring)."""
+
+    name = "soft_prune"
+
+    def __init__(self, cfg: SoftPruneConfig) -> None:
+        self.cfg = cfg
+        self._metrics: dict[str, float] = {}
+
+    def on_epoch_end(self, ctx: FitContext) -> None:
+        if (ctx.epoch + 1) % self.cfg.interval:
+            return
+        mask = prune_mask(ctx.model, self.cfg.rate) if ctx.rank == 0 else None
+        zeroed = apply_mask(ctx.model, sync.broadcast_bytes(mask, src=0))
+        total = sum(c.weight.shape[0] for c in _convs(ctx.model))
+        self._metrics = {"soft_prune/zeroed_filters": float(zeroed),
+                         "soft_prune/fraction": zeroed / max(total, 1)}
+
+    def pop_metrics(self) -> dict[str, float]:
+        out, self._metrics = self._metrics, {}
+        return out
