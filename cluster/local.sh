@@ -79,7 +79,10 @@ up() {
     --include-dashboard=true --ray-client-server-port="$(free_port)" \
     --dashboard-agent-listen-port="$(free_port)" --temp-dir="$STATE_DIR/ray" "${common[@]}"
   wait_nodes 1 head
-  start_node worker --address="$HOST:$GCS_PORT" --dashboard-agent-listen-port="$(free_port)" "${common[@]}"
+  # Its own temp dir: sharing the head's would share runtime_resources/, and one node's
+  # runtime-env agent would delete a job's working directory from under the other.
+  start_node worker --address="$HOST:$GCS_PORT" --dashboard-agent-listen-port="$(free_port)" \
+    --temp-dir="$STATE_DIR/rayw" "${common[@]}"
   wait_nodes 2 worker
   echo "local Ray cluster up: 2 nodes x $NUM_CPUS CPUs (pids: head $(cat "$STATE_DIR/head.pid"), worker $(cat "$STATE_DIR/worker.pid"))"
   echo "  export RAY_ADDRESS=http://$HOST:$DASHBOARD_PORT${RAY_AUTH_TOKEN_PATH:+ RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH}"

@@ -214,11 +214,24 @@ def connect(
 
     from ray.job_submission import JobSubmissionClient
 
+    quiet_ray_client_logs()
+
     try:
         client = JobSubmissionClient(base, headers=dict(headers))
     except (ConnectionError, RuntimeError) as exc:
         raise ClusterError(f"the Jobs API at {base} is not usable: {exc}") from None
     return Connection(base, headers, source, cluster_version, auth_mode, timeout, client)
+
+
+def quiet_ray_client_logs() -> None:
+    """Keep Ray's per-file packaging chatter (INFO lines) off the user's terminal."""
+    import logging
+
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                 "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Its only warnings say that .git and .venv are left out, which is what we want.
+    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
 
 
 # --- checks before submitting ------------------------------------------------------------------

@@ -88,7 +88,7 @@ class LocalCluster:
     dashboard_url: str
     num_cpus: int
     token_path: str                       # empty when started with auth disabled
-    ray_temp_dir: str
+    ray_temp_dir: str                     # the head's; the worker node's is this + "w"
     nodes: list[NodeProcess] = field(default_factory=list)
 
     def env(self, for_jobs: bool = True) -> dict[str, str]:
@@ -224,8 +224,11 @@ def _check_port(port: int, flag: str) -> int:
     if port == 0:
         return _free_port()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As servers do: connections of a cluster just stopped (TIME_WAIT) do not block the port.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("0.0.0.0", port))
+            s.listen(1)
         except OSError:
             raise ClusterError(f"port {port} is already in use on this machine; pass another {flag} (0 picks a free one)") from None
     return port
@@ -354,9 +357,12 @@ def start_local_cluster(
 
     gcs_port = _check_port(gcs_port, "--gcs-port")
     dashboard_port = _check_port(dashboard_port, "--dashboard-port")
+    # One temp dir per node: nodes sharing one would share `runtime_resources/`, and one
+    # node's runtime-env agent would delete a job's working directory from under the other.
     ray_temp = state / "ray"
     if len(str(ray_temp.resolve())) > MAX_RAY_TEMP_DIR_LEN:
         ray_temp = Path(tempfile.mkdtemp(prefix="wdray-"))
+    worker_temp = ray_temp.with_name(ray_temp.name + "w")
     token_path = ""
     if auth:
         token_file = state / "auth_token"
@@ -393,7 +399,8 @@ def start_local_cluster(
                      f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
                      f"--ray-client-server-port={_free_port()}", f"--temp-dir={ray_temp}", *common]
         _start_node(cluster, "head", head_args, env, state, 1, deadline)
-        _start_node(cluster, "worker", [ray, "start", f"--address={cluster.gcs_address}", *common], env, state, 2, deadline)
+        _start_node(cluster, "worker", [ray, "start", f"--address={cluster.gcs_address}", f"--temp-dir={worker_temp}", *common],
+                    env, state, 2, deadline)
     except BaseException:
         stop_local_cluster(state)
         raise
@@ -438,7 +445,7 @@ def _describe(c: LocalCluster) -> str:
         f"  GCS (ray.init):       {c.gcs_address}",
         f"  token:                {c.token_path or 'none (authentication disabled)'}",
         f"  pids:                 " + ", ".join(f"{n.role} {n.pid}" for n in reversed(c.nodes)),
-        f"  logs:                 {c.state_dir}/{{head,worker}}.log, Ray's in {c.ray_temp_dir}",
+        f"  logs:                 {c.state_dir}/{{head,worker}}.log, Ray's in {c.ray_temp_dir}{{,w}}",
     ]
     return "\n".join(lines)
 
