@@ -325,7 +325,7 @@ def synthetic_image(rng: np.random.Generator, label: int, num_classes: int,
     image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC).astype(np.int16)
     hue = np.array([np.cos(2 * np.pi * (label / num_classes + k / 3)) for k in range(3)])
     image += (60 * hue).astype(np.int16)
-    image += rng.normal(0, 10, size=image.shape).astype(np.int16)
+    image += rng.integers(-18, 19, size=image.shape, dtype=np.int16)  # sensor-like noise
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
