@@ -352,7 +352,7 @@ def _finish(spec: SweepSpec, ctx: dict[str, Any]) -> SweepOutcome:
     from we_dist.tune.report import pick_best, render_table
 
     epochs = spec.base_config.schedule.epochs
-    rows = _rows_from_trials(spec, load_trials(spec.sweep_dir))
+    rows = sorted(_rows_from_trials(spec, load_trials(spec.sweep_dir)), key=lambda r: r.trial_id)
     interrupted = any(r.state not in ("TERMINATED", "ERROR") for r in rows) or len(rows) < spec.num_trials()
     uri, parent = ctx.get("tracking_uri"), ctx.get("parent_run_id")
     if uri and parent:

@@ -53,7 +53,8 @@ def make_trial_config(base: Config, sampled: Mapping[str, Any], *, name: str, pa
     """Base recipe (with the sweep's fixed overrides) + the sampled values of one trial."""
     from we_dist.tune.space import plain_value
 
-    extra: dict[str, Any] = {"name": name, "checkpoint.storage_path": storage_path,
+    # checkpoint.resume=auto: a trial restarted by --resume must continue its own Train run.
+    extra: dict[str, Any] = {"name": name, "checkpoint.storage_path": storage_path, "checkpoint.resume": "auto",
                              "tracking.parent_run_id": parent_run_id or ""}
     if tracking_uri:
         extra["tracking.uri"] = tracking_uri
