@@ -153,7 +153,8 @@ class WeightEvolution:
         receivers = order[pos[1]] - pos[2]
 
         entries: list[PlanEntry] = []
-        values: list[torch.Tensor] = []
+        conv_rows: list[torch.Tensor] = []
+        groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         pair_at = value_at = 0
         kind_pairs = {k: 0 for k in KINDS}
         for li, count in enumerate(pairs.counts):
@@ -163,22 +164,30 @@ class WeightEvolution:
                 continue
             local = li - (0 if kind == "conv" else n_layers["conv"] + (n_layers["gamma"] if kind == "beta" else 0))
             if kind == "conv":
-                module, name = layers.convs[local], layers.conv_names[local]
-                w = module.weight.detach()
+                w = layers.convs[local].weight.detach()
                 d, r = donors[pair_at:pair_at + count], receivers[pair_at:pair_at + count]
-                wd, wr = w.index_select(0, d), w.index_select(0, r)
-                if w.shape[2] == 1:
-                    new = blend_filters(wd, wr)
-                else:
-                    new = crossover_elements(wd, wr, cfg.elements_per_channel)
-                values.append(new.reshape(-1))
-                shape = tuple(w.shape)
+                # Layers whose rows have the same shape and branch are crossed over together.
+                key = (w.shape[2] == 1, tuple(w.shape[1:]))
+                groups.setdefault(key, []).append((len(conv_rows), w.index_select(0, d), w.index_select(0, r)))
+                conv_rows.append(torch.empty(0))
+                name, shape = layers.conv_names[local], tuple(w.shape)
             else:
                 name, shape = layers.bn_names[local], tuple(layers.bns[local].weight.shape)
             entry = PlanEntry(kind, local, name, shape, pair_at, count, value_at)
             entries.append(entry)
             pair_at += count
             value_at += entry.n_values
+
+        for (whole_filter, _), members in groups.items():
+            wd = torch.cat([m[1] for m in members]) if len(members) > 1 else members[0][1]
+            wr = torch.cat([m[2] for m in members]) if len(members) > 1 else members[0][2]
+            if whole_filter:
+                new = blend_filters(wd, wr)
+            else:
+                new = crossover_elements(wd, wr, cfg.elements_per_channel)
+            for (slot, _, r_rows), part in zip(members, new.split([m[2].shape[0] for m in members])):
+                conv_rows[slot] = part.reshape(-1)
+        values: list[torch.Tensor] = conv_rows
 
         # BN: every pair of a kind at once, on the concatenated gammas (betas).
         first_pair = {"conv": 0, "gamma": kind_pairs["conv"], "beta": kind_pairs["conv"] + kind_pairs["gamma"]}

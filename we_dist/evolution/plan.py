@@ -219,7 +219,7 @@ class EvolutionPlan:
         if not bool(torch.isfinite(values).all()):
             raise ValueError("plan holds non-finite values")
         receivers, donors = idx[:n_pairs], idx[n_pairs:]
-        entries, pair_at, value_at = [], 0, 0
+        entries, pair_at, value_at, rows = [], 0, 0, []
         for code, layer, ndim, s0, s1, s2, s3, pairs in ent:
             if code not in range(len(KINDS)):
                 raise ValueError(f"plan entry has unknown kind code {code}")
@@ -230,15 +230,21 @@ class EvolutionPlan:
                 raise ValueError(f"plan entry {kind} layer {layer} is malformed (shape {shape}, {pairs} pairs)")
             e = PlanEntry(kind, layer, f"{'conv' if kind == 'conv' else 'bn'}[{layer}]", shape, pair_at, pairs,
                           value_at)
-            r, d = receivers[pair_at:pair_at + pairs], donors[pair_at:pair_at + pairs]
-            if int(r.min()) < 0 or int(r.max()) >= s0 or int(d.min()) < 0 or int(d.max()) >= s0 \
-                    or torch.unique(r).numel() != pairs:
-                raise ValueError(f"plan entry {kind} layer {layer} has bad or repeated channel indices")
             entries.append(e)
+            rows.append(s0)
             pair_at += pairs
             value_at += e.n_values
         if pair_at != n_pairs or value_at != n_values:
             raise ValueError("plan entries do not add up to the header's pair and value counts")
+        if n_pairs:
+            # All entries at once: indices in range, receivers unique within their entry.
+            counts = torch.tensor([e.n_pairs for e in entries])
+            entry_of = torch.repeat_interleave(torch.arange(len(entries)), counts, output_size=n_pairs)
+            limit = torch.tensor(rows)[entry_of]
+            in_range = (receivers >= 0) & (receivers < limit) & (donors >= 0) & (donors < limit)
+            unique = torch.unique(entry_of * (int(limit.max()) + 1) + receivers).numel() == n_pairs
+            if not (bool(in_range.all()) and unique):
+                raise ValueError("plan holds out-of-range or repeated channel indices")
         return cls(entries, receivers, donors, values, n_conv_layers=n_conv, n_bn_layers=n_bn,
                    fingerprint=fingerprint, patience={"conv": pc, "gamma": pg, "beta": pb}, epoch=fl[0],
                    ratios=dict(zip(KINDS, fl[1:4])), thresholds=dict(zip(KINDS, fl[4:7])),

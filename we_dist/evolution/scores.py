@@ -91,7 +91,7 @@ def conv_filter_scores(weight: torch.Tensor) -> torch.Tensor:
     """``sum(|W[f]|) / in_per_group`` for every filter ``f`` of a ``(out, in/g, kh, kw)`` weight, float64."""
     w = weight.detach()
     # vector_norm(ord=1) is a fused |.|-sum: no temporary the size of the weight.
-    l1 = torch.linalg.vector_norm(w, ord=1, dim=tuple(range(1, w.dim())), dtype=torch.float32)
+    l1 = torch.linalg.vector_norm(w.float(), ord=1, dim=tuple(range(1, w.dim())))
     return l1.double() / w.shape[1]
 
 
