@@ -64,7 +64,10 @@ up() {
   alive head || alive worker && die "already running from $STATE_DIR; run: $0 down"
   mkdir -p "$STATE_DIR"
   export RAY_USAGE_STATS_ENABLED=0
-  unset RAY_ADDRESS RAY_AUTH_TOKEN
+  unset RAY_AUTH_TOKEN
+  # Ray processes that look for "the local cluster" (address "auto") would otherwise
+  # find every Ray running on this machine.
+  export RAY_ADDRESS=$HOST:$GCS_PORT
   if [[ "$AUTH" == token ]]; then
     (umask 077; python3 -c 'import secrets; print(secrets.token_hex(32))' >"$STATE_DIR/auth_token")
     export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE_DIR/auth_token"

@@ -146,3 +146,41 @@ def test_cluster_status_and_refusal_to_start_twice(local_cluster, capsys):
     assert "head running, worker running; 2 node(s) alive" in out
     assert cli.main(["cluster", "up", "--state-dir", local_cluster.state_dir]) == 2
     assert "already running" in capsys.readouterr().err
+
+
+SPREAD = """\
+import os, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+ray.init()   # inside a job: the cluster's address and the node's token come from the environment
+
+@ray.remote(num_cpus=1)
+def look():
+    return ray.get_runtime_context().get_node_id(), os.path.exists("marker.txt")
+
+nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+seen = ray.get([look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes])
+print("tasks", len({node for node, _ in seen}), "nodes, marker everywhere:", all(ok for _, ok in seen))
+print("driver still in its working dir:", os.path.exists(os.path.join(os.getcwd(), "marker.txt")))
+"""
+
+
+def test_a_job_uses_both_nodes_with_its_working_dir_intact(local_cluster, tmp_path):
+    """Tasks on both nodes get the job's working_dir, and the driver's copy survives.
+
+    Regression: with one Ray temp dir for both nodes, the worker node's runtime-env
+    agent replaced the shared working_dir and the driver's cwd vanished.
+    """
+    (tmp_path / "marker.txt").write_text("shipped\n")
+    (tmp_path / "spread.py").write_text(SPREAD)
+    conn = connect(local_cluster.dashboard_url, local_cluster.token_path)
+    job_id = conn.client.submit_job(entrypoint="python spread.py", runtime_env={"working_dir": str(tmp_path)},
+                                    submission_id=f"spread-{os.getpid()}")
+    deadline = time.monotonic() + 150
+    while str(conn.client.get_job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, "the job did not finish"
+        time.sleep(1)
+    logs = conn.client.get_job_logs(job_id)
+    assert str(conn.client.get_job_status(job_id)) == "SUCCEEDED", logs[-2000:]
+    assert "tasks 2 nodes, marker everywhere: True" in logs
+    assert "driver still in its working dir: True" in logs

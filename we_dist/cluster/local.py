@@ -242,10 +242,13 @@ def _ray_executable() -> str:
     return found
 
 
-def _node_env(token_path: str) -> dict[str, str]:
+def _node_env(token_path: str, gcs_address: str) -> dict[str, str]:
     env = dict(os.environ)
-    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(name, None)
+    # Ray processes that look for "the local cluster" (address="auto", e.g. Ray Train's
+    # placement-group cleaner) would otherwise find every Ray running on this machine.
+    env["RAY_ADDRESS"] = gcs_address
     # Job entrypoints (`we-dist ...`) run with the nodes' PATH: put this interpreter's bin first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -379,7 +382,7 @@ def start_local_cluster(
         ray_temp_dir=str(ray_temp),
     )
     ray = _ray_executable()
-    env = _node_env(token_path)
+    env = _node_env(token_path, cluster.gcs_address)
     common = [
         f"--node-ip-address={HOST}",
         f"--num-cpus={num_cpus}",
