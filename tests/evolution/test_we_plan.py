@@ -173,6 +173,7 @@ def test_data_parallel_and_ddp_wrappers_are_unwrapped(tmp_path):
     import torch.distributed as dist
     base = weak_net()
     bare, dp = clone(base), nn.DataParallel(clone(base))
+    dp.module.cpu()                  # DataParallel moves its module to the first GPU when there is one
     p_bare = WeightEvolution(CFG).step(bare, 10)
     p_dp = WeightEvolution(CFG).step(dp, 10)
     assert torch.equal(p_bare.to_tensor(), p_dp.to_tensor()) and same_params(bare, dp.module)

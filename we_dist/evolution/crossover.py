@@ -32,15 +32,26 @@ def blend_bn(donor: torch.Tensor, receiver: torch.Tensor) -> torch.Tensor:
     return _guarded(a * r + (1 - a) * d, receiver, den != 0)
 
 
-def blend_filters(donor: torch.Tensor, receiver: torch.Tensor) -> torch.Tensor:
-    """The ``kh == 1`` branch: blend whole filters with ``a = L1(W_j) / (L1(W_j) + L1(W_i))``."""
+def blend_rows(donor: torch.Tensor, receiver: torch.Tensor, row_of: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The ``kh == 1`` branch for many filters at once, as flat concatenated rows.
+
+    ``donor``/``receiver`` hold the elements of ``n_rows`` paired filters back to back;
+    ``row_of[e]`` is the pair of element ``e``. Per pair
+    ``a = L1(W_j) / (L1(W_j) + L1(W_i))`` and ``W_j = a * W_j + (1 - a) * W_i``.
+    """
     d, r = donor.double(), receiver.double()
-    dims = tuple(range(1, r.dim()))
-    l1_r = torch.linalg.vector_norm(r, ord=1, dim=dims, keepdim=True)
-    l1_d = torch.linalg.vector_norm(d, ord=1, dim=dims, keepdim=True)
+    l1_r = torch.zeros(n_rows, dtype=torch.float64, device=r.device).index_add_(0, row_of, r.abs())
+    l1_d = torch.zeros(n_rows, dtype=torch.float64, device=r.device).index_add_(0, row_of, d.abs())
     den = l1_r + l1_d
-    a = l1_r / den
-    return _guarded(a * r + (1 - a) * d, receiver, den != 0)
+    a = (l1_r / den)[row_of]
+    return _guarded(a * r + (1 - a) * d, receiver, (den != 0)[row_of])
+
+
+def blend_filters(donor: torch.Tensor, receiver: torch.Tensor) -> torch.Tensor:
+    """The ``kh == 1`` branch for ``p`` pairs of filters stacked on dimension 0."""
+    p = receiver.shape[0]
+    row_of = torch.arange(p, device=receiver.device).repeat_interleave(receiver[0].numel())
+    return blend_rows(donor.reshape(-1), receiver.reshape(-1), row_of, p).reshape(receiver.shape)
 
 
 def first_extreme(magnitude: torch.Tensor, largest: bool, taken: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,6 +88,26 @@ def _extremes(x: torch.Tensor, largest: bool, count: int) -> torch.Tensor:
     return torch.cat(picked, dim=-1)
 
 
+def cross_slices(donor: torch.Tensor, receiver: torch.Tensor, elements_per_channel: int = 1) -> torch.Tensor:
+    """:func:`crossover_elements` on kernel slices flattened to ``(S, kh * kw)``, slice by slice."""
+    d, r = donor.float(), receiver.float()
+    t = min(elements_per_channel, r.shape[-1])
+    large, small = _extremes(d, True, t), _extremes(r, False, t)        # (S, t)
+    s, l = small.double(), large.double()
+    den = s + l
+    alpha = s / den
+    v = (l * alpha + s * (1 - alpha)).to(torch.float32)
+    ok = (den != 0) & torch.isfinite(v)
+    if t == 1:
+        return torch.where((r == small) & ok, v, r)
+    eq = r.unsqueeze(-2) == small.unsqueeze(-1)                       # (S, t, K)
+    priority = torch.arange(t, 0, -1, device=r.device, dtype=torch.int32).view(t, 1)
+    first = torch.where(eq, priority, 0).amax(-2)                     # t - (smallest matching t); 0: none
+    which = (t - first).clamp_(max=t - 1).to(torch.int64)
+    hit = (first > 0) & ok.gather(-1, which)
+    return torch.where(hit, v.gather(-1, which), r)
+
+
 def crossover_elements(donor: torch.Tensor, receiver: torch.Tensor, elements_per_channel: int = 1) -> torch.Tensor:
     """The ``kh > 1`` branch, per input channel ``h`` of each pair (shapes ``(p, C, kh, kw)``).
 
@@ -91,23 +122,6 @@ def crossover_elements(donor: torch.Tensor, receiver: torch.Tensor, elements_per
     (equal values) takes the ``v`` of the smallest such ``t``; if that ``v`` fails the
     guard, the element stays.
     """
-    shape = receiver.shape
-    d = donor.float().reshape(shape[0], shape[1], -1)
-    r = receiver.float().reshape(shape[0], shape[1], -1)
-    t = min(elements_per_channel, r.shape[-1])
-    large, small = _extremes(d, True, t), _extremes(r, False, t)        # (p, C, t)
-    s, l = small.double(), large.double()
-    den = s + l
-    alpha = s / den
-    v = (l * alpha + s * (1 - alpha)).to(torch.float32)
-    ok = (den != 0) & torch.isfinite(v)
-    if t == 1:
-        new = torch.where((r == small) & ok, v, r)
-    else:
-        eq = r.unsqueeze(-2) == small.unsqueeze(-1)                   # (p, C, t, K)
-        priority = torch.arange(t, 0, -1, device=r.device, dtype=torch.int32).view(t, 1)
-        first = torch.where(eq, priority, 0).amax(-2)                 # t - (smallest matching t), 0: none
-        which = (t - first).clamp_(max=t - 1).to(torch.int64)
-        hit = (first > 0) & ok.gather(-1, which)
-        new = torch.where(hit, v.gather(-1, which), r)
-    return new.reshape(shape)
+    k = receiver.shape[2] * receiver.shape[3]
+    out = cross_slices(donor.reshape(-1, k), receiver.reshape(-1, k), elements_per_channel)
+    return out.reshape(receiver.shape)

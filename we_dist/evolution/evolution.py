@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from we_dist.evolution.config import WEConfig
-from we_dist.evolution.crossover import blend_bn, blend_filters, crossover_elements
+from we_dist.evolution.crossover import blend_bn, blend_rows, cross_slices
 from we_dist.evolution.plan import EvolutionPlan, PlanEntry
 from we_dist.evolution.schedule import KINDS, check_epoch, ratio_at
-from we_dist.evolution.scores import Layers, find_layers, layer_scores
+from we_dist.evolution.scores import Layers, conv_divisor, find_layers, flat_scores
 from we_dist.evolution.selection import (forward_order, global_threshold, layer_counts, pair_positions,
                                          patience_scan)
 
@@ -61,6 +61,7 @@ class WeightEvolution:
             raise ValueError(f"config must be a WEConfig, got {type(config).__name__}")
         self.config = config
         self.patience: dict[str, int] = {k: 0 for k in KINDS}
+        self._cached: _Layout | None = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -97,118 +98,143 @@ class WeightEvolution:
         plan.seconds = time.perf_counter() - start
         return plan
 
+    def _layout(self, layers: Layers, device: torch.device) -> "_Layout":
+        # Index tensors that depend only on the model's structure are built once per model.
+        key = (layers.fingerprint(), str(device))
+        if self._cached is None or self._cached.key != key:
+            self._cached = _Layout(key, layers, device)
+        return self._cached
+
     def _plan(self, layers: Layers, device: torch.device, epoch: float,
               ratios: dict[str, float]) -> tuple[EvolutionPlan, dict[str, int]]:
         cfg = self.config
-        per_kind = layer_scores(layers)
-        # One flat vector of all scores, kinds in KINDS order, layers in module order.
-        sizes = [s.numel() for k in KINDS for s in per_kind[k]]
-        n_layers = {k: len(per_kind[k]) for k in KINDS}
-        kind_of_layer = [k for k in KINDS for _ in per_kind[k]]
-        starts = [0] * len(sizes)
-        for i in range(1, len(sizes)):
-            starts[i] = starts[i - 1] + sizes[i - 1]
-        total = sum(sizes)
-        kind_total = {k: sum(s.numel() for s in per_kind[k]) for k in KINDS}
-        kind_start = {"conv": 0, "gamma": kind_total["conv"], "beta": kind_total["conv"] + kind_total["gamma"]}
-
+        lay = self._layout(layers, device)
         counters = dict(self.patience)
-        empty = {k: 0 for k in KINDS}
-        if total == 0:
-            plan = EvolutionPlan([], torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
-                                 torch.zeros(0), n_conv_layers=len(layers.convs), n_bn_layers=len(layers.bns),
-                                 fingerprint=layers.fingerprint(), patience=counters, epoch=epoch, ratios=ratios,
-                                 thresholds={k: 0.0 for k in KINDS}, inferior=empty)
+        if lay.total == 0:
+            zero = torch.zeros(0, dtype=torch.int64)
+            plan = EvolutionPlan([], zero, zero, torch.zeros(0), n_conv_layers=len(layers.convs),
+                                 n_bn_layers=len(layers.bns), fingerprint=lay.key[0], patience=counters,
+                                 epoch=epoch, ratios=ratios, thresholds={k: 0.0 for k in KINDS},
+                                 inferior={k: 0 for k in KINDS})
             return plan, counters
 
-        scores = torch.cat([s for k in KINDS for s in per_kind[k]])
-        seg = torch.repeat_interleave(torch.arange(len(sizes), device=device),
-                                      torch.tensor(sizes, device=device), output_size=total)
-        thresholds = []
-        for k in KINDS:
-            part = scores[kind_start[k]:kind_start[k] + kind_total[k]]
-            thresholds.append(global_threshold(part, ratios[k]) if part.numel() else scores.new_zeros(()))
-        thr = torch.stack(thresholds)
-        thr_per_layer = thr[torch.tensor([KINDS.index(k) for k in kind_of_layer], device=device)]
-        m, k_local = layer_counts(scores, seg, len(sizes), thr_per_layer, cfg.lab)
-        order = forward_order(scores, seg)
+        # Sections 1-2: one flat score vector (kinds in KINDS order, layers in module order).
+        per_kind = flat_scores(layers, lay.divisor)
+        scores = torch.cat([per_kind[k] for k in KINDS])
+        thr = torch.stack([global_threshold(per_kind[k], ratios[k]) if per_kind[k].numel()
+                           else scores.new_zeros(()) for k in KINDS])
+        # Section 3, vectorised part: m and k of every layer; section 4: the layer-grouped order.
+        m, k_local = layer_counts(scores, lay.seg, lay.n, thr[lay.kind_index], cfg.lab)
+        order = forward_order(scores, lay.seg)
         # The one device-to-host transfer that selection truly needs.
         host = torch.cat([m.double(), k_local.double(), thr.double()]).cpu().tolist()
-        n = len(sizes)
-        m_host, k_host, thr_host = host[:n], host[n:2 * n], host[2 * n:]
+        m_host, k_host, thr_host = host[:lay.n], host[lay.n:2 * lay.n], host[2 * lay.n:]
 
+        # Section 3, sequential part: the patience scan, on the host.
         limit = len(layers.convs) / cfg.ln_c
         k_final: list[int] = []
-        at = 0
-        for kind in KINDS:
-            ks, counters[kind] = patience_scan([int(v) for v in m_host[at:at + n_layers[kind]]],
-                                               [int(v) for v in k_host[at:at + n_layers[kind]]],
+        for kind, (a, b) in lay.kind_layers.items():
+            ks, counters[kind] = patience_scan([int(v) for v in m_host[a:b]], [int(v) for v in k_host[a:b]],
                                                counters[kind], limit)
             k_final += ks
-            at += n_layers[kind]
+        pairs = pair_positions(lay.starts, lay.sizes, k_final)
+        counts = pairs.counts
+        n_pairs = len(pairs.donor_pos)
 
-        pairs = pair_positions(starts, sizes, k_final)
-        pos = torch.stack([pairs.donor_pos, pairs.receiver_pos, pairs.layer_start]).to(device)
-        donors = order[pos[0]] - pos[2]          # channel index inside its layer
-        receivers = order[pos[1]] - pos[2]
-
+        # Host bookkeeping: entries, and per conv layer where its rows sit.
         entries: list[PlanEntry] = []
-        conv_rows: list[torch.Tensor] = []
-        groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-        pair_at = value_at = 0
+        conv_layers: list[tuple[int, int, int]] = []      # (conv index, first pair, pairs)
         kind_pairs = {k: 0 for k in KINDS}
-        for li, count in enumerate(pairs.counts):
-            kind = kind_of_layer[li]
+        pair_at = value_at = 0
+        for li, count in enumerate(counts):
+            kind = lay.kind_of_layer[li]
             kind_pairs[kind] += count
             if count == 0:
                 continue
-            local = li - (0 if kind == "conv" else n_layers["conv"] + (n_layers["gamma"] if kind == "beta" else 0))
+            local = li - lay.kind_layers[kind][0]
             if kind == "conv":
-                w = layers.convs[local].weight.detach()
-                d, r = donors[pair_at:pair_at + count], receivers[pair_at:pair_at + count]
-                # Layers whose rows have the same shape and branch are crossed over together.
-                key = (w.shape[2] == 1, tuple(w.shape[1:]))
-                groups.setdefault(key, []).append((len(conv_rows), w.index_select(0, d), w.index_select(0, r)))
-                conv_rows.append(torch.empty(0))
-                name, shape = layers.conv_names[local], tuple(w.shape)
+                name, shape = layers.conv_names[local], tuple(layers.convs[local].weight.shape)
+                conv_layers.append((local, pair_at, count))
             else:
                 name, shape = layers.bn_names[local], tuple(layers.bns[local].weight.shape)
             entry = PlanEntry(kind, local, name, shape, pair_at, count, value_at)
             entries.append(entry)
             pair_at += count
             value_at += entry.n_values
+        # Per conv layer its donors then its receivers, so each layer needs one row gather.
+        both_order: list[int] = []
+        blend_lengths: list[int] = []
+        for local, first, count in conv_layers:
+            both_order += range(first, first + count)
+            both_order += range(n_pairs + first, n_pairs + first + count)
+            w = layers.convs[local].weight
+            if w.shape[2] == 1:
+                blend_lengths += [w[0].numel()] * count
+        host_idx = torch.cat([pairs.donor_pos, pairs.receiver_pos, pairs.layer_start,
+                              torch.tensor(both_order, dtype=torch.int64),
+                              torch.tensor(blend_lengths, dtype=torch.int64)])
+        idx = host_idx.to(device)
+        donor_pos, receiver_pos, layer_start = idx[:n_pairs], idx[n_pairs:2 * n_pairs], idx[2 * n_pairs:3 * n_pairs]
+        both_at = 3 * n_pairs + len(both_order)
+        both_idx, blend_len = idx[3 * n_pairs:both_at], idx[both_at:]
+        donors = order[donor_pos] - layer_start          # channel index inside its layer
+        receivers = order[receiver_pos] - layer_start
+        both_channels = torch.cat([donors, receivers])[both_idx]
 
-        for (whole_filter, _), members in groups.items():
-            wd = torch.cat([m[1] for m in members]) if len(members) > 1 else members[0][1]
-            wr = torch.cat([m[2] for m in members]) if len(members) > 1 else members[0][2]
-            if whole_filter:
-                new = blend_filters(wd, wr)
-            else:
-                new = crossover_elements(wd, wr, cfg.elements_per_channel)
-            for (slot, _, r_rows), part in zip(members, new.split([m[2].shape[0] for m in members])):
-                conv_rows[slot] = part.reshape(-1)
-        values: list[torch.Tensor] = conv_rows
-
-        # BN: every pair of a kind at once, on the concatenated gammas (betas).
-        first_pair = {"conv": 0, "gamma": kind_pairs["conv"], "beta": kind_pairs["conv"] + kind_pairs["gamma"]}
+        # Section 5, conv: rows of all layers of a branch (and kernel size) crossed over together.
+        conv_values = self._conv_values(layers, conv_layers, both_channels, blend_len)
+        # Section 5, BN: every pair of a kind at once, on the concatenated gammas (betas).
+        values = conv_values
+        pair_of_kind = {"conv": 0, "gamma": kind_pairs["conv"], "beta": kind_pairs["conv"] + kind_pairs["gamma"]}
         for kind, attr in (("gamma", "weight"), ("beta", "bias")):
             if kind_pairs[kind] == 0:
                 continue
-            x = torch.cat([getattr(b, attr).detach().float() for b in layers.bns])
-            sl = slice(first_pair[kind], first_pair[kind] + kind_pairs[kind])
-            # flat score positions -> positions in x
-            d_flat = order[pos[0, sl]] - kind_start[kind]
-            r_flat = order[pos[1, sl]] - kind_start[kind]
-            values.append(blend_bn(x[d_flat], x[r_flat]))
+            x = torch.cat([getattr(b, attr).detach() for b in layers.bns])
+            sl = slice(pair_of_kind[kind], pair_of_kind[kind] + kind_pairs[kind])
+            at = lay.kind_start[kind]
+            values.append(blend_bn(x[order[donor_pos[sl]] - at], x[order[receiver_pos[sl]] - at]))
 
         plan = EvolutionPlan(
             entries, receivers, donors,
             torch.cat(values) if values else torch.zeros(0, device=device),
-            n_conv_layers=len(layers.convs), n_bn_layers=len(layers.bns), fingerprint=layers.fingerprint(),
+            n_conv_layers=len(layers.convs), n_bn_layers=len(layers.bns), fingerprint=lay.key[0],
             patience=counters, epoch=epoch, ratios=ratios,
-            thresholds={k: (thr_host[i] if kind_total[k] else 0.0) for i, k in enumerate(KINDS)},
-            inferior={k: int(sum(m_host[i] for i in range(n) if kind_of_layer[i] == k)) for k in KINDS})
+            thresholds={k: (thr_host[i] if per_kind[k].numel() else 0.0) for i, k in enumerate(KINDS)},
+            inferior={k: int(sum(m_host[a:b])) for k, (a, b) in lay.kind_layers.items()})
         return plan, counters
+
+    def _conv_values(self, layers: Layers, conv_layers: list[tuple[int, int, int]], both_channels: torch.Tensor,
+                     blend_len: torch.Tensor) -> list[torch.Tensor]:
+        """New rows of every conv entry (flattened, entry order)."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(conv_layers)
+        blend: list[tuple[int, torch.Tensor, int]] = []
+        slices: dict[int, list[tuple[int, torch.Tensor, int]]] = {}
+        at = 0
+        for slot, (local, _, count) in enumerate(conv_layers):
+            w = layers.convs[local].weight.detach()
+            rows = w.index_select(0, both_channels[at:at + 2 * count])     # donors, then receivers
+            at += 2 * count
+            if w.shape[2] == 1:
+                blend.append((slot, rows, count))
+            else:
+                slices.setdefault(w.shape[2] * w.shape[3], []).append((slot, rows, count))
+        if blend:
+            d = torch.cat([rows[:count].reshape(-1) for _, rows, count in blend])
+            r = torch.cat([rows[count:].reshape(-1) for _, rows, count in blend])
+            n_rows = blend_len.numel()
+            row_of = torch.repeat_interleave(torch.arange(n_rows, device=d.device), blend_len,
+                                             output_size=d.numel())
+            new = blend_rows(d, r, row_of, n_rows)
+            for (slot, rows, count), part in zip(blend, new.split([rows[count:].numel() for _, rows, count in blend])):
+                out[slot] = part
+        for size, members in slices.items():
+            d = torch.cat([rows[:count].reshape(-1, size) for _, rows, count in members])
+            r = torch.cat([rows[count:].reshape(-1, size) for _, rows, count in members])
+            new = cross_slices(d, r, self.config.elements_per_channel).reshape(-1)
+            sizes = [rows[count:].numel() for _, rows, count in members]
+            for (slot, _, _), part in zip(members, new.split(sizes)):
+                out[slot] = part
+        return out
 
     # ------------------------------------------------------------------ write
     def apply(self, model: nn.Module, plan: EvolutionPlan) -> None:
@@ -224,3 +250,26 @@ class WeightEvolution:
         self.apply(model, plan)
         plan.extra_stats["we/apply_seconds"] = time.perf_counter() - start
         return plan
+
+
+class _Layout:
+    """Where each layer's scores sit in the flat score vector; depends only on the model's structure."""
+
+    def __init__(self, key: tuple, layers: Layers, device: torch.device) -> None:
+        self.key = key
+        self.sizes = [c.weight.shape[0] for c in layers.convs] + [b.weight.shape[0] for b in layers.bns] * 2
+        self.n = len(self.sizes)
+        self.kind_of_layer = ["conv"] * len(layers.convs) + ["gamma"] * len(layers.bns) + ["beta"] * len(layers.bns)
+        nc, nb = len(layers.convs), len(layers.bns)
+        self.kind_layers = {"conv": (0, nc), "gamma": (nc, nc + nb), "beta": (nc + nb, nc + 2 * nb)}
+        self.starts = [0] * self.n
+        for i in range(1, self.n):
+            self.starts[i] = self.starts[i - 1] + self.sizes[i - 1]
+        self.total = sum(self.sizes)
+        n_conv = sum(self.sizes[:nc])
+        n_bn = sum(self.sizes[nc:nc + nb])
+        self.kind_start = {"conv": 0, "gamma": n_conv, "beta": n_conv + n_bn}
+        sizes = torch.tensor(self.sizes, dtype=torch.int64)
+        self.seg = torch.repeat_interleave(torch.arange(self.n), sizes, output_size=self.total).to(device)
+        self.kind_index = torch.tensor([KINDS.index(k) for k in self.kind_of_layer], dtype=torch.int64).to(device)
+        self.divisor = conv_divisor(layers, device)

@@ -274,6 +274,38 @@ class EvolutionPlan:
         receivers = self.receivers.to(device)
         values = self.values.to(device)
         with torch.no_grad():
+            bn_kinds: dict[str, list[tuple[PlanEntry, torch.Tensor]]] = {}
             for e, tensor in zip(self.entries, targets):
-                rows = values[e.value_start:e.value_start + e.n_values].view(e.n_pairs, *e.row_shape)
-                tensor.index_copy_(0, receivers[e.pair_start:e.pair_start + e.n_pairs], rows.to(tensor.dtype))
+                if e.kind == "conv":
+                    rows = values[e.value_start:e.value_start + e.n_values].view(e.n_pairs, *e.row_shape)
+                    tensor.index_copy_(0, receivers[e.pair_start:e.pair_start + e.n_pairs], rows.to(tensor.dtype))
+                else:
+                    bn_kinds.setdefault(e.kind, []).append((e, tensor))
+            for members in bn_kinds.values():
+                _write_vectors(members, receivers, values)
+
+
+def _write_vectors(members: list[tuple[PlanEntry, torch.Tensor]], receivers: torch.Tensor,
+                   values: torch.Tensor) -> None:
+    """Write the BN entries of one kind with a constant number of kernels, not a few per layer.
+
+    The touched vectors are concatenated, the receivers replaced, and every vector
+    copied back in one ``_foreach_copy_`` (the untouched entries get their own values back).
+    """
+    tensors = [t for _, t in members]
+    if len({(t.dtype, t.device) for t in tensors}) > 1:       # mixed dtypes: one write per layer
+        for e, t in members:
+            t.index_copy_(0, receivers[e.pair_start:e.pair_start + e.n_pairs],
+                          values[e.value_start:e.value_start + e.n_pairs].to(t.dtype))
+        return
+    pair_pos, value_pos, offsets, at = [], [], [], 0
+    for e, t in members:
+        pair_pos.append(torch.arange(e.pair_start, e.pair_start + e.n_pairs))
+        value_pos.append(torch.arange(e.value_start, e.value_start + e.n_pairs))
+        offsets.append(torch.full((e.n_pairs,), at, dtype=torch.int64))
+        at += t.numel()
+    pos = torch.cat([torch.cat(pair_pos), torch.cat(value_pos), torch.cat(offsets)]).to(receivers.device)
+    n = pos.numel() // 3
+    flat = torch.cat([t.detach() for t in tensors])
+    flat.index_copy_(0, receivers[pos[:n]] + pos[2 * n:], values[pos[n:2 * n]].to(flat.dtype))
+    torch._foreach_copy_(tensors, list(flat.split([t.numel() for t in tensors])))

@@ -100,19 +100,37 @@ def bn_scores(values: torch.Tensor) -> torch.Tensor:
     return values.detach().double().abs()
 
 
-def layer_scores(layers: Layers) -> dict[str, list[torch.Tensor]]:
-    """Per kind, one 1-D float64 score tensor per layer (module order)."""
-    return {
-        "conv": [conv_filter_scores(c.weight) for c in layers.convs],
-        "gamma": [bn_scores(b.weight) for b in layers.bns],
-        "beta": [bn_scores(b.bias) for b in layers.bns],
-    }
+def conv_divisor(layers: Layers, device: torch.device) -> torch.Tensor:
+    """``in_per_group`` of every conv filter of the model, in score order (float64)."""
+    div = [float(c.weight.shape[1]) for c in layers.convs]
+    counts = [c.weight.shape[0] for c in layers.convs]
+    return torch.tensor(div, dtype=torch.float64).repeat_interleave(torch.tensor(counts, dtype=torch.int64)).to(device)
+
+
+def flat_scores(layers: Layers, divisor: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per kind, the scores of every layer concatenated in module order (float64, 1-D).
+
+    One fused reduction per conv layer; the division and the BN ``|.|`` are done
+    once over the concatenation. ``divisor`` is :func:`conv_divisor` (pass it to
+    avoid rebuilding it).
+    """
+    device = layers.device()
+    empty = torch.zeros(0, dtype=torch.float64, device=device)
+    if layers.convs:
+        l1 = torch.cat([torch.linalg.vector_norm(c.weight.detach().float(), ord=1, dim=(1, 2, 3))
+                        for c in layers.convs])
+        conv = l1.double() / (conv_divisor(layers, device) if divisor is None else divisor)
+    else:
+        conv = empty
+    if layers.bns:
+        gamma = torch.cat([b.weight.detach() for b in layers.bns]).double().abs()
+        beta = torch.cat([b.bias.detach() for b in layers.bns]).double().abs()
+    else:
+        gamma = beta = empty
+    return {"conv": conv, "gamma": gamma, "beta": beta}
 
 
 def collect_scores(model: nn.Module) -> dict[str, torch.Tensor]:
     """Per kind (``conv``, ``gamma``, ``beta``), all scores of the model concatenated, 1-D float64."""
-    layers = find_layers(model)
-    device = layers.device()
     with torch.no_grad():
-        return {kind: torch.cat(parts) if parts else torch.zeros(0, device=device)
-                for kind, parts in layer_scores(layers).items()}
+        return flat_scores(find_layers(model))
