@@ -31,7 +31,7 @@ from we_dist.evolution.config import WEConfig
 from we_dist.evolution.crossover import blend_bn, blend_rows, cross_slices
 from we_dist.evolution.plan import EvolutionPlan, PlanEntry
 from we_dist.evolution.schedule import KINDS, check_epoch, ratio_at
-from we_dist.evolution.scores import Layers, conv_divisor, find_layers, flat_scores
+from we_dist.evolution.scores import Layers, conv_divisor, find_layers, flat_magnitudes
 from we_dist.evolution.selection import (forward_order, global_threshold, layer_counts, pair_positions,
                                          patience_scan)
 
@@ -119,13 +119,14 @@ class WeightEvolution:
             return plan, counters
 
         # Sections 1-2: one flat score vector (kinds in KINDS order, layers in module order).
-        per_kind = flat_scores(layers, lay.divisor)
-        scores = torch.cat([per_kind[k] for k in KINDS])
+        magnitude = torch.cat(list(flat_magnitudes(layers).values()))      # float32, orders each layer
+        scores = magnitude.double() / lay.divisor
+        per_kind = {k: scores[lay.kind_start[k]:lay.kind_start[k] + lay.kind_total[k]] for k in KINDS}
         thr = torch.stack([global_threshold(per_kind[k], ratios[k]) if per_kind[k].numel()
                            else scores.new_zeros(()) for k in KINDS])
         # Section 3, vectorised part: m and k of every layer; section 4: the layer-grouped order.
         m, k_local = layer_counts(scores, lay.seg, lay.n, thr[lay.kind_index], cfg.lab)
-        order = forward_order(scores, lay.seg)
+        order = forward_order(magnitude, lay.seg)
         # The one device-to-host transfer that selection truly needs.
         host = torch.cat([m.double(), k_local.double(), thr.double()]).cpu().tolist()
         m_host, k_host, thr_host = host[:lay.n], host[lay.n:2 * lay.n], host[2 * lay.n:]
@@ -272,4 +273,7 @@ class _Layout:
         sizes = torch.tensor(self.sizes, dtype=torch.int64)
         self.seg = torch.repeat_interleave(torch.arange(self.n), sizes, output_size=self.total).to(device)
         self.kind_index = torch.tensor([KINDS.index(k) for k in self.kind_of_layer], dtype=torch.int64).to(device)
-        self.divisor = conv_divisor(layers, device)
+        self.kind_total = {"conv": n_conv, "gamma": n_bn, "beta": n_bn}
+        # conv scores divide by in_per_group; BN scores are the magnitudes themselves
+        self.divisor = torch.cat([conv_divisor(layers, device),
+                                  torch.ones(2 * n_bn, dtype=torch.float64, device=device)])

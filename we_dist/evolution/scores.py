@@ -107,27 +107,33 @@ def conv_divisor(layers: Layers, device: torch.device) -> torch.Tensor:
     return torch.tensor(div, dtype=torch.float64).repeat_interleave(torch.tensor(counts, dtype=torch.int64)).to(device)
 
 
+def flat_magnitudes(layers: Layers) -> dict[str, torch.Tensor]:
+    """Per kind, float32 values whose order inside each layer is the order of the scores.
+
+    Conv: the L1 sum of each filter (one fused reduction per layer); BN: ``|x|``.
+    All filters of a layer share one divisor, so ordering by these is ordering by score.
+    """
+    device = layers.device()
+    empty = torch.zeros(0, dtype=torch.float32, device=device)
+    out = {"conv": empty, "gamma": empty, "beta": empty}
+    if layers.convs:
+        out["conv"] = torch.cat([torch.linalg.vector_norm(c.weight.detach().float(), ord=1, dim=(1, 2, 3))
+                                 for c in layers.convs])
+    if layers.bns:
+        out["gamma"] = torch.cat([b.weight.detach() for b in layers.bns]).float().abs()
+        out["beta"] = torch.cat([b.bias.detach() for b in layers.bns]).float().abs()
+    return out
+
+
 def flat_scores(layers: Layers, divisor: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per kind, the scores of every layer concatenated in module order (float64, 1-D).
 
-    One fused reduction per conv layer; the division and the BN ``|.|`` are done
-    once over the concatenation. ``divisor`` is :func:`conv_divisor` (pass it to
-    avoid rebuilding it).
+    ``divisor`` is :func:`conv_divisor` (pass it to avoid rebuilding it).
     """
+    mags = flat_magnitudes(layers)
     device = layers.device()
-    empty = torch.zeros(0, dtype=torch.float64, device=device)
-    if layers.convs:
-        l1 = torch.cat([torch.linalg.vector_norm(c.weight.detach().float(), ord=1, dim=(1, 2, 3))
-                        for c in layers.convs])
-        conv = l1.double() / (conv_divisor(layers, device) if divisor is None else divisor)
-    else:
-        conv = empty
-    if layers.bns:
-        gamma = torch.cat([b.weight.detach() for b in layers.bns]).double().abs()
-        beta = torch.cat([b.bias.detach() for b in layers.bns]).double().abs()
-    else:
-        gamma = beta = empty
-    return {"conv": conv, "gamma": gamma, "beta": beta}
+    div = conv_divisor(layers, device) if divisor is None else divisor
+    return {"conv": mags["conv"].double() / div, "gamma": mags["gamma"].double(), "beta": mags["beta"].double()}
 
 
 def collect_scores(model: nn.Module) -> dict[str, torch.Tensor]:

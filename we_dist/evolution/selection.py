@@ -78,7 +78,15 @@ def forward_order(scores: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
 
     Ties keep index order (the lower channel index counts as stronger), so the order
     is the same on every device and run. Requires ``seg`` to be sorted ascending.
+    For non-negative float32 scores (the magnitudes WE orders by) this is one sort
+    of an int64 key: the layer in the high 32 bits, the score's bit pattern (which
+    orders like the value for non-negative floats) reversed in the low bits.
     """
+    if scores.dtype == torch.float32:
+        # float32 scores must be >= 0 (|x| or L1 sums): their bits then order like their values.
+        bits = scores.contiguous().view(torch.int32).to(torch.int64)
+        key = (seg.to(torch.int64) << 32) + (0x7FFFFFFF - bits)
+        return torch.sort(key, stable=True).indices
     by_score = torch.sort(scores, descending=True, stable=True).indices
     by_layer = torch.sort(seg[by_score], stable=True).indices
     return by_score[by_layer]
