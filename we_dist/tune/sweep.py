@@ -185,8 +185,10 @@ def _scheduler(spec: SweepSpec) -> Any:
 
     from we_dist.tune.trial import EPOCHS_DONE
 
+    # stop_last_trials=False: a trial that reaches max_t ends by itself (fit() returns and the
+    # trial closes its MLflow run); Tune stopping it there would kill it mid-shutdown.
     return ASHAScheduler(time_attr=EPOCHS_DONE, max_t=spec.scheduler.max_t, grace_period=spec.scheduler.grace_period,
-                         reduction_factor=spec.scheduler.reduction_factor)
+                         reduction_factor=spec.scheduler.reduction_factor, stop_last_trials=False)
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -263,13 +265,17 @@ def _close_children(tracking_uri: str, parent_run_id: str, rows: list, max_epoch
         status = row.status(max_epochs)
         if status == "stopped early":
             client.set_tag(run.info.run_id, EARLY_STOP_TAG, f"after {row.epochs_done} of {max_epochs} epochs")
-        if run.info.status != "RUNNING":
-            continue
         if status in ("finished", "stopped early"):
-            client.set_terminated(run.info.run_id, "FINISHED")
-        elif status == "error":
+            # Tune's TERMINATED is authoritative: a trial stopped by ASHA is killed, and may
+            # have had time to mark its run FAILED (or none to close it at all).
+            if run.info.status != "FINISHED":
+                client.set_terminated(run.info.run_id, "FINISHED")
+            continue
+        if status == "error" and run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, "FAILED")
-        elif interrupted:
+        elif interrupted and status != "error" and run.info.status in ("RUNNING", "FAILED"):
+            # Stopped by the interruption (the trial may have marked itself FAILED as it was
+            # killed); --resume reopens it.
             client.set_terminated(run.info.run_id, "KILLED")
 
 
@@ -343,9 +349,19 @@ def load_trials(sweep_dir: str) -> list:
     terminated in memory), so the saved state is what tells an interrupted trial from a
     finished one.
     """
+    import logging
+
     from ray.tune import ExperimentAnalysis
 
-    return list(ExperimentAnalysis(sweep_dir).trials)
+    # Statuses and last results come from the state file; ExperimentAnalysis also tries to
+    # read every trial's full history and warns about trials that have none yet.
+    log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return list(ExperimentAnalysis(sweep_dir).trials)
+    finally:
+        log.setLevel(level)
 
 
 def _finish(spec: SweepSpec, ctx: dict[str, Any]) -> SweepOutcome:
