@@ -65,6 +65,16 @@ def test_the_cluster_has_two_nodes_and_wants_a_token(local_cluster):
     assert all(local_cluster.alive().values())
 
 
+def test_a_driver_outside_the_cluster_connects_with_env(local_cluster):
+    """The fixture's contract for drivers run as subprocesses: env(for_jobs=False)."""
+    env = _env(local_cluster)
+    env.update(local_cluster.env(for_jobs=False))
+    code = "import ray; ray.init(); print('alive nodes', sum(n['Alive'] for n in ray.nodes()))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "alive nodes 2" in done.stdout
+
+
 def test_submit_follow_logs_status_list(use_cluster, project):
     env = _env(use_cluster)
     done = _we_dist(["submit", "recipes/tiny.yaml", "optim.lr=0.05", "--command", "config", "--follow"], env, project)

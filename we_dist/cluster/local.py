@@ -388,9 +388,8 @@ def start_local_cluster(
         f"--num-cpus={num_cpus}",
         "--num-gpus=0",
         f"--object-store-memory={object_store_memory}",
-        # Explicit free ports instead of Ray's defaults, which a second node on the same
-        # machine (or someone else's `ray.init()`) would collide with.
-        f"--dashboard-agent-listen-port={_free_port()}",
+        # Random worker ports instead of Ray's default range, which a second node on the
+        # same machine (or someone else's `ray.init()`) would share.
         "--min-worker-port=0",
         "--max-worker-port=0",
         "--disable-usage-stats",
@@ -400,10 +399,13 @@ def start_local_cluster(
     try:
         head_args = [ray, "start", "--head", f"--port={gcs_port}", f"--dashboard-host={HOST}",
                      f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-                     f"--ray-client-server-port={_free_port()}", f"--temp-dir={ray_temp}", *common]
+                     f"--ray-client-server-port={_free_port()}", f"--temp-dir={ray_temp}", *common,
+                     # Explicit free ports, per node, instead of Ray's fixed defaults (52365, 10001).
+                     f"--dashboard-agent-listen-port={_free_port()}"]
         _start_node(cluster, "head", head_args, env, state, 1, deadline)
-        _start_node(cluster, "worker", [ray, "start", f"--address={cluster.gcs_address}", f"--temp-dir={worker_temp}", *common],
-                    env, state, 2, deadline)
+        worker_args = [ray, "start", f"--address={cluster.gcs_address}", f"--temp-dir={worker_temp}", *common,
+                       f"--dashboard-agent-listen-port={_free_port()}"]
+        _start_node(cluster, "worker", worker_args, env, state, 2, deadline)
     except BaseException:
         stop_local_cluster(state)
         raise
