@@ -6,7 +6,7 @@ Subcommands (each area of the package owns its arguments and its `run`):
     we-dist train RECIPE [key=value]    train on Ray Train (we_dist.train.driver)
     we-dist tune SWEEP [key=value]      sweep with Ray Tune (we_dist.tune.sweep)
     we-dist submit RECIPE [key=value]   submit a Ray Job to a cluster (we_dist.cluster.submit)
-    we-dist jobs list|logs|stop|status  follow submitted jobs (we_dist.cluster.submit)
+    we-dist jobs list|logs|stop|status  follow submitted jobs (we_dist.cluster.jobs)
     we-dist cluster up|down|status      a two-node Ray cluster on this machine (we_dist.cluster.local)
     we-dist config RECIPE [key=value]   print the resolved config, validated
 
