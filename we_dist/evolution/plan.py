@@ -298,14 +298,15 @@ def _write_vectors(members: list[tuple[PlanEntry, torch.Tensor]], receivers: tor
             t.index_copy_(0, receivers[e.pair_start:e.pair_start + e.n_pairs],
                           values[e.value_start:e.value_start + e.n_pairs].to(t.dtype))
         return
-    pair_pos, value_pos, offsets, at = [], [], [], 0
-    for e, t in members:
-        pair_pos.append(torch.arange(e.pair_start, e.pair_start + e.n_pairs))
-        value_pos.append(torch.arange(e.value_start, e.value_start + e.n_pairs))
-        offsets.append(torch.full((e.n_pairs,), at, dtype=torch.int64))
-        at += t.numel()
-    pos = torch.cat([torch.cat(pair_pos), torch.cat(value_pos), torch.cat(offsets)]).to(receivers.device)
-    n = pos.numel() // 3
+    counts = torch.tensor([e.n_pairs for e, _ in members])
+    total = int(counts.sum())
+    entry_of = torch.repeat_interleave(torch.arange(len(members)), counts, output_size=total)
+    step = torch.arange(total) - (torch.cumsum(counts, 0) - counts)[entry_of]
+    sizes = torch.tensor([t.numel() for t in tensors])
+    firsts = torch.tensor([[e.pair_start, e.value_start] for e, _ in members]).view(-1, 2)
+    pos = torch.cat([firsts[entry_of, 0] + step, firsts[entry_of, 1] + step,
+                     (torch.cumsum(sizes, 0) - sizes)[entry_of]]).to(receivers.device)
+    n = total
     flat = torch.cat([t.detach() for t in tensors])
     flat.index_copy_(0, receivers[pos[:n]] + pos[2 * n:], values[pos[n:2 * n]].to(flat.dtype))
     torch._foreach_copy_(tensors, list(flat.split([t.numel() for t in tensors])))
