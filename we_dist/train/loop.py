@@ -163,6 +163,12 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
             if rank == 0:
                 print(f"[we_dist] resumed from {resume_dir}: continuing at epoch {start_epoch + 1}", flush=True)
 
+    if world > 1:
+        nodes: list[Any] = [None] * world
+        dist.all_gather_object(nodes, session.node)
+        if rank == 0:
+            print(f"[we_dist] {world} workers on {len(set(nodes))} node(s): "
+                  + ", ".join(f"rank {r} on {n}" for r, n in enumerate(nodes)), flush=True)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None) if world > 1 else model
     distributed = world > 1
     train_loader = make_train_loader(cfg.data, distributed=distributed, seed=cfg.seed, device=device,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 from typing import Any, Iterator
 
@@ -20,6 +21,7 @@ class RaySession:
     """A Ray Train worker: Ray has already created the process group."""
 
     def __init__(self) -> None:
+        import ray
         import ray.train
         import ray.train.torch
 
@@ -28,6 +30,8 @@ class RaySession:
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        runtime = ray.get_runtime_context()
+        self.node = f"{runtime.get_node_id()[:8]}"
 
     @contextlib.contextmanager
     def resume_dir(self) -> Iterator[str | None]:
@@ -69,6 +73,7 @@ class TorchrunSession:
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if use_gpu else "gloo")
         self.checkpoint_root = checkpoint_root
+        self.node = socket.gethostname()
 
     @contextlib.contextmanager
     def resume_dir(self) -> Iterator[str | None]:
