@@ -15,6 +15,9 @@ from ffcv.writer import DatasetWriter
 from we_dist.config import DataConfig
 from we_dist.data import DatasetError, check_beton, make_train_loader, make_val_loader
 
+# numba reports a harmless KeyError from a finalizer of FFCV's recompiled closures.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 class _Items:
     """A tiny indexable dataset for FFCV's writer."""

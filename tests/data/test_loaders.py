@@ -150,3 +150,12 @@ def test_loader_errors(digits_betons, tmp_path):
     with pytest.raises(RuntimeError, match="after init_process_group"):
         make_val_loader(_cfg(digits_betons), distributed=True, device=CPU)
     assert check_beton(digits_betons[0]).num_samples == 1437
+
+
+def test_process_cache_reads_the_same_samples(digits_betons):
+    """os_cache=False: FFCV's own page cache instead of the OS's; same data, same order."""
+    cfg = _cfg(digits_betons, os_cache=False)
+    val = make_val_loader(cfg, distributed=False, device=CPU)
+    labels = torch.cat([y for _, y in val])
+    assert labels.tolist() == torch.cat([y for _, y in make_val_loader(
+        _cfg(digits_betons), distributed=False, device=CPU)]).tolist()
