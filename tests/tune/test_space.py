@@ -141,3 +141,18 @@ def test_readme_mentions_every_shipped_sweep():
     for path in (REPO / "tunes").glob("*.yaml"):
         assert path.name in readme, path.name
     assert "Population-based training: not supported" in readme
+
+
+def test_trials_get_absolute_data_paths(tmp_path, monkeypatch):
+    # Tune runs each trial in its own directory: relative recipe paths are resolved by the
+    # sweep driver, against the directory the command runs in.
+    from we_dist.tune.sweep import spec_from_context, sweep_context
+
+    monkeypatch.chdir(tmp_path)
+    spec = load_sweep(write(tmp_path, with_changes(overrides={**GOOD["overrides"],
+                                                              "data.train_path": "data/d/train.beton"})))
+    ctx = sweep_context(spec, "parent123", "sqlite:////x/mlflow.db")
+    assert ctx["base_config"]["data"]["train_path"] == str(tmp_path / "data/d/train.beton")
+    again = spec_from_context(ctx)
+    assert again.keys == spec.keys and again.scheduler == spec.scheduler
+    assert again.base_config.data.train_path == str(tmp_path / "data/d/train.beton")

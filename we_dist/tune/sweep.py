@@ -73,12 +73,21 @@ class SweepOutcome:
 
 
 def sweep_context(spec: SweepSpec, parent_run_id: str | None, tracking_uri: str | None) -> dict[str, Any]:
-    """What every trial (and a later ``--resume``) needs; plain JSON."""
+    """What every trial (and a later ``--resume``) needs; plain JSON.
+
+    Data paths are made absolute here, against the directory ``we-dist tune`` runs in:
+    Tune runs each trial in its own directory.
+    """
+    import dataclasses
+
+    from we_dist.train.driver import resolve_paths
+
+    base = dataclasses.replace(spec.base_config, data=resolve_paths(spec.base_config).data)
     return {
         "sweep_name": spec.name,
         "spec": spec.to_dict(),
         "source": spec.source,
-        "base_config": spec.base_config.to_dict(),
+        "base_config": base.to_dict(),
         "parent_run_id": parent_run_id or "",
         "tracking_uri": tracking_uri,
         "train_storage": f"{spec.sweep_dir}/train",
