@@ -37,7 +37,7 @@ from we_dist.evolution.selection import (forward_order, global_threshold, layer_
 
 
 def _no_autocast(device: torch.device) -> Any:
-    # WE's arithmetic must be float32 even when called inside a bf16 autocast region.
+    # WE's arithmetic is float32/float64 as written, also when called inside a bf16 autocast region.
     try:
         return torch.autocast(device_type=device.type, enabled=False)
     except RuntimeError:
@@ -119,7 +119,8 @@ class WeightEvolution:
             return plan, counters
 
         # Sections 1-2: one flat score vector (kinds in KINDS order, layers in module order).
-        magnitude = torch.cat(list(flat_magnitudes(layers).values()))      # float32, orders each layer
+        mags = flat_magnitudes(layers)
+        magnitude = torch.cat([mags[k] for k in KINDS])      # float32; orders each layer like its scores
         scores = magnitude.double() / lay.divisor
         per_kind = {k: scores[lay.kind_start[k]:lay.kind_start[k] + lay.kind_total[k]] for k in KINDS}
         thr = torch.stack([global_threshold(per_kind[k], ratios[k]) if per_kind[k].numel()
