@@ -49,10 +49,10 @@ def _rank(rank: int, port: int, train_path: str, val_path: str, out_dir: str) ->
 
 
 def _write_ids(path: Path, n: int) -> None:
-    from we_dist.data.convert import _ArraySource, write_beton
+    from we_dist.data.convert import ArraySource, write_beton
 
     images = np.zeros((n, 8, 8, 3), np.uint8)
-    write_beton(_ArraySource(images, np.arange(n)), path, max_resolution=8,
+    write_beton(ArraySource(images, np.arange(n)), path, max_resolution=8,
                 compress_probability=0.0, workers=1)
 
 

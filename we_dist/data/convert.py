@@ -29,7 +29,7 @@ import multiprocessing
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -37,9 +37,6 @@ from we_dist.data.beton import SCHEMA, DatasetError, DatasetInfo, check_beton
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 _MIN_PAGE_SIZE = 2 << 20  # FFCV's smallest page size
-
-# Pixel source for the writer: index -> (H x W x 3 uint8 RGB array, label).
-Source = Callable[[int], "tuple[np.ndarray, int]"]
 
 
 # --- reading sources ---------------------------------------------------------------------
@@ -117,8 +114,11 @@ class _FolderSource:
         return self.samples[i][0]
 
 
-class _ArraySource:
-    """Indexable (image, label) view of in-memory arrays."""
+class ArraySource:
+    """In-memory images (N x H x W x 3 uint8) and labels as a source for :func:`write_beton`.
+
+    >>> write_beton(ArraySource(images, labels), "out/train.beton", compress_probability=0.0)
+    """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray):
         self.images, self.labels = images, labels
@@ -193,6 +193,7 @@ def write_beton(source, out_path: str | os.PathLike[str], *, max_resolution: int
                 workers: int = 0, chunksize: int = 100) -> DatasetInfo:
     """Write ``source`` (``len()`` and ``source(i) -> (HxWx3 uint8, label)``) as a `.beton`.
 
+    A source may also have ``describe(i) -> str`` (a file name) for error messages.
     Images whose longer side exceeds ``max_resolution`` are shrunk to it (area
     interpolation); each image is stored as JPEG (``jpeg_quality``) with probability
     ``compress_probability``, else as raw pixels, which decode faster but take more space.
@@ -226,7 +227,8 @@ def write_beton(source, out_path: str | os.PathLike[str], *, max_resolution: int
         if dataset.failures.value:
             first = dataset.first_failure.value
             detail = _failure_detail(source, first)
-            raise DatasetError(f"{source.describe(first)}: cannot read image ({detail}); "
+            where = source.describe(first) if hasattr(source, "describe") else f"sample {first}"
+            raise DatasetError(f"{where}: cannot read image ({detail}); "
                                f"{dataset.failures.value} of {n} images unreadable, "
                                f"{out} not written")
         info = check_beton(tmp)
@@ -307,8 +309,8 @@ def write_digits(out_dir: str | os.PathLike[str], *, size: int = 32, val_fractio
     xt, yt, xv, yv = digits_arrays(size, val_fraction, seed)
     out = Path(out_dir)
     options = dict(max_resolution=size, compress_probability=0.0, workers=workers)
-    write_beton(_ArraySource(xt, yt), out / "train.beton", **options)
-    write_beton(_ArraySource(xv, yv), out / "val.beton", **options)
+    write_beton(ArraySource(xt, yt), out / "train.beton", **options)
+    write_beton(ArraySource(xv, yv), out / "val.beton", **options)
     return out / "train.beton", out / "val.beton"
 
 
