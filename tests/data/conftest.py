@@ -1,4 +1,4 @@
-"""Fixtures for the data tests: real .beton files written once per session, tiny images."""
+"""Fixtures for the data tests: tiny JPEG trees (the digits .beton files come from tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import cv2
 import numpy as np
 import pytest
 
-from we_dist.data.convert import write_digits
 
 # Solid colours, one per class: pixel content identifies the label after a round trip.
 CLASS_COLOURS = np.array([[220, 30, 30], [30, 200, 40], [20, 40, 230]], dtype=np.uint8)
@@ -26,12 +25,6 @@ def write_colour_tree(root: Path, per_class: int = 4, size: tuple[int, int] = (4
             assert ok
             (folder / f"img{i}.jpg").write_bytes(data.tobytes())
     return root
-
-
-@pytest.fixture(scope="session")
-def digits_betons(tmp_path_factory) -> tuple[Path, Path]:
-    """scikit-learn digits as real train/val .beton files (32 px RGB, raw pixels)."""
-    return write_digits(tmp_path_factory.mktemp("digits"), workers=1)
 
 
 @pytest.fixture()
