@@ -112,7 +112,10 @@ def main() -> None:
     ap.add_argument("--oracle-runs", type=int, default=3, help="timed runs of the loop version (median); 0: skip")
     ap.add_argument("--weak-fraction", type=float, default=0.1)
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     oracle = load_oracle()
