@@ -9,10 +9,10 @@ a BN layer. Linear layers and everything else are ignored.
 * BN channel ``c``: ``|gamma[c]|`` and, separately, ``|beta[c]|``
 
 Conv sums are taken in float32 (one pass over the weights; an exact float64 sum
-costs about three times as much on CPU), then scores are float64 so that the
-threshold and local comparisons are exact for the given sums. Two filters whose
-sums differ by less than float32 resolution may therefore be ordered differently
-than an exact computation would order them; nothing else depends on precision.
+costs several times as much on CPU), then scores are float64 so that the
+threshold and local comparisons are exact for the given sums. Decisions that
+hinge on sums differing by less than float32 rounding error (the order of two
+filters, or a filter against the threshold) may differ from an exact computation.
 
 Example::
 
