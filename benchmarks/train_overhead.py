@@ -32,8 +32,12 @@ def overrides(data: Path, storage: Path, epochs: int, name: str) -> list[str]:
 
 
 def epoch_rates(output: str) -> list[float]:
-    """Training images/s per epoch, from the loop's '[we_dist] epoch i/n: ...' lines."""
-    return [float(m) for m in re.findall(r"\[we_dist\] epoch \d+/\d+: .*? (\d+) img/s", output)]
+    """Training images/s per epoch, from the loop's '[we_dist] epoch i/n: ...' lines
+    (Ray may echo a worker's line more than once: the first per epoch counts)."""
+    rates: dict[int, float] = {}
+    for epoch, rate in re.findall(r"\[we_dist\] epoch (\d+)/\d+: .*? (\d+) img/s", output):
+        rates.setdefault(int(epoch), float(rate))
+    return [rates[e] for e in sorted(rates)]
 
 
 def run(cmd: list[str], env: dict) -> tuple[list[float], float]:

@@ -449,7 +449,7 @@ def _describe(c: LocalCluster) -> str:
         f"  dashboard / Jobs API: {c.dashboard_url}",
         f"  GCS (ray.init):       {c.gcs_address}",
         f"  token:                {c.token_path or 'none (authentication disabled)'}",
-        f"  pids:                 " + ", ".join(f"{n.role} {n.pid}" for n in reversed(c.nodes)),
+        "  pids:                 " + ", ".join(f"{n.role} {n.pid}" for n in reversed(c.nodes)),
         f"  logs:                 {c.state_dir}/{{head,worker}}.log, Ray's in {c.ray_temp_dir}{{,w}}",
     ]
     return "\n".join(lines)

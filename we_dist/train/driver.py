@@ -19,7 +19,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from we_dist.config import Config, ConfigError, load_config
 
@@ -114,15 +114,37 @@ def preflight(cfg: Config) -> tuple[str | None, bool]:
     return uri, bool(done)
 
 
-def connect_ray(address: str | None) -> None:
+def start_local_ray(num_cpus: float | None = None) -> None:
+    """Start a local Ray with its dashboard on 127.0.0.1.
+
+    Ray Train frees the placement group of a stopped or failed run through the state
+    API, which needs the dashboard; ``RAY_API_SERVER_ADDRESS`` tells every process of the
+    job where it is, even when other Ray instances run on the machine. ``num_cpus`` may
+    exceed the cores (logical CPUs), e.g. to run two sweep trials side by side.
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             log_to_driver=True, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+
+
+def connect_ray(address: str | None, num_cpus: float | None = None) -> None:
     """Join the cluster at ``address`` / ``RAY_ADDRESS``, or start a local Ray."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        start_local_ray(num_cpus)
+        return
     try:
-        ray.init(address=address, log_to_driver=True, include_dashboard=False if address is None else None)
+        ray.init(address=address, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise PreflightError(f"cannot reach the Ray cluster at {address!r}: {exc}. Start one with "
                              f"`ray start --head` or leave --address/RAY_ADDRESS unset for a local Ray") from None
@@ -143,8 +165,12 @@ def check_resources(cfg: Config) -> None:
                              f"the cluster has {total.get('GPU', 0):g}")
 
 
-def build_trainer(cfg: Config, tracking_uri: str | None, mlflow_run_id: str | None) -> Any:
-    """The Ray Train ``TorchTrainer`` for this config (not yet started)."""
+def build_trainer(cfg: Config, tracking_uri: str | None, mlflow_run_id: str | None,
+                  callbacks: Sequence[Any] = ()) -> Any:
+    """The Ray Train ``TorchTrainer`` for this config (not yet started).
+
+    ``callbacks``: Ray Train callbacks, e.g. the sweep's report to Tune.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -164,8 +190,24 @@ def build_trainer(cfg: Config, tracking_uri: str | None, mlflow_run_id: str | No
             storage_path=cfg.checkpoint.storage_path,
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            callbacks=list(callbacks),
         ),
     )
+
+
+def fit_tracked(trainer: Any, tracking_uri: str | None, run_id: str | None) -> Any:
+    """``trainer.fit()``, closing the MLflow run as FINISHED or FAILED."""
+    from we_dist.tracking import finish_run
+
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if run_id:
+            finish_run(tracking_uri, run_id, "FAILED")
+        raise
+    if run_id:
+        finish_run(tracking_uri, run_id, "FINISHED")
+    return result
 
 
 def train(cfg: Config, address: str | None = None) -> TrainOutcome:
@@ -184,19 +226,7 @@ def train(cfg: Config, address: str | None = None) -> TrainOutcome:
     print(f"[we_dist] run {cfg.name}: {cfg.scaling.num_workers} workers, method {cfg.method.name}, "
           f"{'resuming' if resuming else 'starting'}; checkpoints in {cfg.checkpoint.storage_path}/{cfg.name}"
           + (f"; MLflow run {run_id} at {tracking_uri}" if run_id else ""), flush=True)
-    trainer = build_trainer(cfg, tracking_uri, run_id)
-    try:
-        result = trainer.fit()
-    except BaseException:
-        if run_id:
-            from we_dist.tracking import finish_run
-
-            finish_run(tracking_uri, run_id, "FAILED")
-        raise
-    if run_id:
-        from we_dist.tracking import finish_run
-
-        finish_run(tracking_uri, run_id, "FINISHED")
+    result = fit_tracked(build_trainer(cfg, tracking_uri, run_id), tracking_uri, run_id)
     return TrainOutcome(metrics=dict(result.metrics or {}), run_dir=f"{cfg.checkpoint.storage_path}/{cfg.name}",
                         mlflow_run_id=run_id, tracking_uri=tracking_uri)
 

@@ -341,7 +341,7 @@ def best_recipe(spec: SweepSpec, best: Any, tracking_uri: str | None) -> str:
         cfg = cfg.override({"tracking.uri": tracking_uri})
     header = (f"# Best trial {best.trial_id} of sweep {spec.name} ({spec.metric} = {best.metric:.6g}, {spec.mode}).\n"
               f"# Swept: " + ", ".join(f"{k}={best.config.get(k)}" for k in spec.keys) + "\n"
-              f"# Train it: we-dist train <this file>\n")
+              "# Train it: we-dist train <this file>\n")
     return header + cfg.to_yaml()
 
 
@@ -407,37 +407,15 @@ def _finish(spec: SweepSpec, ctx: dict[str, Any]) -> SweepOutcome:
                         parent_run_id=parent or None, tracking_uri=uri, interrupted=interrupted)
 
 
-def start_local_ray(num_cpus: float | None = None) -> None:
-    """Start a local Ray for a sweep, with its dashboard on 127.0.0.1.
-
-    Ray Train removes the workers' placement group of a trial that Tune stopped (ASHA)
-    through the state API, which needs the dashboard; ``RAY_API_SERVER_ADDRESS`` tells
-    every process of the job where it is, even with other Ray instances on the machine.
-    ``num_cpus`` may exceed the cores (logical CPUs) to run more trials side by side.
-    """
-    import socket
-
-    import ray
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             log_to_driver=True, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
-
-
 def _prepare(spec: SweepSpec, address: str | None, num_cpus: float | None = None) -> tuple[str | None, int]:
     """Check data, tracking and cluster (before anything is created); returns (URI, concurrency)."""
-    import ray
 
     from we_dist.train.driver import check_resources, connect_ray, preflight, resolve_paths
 
     probe = resolve_paths(spec.base_config.override({"name": f"{spec.name}-preflight",
                                                      "checkpoint.storage_path": f"{spec.sweep_dir}/train"}))
     tracking_uri, _ = preflight(probe)
-    if not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
-        start_local_ray(num_cpus)
-    connect_ray(address)
+    connect_ray(address, num_cpus)
     check_resources(probe)
     mct = spec.max_concurrent_trials or default_concurrency(probe)
     return tracking_uri, mct

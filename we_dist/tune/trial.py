@@ -101,7 +101,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     """
     import ray.tune
 
-    from we_dist.train.driver import build_trainer, check_resources, preflight, resolve_paths
+    from we_dist.train.driver import build_trainer, check_resources, fit_tracked, preflight, resolve_paths
 
     trial_id = ray.tune.get_context().get_trial_id()
     name = trial_name(context["sweep_name"], trial_id)
@@ -131,19 +131,4 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
             finish_run(tracking_uri, run_id, "FINISHED")
         return
 
-    trainer = build_trainer(cfg, tracking_uri, run_id)
-    # build_trainer has no callbacks argument; Ray Train reads run_config.callbacks when
-    # fit() starts, so adding ours to the (mutable) list is enough.
-    trainer.run_config.callbacks.append(EpochReport())
-    try:
-        trainer.fit()
-    except BaseException:
-        if run_id:
-            from we_dist.tracking import finish_run
-
-            finish_run(tracking_uri, run_id, "FAILED")
-        raise
-    if run_id:
-        from we_dist.tracking import finish_run
-
-        finish_run(tracking_uri, run_id, "FINISHED")
+    fit_tracked(build_trainer(cfg, tracking_uri, run_id, callbacks=[EpochReport()]), tracking_uri, run_id)
