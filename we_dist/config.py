@@ -438,6 +438,22 @@ def config_from_dict(tree: Mapping[str, Any]) -> Config:
     return _build(Config, tree, "")
 
 
+def read_yaml_mapping(path: str | os.PathLike[str], what: str, error: type[ConfigError] = ConfigError) -> dict:
+    """A YAML file whose top level is a mapping (empty file: ``{}``); ``error`` names ``what``."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {p} is not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise error(f"{what} {p} must be a YAML mapping at the top level")
+    return loaded
+
+
 def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML recipe (or start from defaults when ``path`` is None) and apply overrides.
 
@@ -445,19 +461,8 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
     """
     tree: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"recipe not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe {p} is not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"recipe {p} must be a YAML mapping at the top level")
-        tree = loaded
-        tree.setdefault("name", p.stem)
+        tree = read_yaml_mapping(path, "recipe")
+        tree.setdefault("name", Path(path).stem)
     apply_overrides(tree, list(overrides))
     return config_from_dict(tree)
 

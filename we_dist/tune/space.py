@@ -44,9 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
 
-from we_dist.config import Config, ConfigError, load_config, parse_override
+from we_dist.config import Config, ConfigError, load_config, parse_override, read_yaml_mapping
 
 SEARCH_ALGORITHMS = ("random", "grid", "optuna")
 SCHEDULERS = ("none", "asha")
@@ -293,14 +292,7 @@ def load_sweep(path: str | os.PathLike[str], cli_overrides: Sequence[str] = ()) 
     Raises :class:`SweepError` (a :class:`ConfigError`) naming the bad key.
     """
     p = Path(path)
-    if not p.is_file():
-        raise SweepError(f"sweep file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise SweepError(f"sweep file {p} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise SweepError(f"sweep file {p} must be a YAML mapping with a search_space")
+    raw = read_yaml_mapping(p, "sweep file", SweepError)
     for key in raw:
         if key not in TOP_LEVEL_KEYS:
             close = difflib.get_close_matches(str(key), TOP_LEVEL_KEYS, n=1)
