@@ -9,9 +9,10 @@ setup:
 	@bash scripts/setup.sh
 
 # The embedded default: real handwritten digits, a small CNN, 2 CPU DDP workers, WE on.
+# Each run gets a new name, so `make demo` always trains (the same name would resume).
 demo: setup
 	$(BIN)/we-dist convert digits --out data/digits
-	$(BIN)/we-dist train recipes/demo.yaml
+	$(BIN)/we-dist train recipes/demo.yaml name=demo-$$(date +%Y%m%d-%H%M%S)
 
 # The whole suite: fast unit tests and slow integration tests (real Ray, MLflow, FFCV).
 test: setup

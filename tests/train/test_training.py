@@ -66,3 +66,11 @@ def test_plain_training_method_none_changes_nothing_between_steps(tmp_path, digi
     assert not any(k.startswith("we/") for k in out.metrics)
     state = load_state(Path(out.run_dir) / "epoch_0000")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_a_completed_run_is_not_started_again(tmp_path, digits_betons, local_ray, capsys):
+    cfg = demo_config(tmp_path, digits_betons, "done_once", **{"schedule.epochs": 1, "tracking.enabled": "false"})
+    assert train(cfg).metrics["epoch"] == 0
+    again = train(cfg)
+    assert again.metrics == {}
+    assert "already completed 1 epochs" in capsys.readouterr().out

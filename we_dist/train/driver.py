@@ -214,6 +214,13 @@ def train(cfg: Config, address: str | None = None) -> TrainOutcome:
     """Check, then train ``cfg`` to the end. Raises PreflightError/ConfigError on bad input."""
     cfg = resolve_paths(cfg)
     tracking_uri, resuming = preflight(cfg)
+    run_dir = f"{cfg.checkpoint.storage_path}/{cfg.name}"
+    done = completed_checkpoints(cfg.checkpoint.storage_path, cfg.name) if resuming else []
+    if done and int(done[-1].split("_")[1]) + 1 >= cfg.schedule.epochs:
+        # Nothing left to train: say so rather than start a cluster that reports nothing.
+        print(f"[we_dist] run {cfg.name} already completed {cfg.schedule.epochs} epochs ({run_dir}/{done[-1]}); "
+              f"choose another name=... to train again, or raise schedule.epochs to continue it", flush=True)
+        return TrainOutcome(metrics={}, run_dir=run_dir, mlflow_run_id=None, tracking_uri=tracking_uri)
     connect_ray(address)
     check_resources(cfg)
 
@@ -227,7 +234,7 @@ def train(cfg: Config, address: str | None = None) -> TrainOutcome:
           f"{'resuming' if resuming else 'starting'}; checkpoints in {cfg.checkpoint.storage_path}/{cfg.name}"
           + (f"; MLflow run {run_id} at {tracking_uri}" if run_id else ""), flush=True)
     result = fit_tracked(build_trainer(cfg, tracking_uri, run_id), tracking_uri, run_id)
-    return TrainOutcome(metrics=dict(result.metrics or {}), run_dir=f"{cfg.checkpoint.storage_path}/{cfg.name}",
+    return TrainOutcome(metrics=dict(result.metrics or {}), run_dir=run_dir,
                         mlflow_run_id=run_id, tracking_uri=tracking_uri)
 
 
@@ -246,6 +253,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"we-dist train: {exc}", file=sys.stderr)
         return 2
     m = outcome.metrics
+    if not m:
+        return 0
     print(f"[we_dist] done: val top1 {m.get('val/top1', float('nan')):.4f}, top5 {m.get('val/top5', float('nan')):.4f} "
           f"after {int(m.get('epoch', -1)) + 1} epochs; checkpoints: {outcome.run_dir}")
     if outcome.mlflow_run_id:
