@@ -76,8 +76,12 @@ def completed_checkpoints(storage_path: str, name: str) -> list[str]:
     return sorted(done)
 
 
-def preflight(cfg: Config) -> tuple[str | None, bool]:
-    """Check data, storage/resume and tracking. Returns (tracking URI, resuming?)."""
+def preflight(cfg: Config) -> tuple[str | None, list[str]]:
+    """Check data, storage/resume and tracking.
+
+    Returns the tracking URI (None when tracking is off) and the names of the run's
+    complete checkpoints (empty on a fresh start, so it also answers "resuming?").
+    """
     from we_dist.data import DatasetError, check_beton
     from we_dist.methods import METHODS
     from we_dist.models import MODELS
@@ -111,7 +115,7 @@ def preflight(cfg: Config) -> tuple[str | None, bool]:
             check_reachable(uri)
         except TrackingError as exc:
             raise PreflightError(f"tracking: {exc} (or set tracking.enabled=false)") from None
-    return uri, bool(done)
+    return uri, done
 
 
 def start_local_ray(num_cpus: float | None = None) -> None:
@@ -213,9 +217,8 @@ def fit_tracked(trainer: Any, tracking_uri: str | None, run_id: str | None) -> A
 def train(cfg: Config, address: str | None = None) -> TrainOutcome:
     """Check, then train ``cfg`` to the end. Raises PreflightError/ConfigError on bad input."""
     cfg = resolve_paths(cfg)
-    tracking_uri, resuming = preflight(cfg)
+    tracking_uri, done = preflight(cfg)
     run_dir = f"{cfg.checkpoint.storage_path}/{cfg.name}"
-    done = completed_checkpoints(cfg.checkpoint.storage_path, cfg.name) if resuming else []
     if done and int(done[-1].split("_")[1]) + 1 >= cfg.schedule.epochs:
         # Nothing left to train: say so rather than start a cluster that reports nothing.
         print(f"[we_dist] run {cfg.name} already completed {cfg.schedule.epochs} epochs ({run_dir}/{done[-1]}); "
@@ -231,7 +234,7 @@ def train(cfg: Config, address: str | None = None) -> TrainOutcome:
         run_id = open_run(cfg.tracking, run_name=cfg.name, config_dict=cfg.to_dict(),
                           resume=cfg.checkpoint.resume != "never")
     print(f"[we_dist] run {cfg.name}: {cfg.scaling.num_workers} workers, method {cfg.method.name}, "
-          f"{'resuming' if resuming else 'starting'}; checkpoints in {cfg.checkpoint.storage_path}/{cfg.name}"
+          f"{'resuming' if done else 'starting'}; checkpoints in {cfg.checkpoint.storage_path}/{cfg.name}"
           + (f"; MLflow run {run_id} at {tracking_uri}" if run_id else ""), flush=True)
     result = fit_tracked(build_trainer(cfg, tracking_uri, run_id), tracking_uri, run_id)
     return TrainOutcome(metrics=dict(result.metrics or {}), run_dir=run_dir,

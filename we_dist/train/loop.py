@@ -233,8 +233,8 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
         method.on_epoch_end(context(epoch))
         method_seconds += time.perf_counter() - t0
         if cfg.train.check_replicas:
+            sync.check_replicas(model, where=f"epoch {epoch}")  # raises if the ranks differ
             metrics["replicas/checksum_ok"] = 1.0
-            sync.check_replicas(model, where=f"epoch {epoch}")
         epoch_seconds = time.perf_counter() - epoch_start
         metrics.update({
             "epoch": float(epoch),
