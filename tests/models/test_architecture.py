@@ -1,0 +1,55 @@
+"""A pruned network's shape survives as plain data and is rebuilt before its weights load."""
+
+import io
+
+import pytest
+import torch
+
+from we_dist.models import create_model
+from we_dist.models.architecture import ArchitectureError, describe, differs, rebuild
+
+
+def _shrink(model):
+    """Remove channels by hand: conv out, BN, next conv in (what a pruner does)."""
+    conv, bn = model.features[0][0], model.features[0][1]
+    nxt = model.features[1][0]
+    keep = torch.arange(0, conv.out_channels, 2)
+    with torch.no_grad():
+        conv.weight = torch.nn.Parameter(conv.weight[keep].clone())
+        conv.out_channels = len(keep)
+        for name in ("weight", "bias"):
+            setattr(bn, name, torch.nn.Parameter(getattr(bn, name)[keep].clone()))
+        bn.running_mean, bn.running_var = bn.running_mean[keep].clone(), bn.running_var[keep].clone()
+        bn.num_features = len(keep)
+        nxt.weight = torch.nn.Parameter(nxt.weight[:, keep].clone())
+        nxt.in_channels = len(keep)
+    return model
+
+
+def test_rebuild_then_load_reproduces_a_pruned_network():
+    torch.manual_seed(0)
+    pruned = _shrink(create_model("small_cnn", 10)).eval()
+    arch = describe(pruned)
+    buf = io.BytesIO()
+    torch.save({"architecture": arch, "model": pruned.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)          # plain data: the safe loader reads it
+    fresh = create_model("small_cnn", 10)
+    assert differs(fresh, saved["architecture"])
+    with pytest.raises(RuntimeError):
+        fresh.load_state_dict(saved["model"])            # why the rebuild is needed
+    rebuild(fresh, saved["architecture"])
+    fresh.load_state_dict(saved["model"])
+    fresh.eval()
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(fresh(x), pruned(x))
+    assert not differs(fresh, arch)
+
+
+def test_an_architecture_from_another_model_is_refused_before_anything_changes():
+    arch = describe(create_model("cifar_resnet20", 10))
+    other = create_model("small_cnn", 10)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ArchitectureError, match="another model"):
+        rebuild(other, arch)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
