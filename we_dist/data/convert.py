@@ -1,14 +1,18 @@
-"""Writing `.beton` files: from an ImageFolder tree, scikit-learn's digits, or generated JPEGs.
+"""Writing `.beton` files: from an ImageFolder tree, scikit-learn's digits, Fashion-MNIST's
+IDX files, or generated JPEGs.
 
 Python API::
 
     >>> write_imagefolder("imagenet/train", "data/imagenet/train.beton", max_resolution=512)
     >>> train, val = write_digits("data/digits")
+    >>> train, val = write_fashion_mnist("data/fashion_mnist", limit_train=6000, limit_val=2000)
     >>> write_synthetic_jpegs("data/synth/jpegs/train", num_images=2000, num_classes=10)
 
 Command line (``we-dist convert``)::
 
     we-dist convert digits --out data/digits
+    we-dist convert fashion-mnist --out data/fashion_mnist [--source IDX_DIR] \\
+        [--limit-train N] [--limit-val N] [--resolution 32]
     we-dist convert folder --train imagenet/train --val imagenet/val --out data/imagenet \\
         --max-resolution 512 --jpeg-quality 90 --compress-probability 0.5 --workers 8
     we-dist convert synthetic --out data/synth --num-images 2000 --classes 10
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gzip
+import zlib
 import multiprocessing
 import os
 import sys
@@ -314,6 +320,188 @@ def write_digits(out_dir: str | os.PathLike[str], *, size: int = 32, val_fractio
     return out / "train.beton", out / "val.beton"
 
 
+# --- Fashion-MNIST -----------------------------------------------------------------------
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts it
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+# The four files by their standard names (each may also be gzipped, with ".gz" appended).
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "val_images": "t10k-images-idx3-ubyte",
+    "val_labels": "t10k-labels-idx1-ubyte",
+}
+_INSTALL_HINT = ("install it with `apt-get install dataset-fashion-mnist` "
+                 f"(it puts the files in {FASHION_MNIST_DIR}) or pass --source DIR "
+                 "with the four IDX files")
+_IDX_UBYTE = 0x08  # IDX type code of unsigned bytes, the only type the (Fashion-)MNIST files use
+
+
+def read_idx(path: str | os.PathLike[str], ndim: int) -> np.ndarray:
+    """Read an IDX file of unsigned bytes with ``ndim`` dimensions (gzipped or not).
+
+    IDX (LeCun's MNIST format): a big-endian 4-byte magic number ``0x0000TTDD`` (TT the
+    element type, 0x08 for unsigned bytes; DD the number of dimensions), then DD
+    big-endian uint32 sizes, then the elements in C order. Gzip is recognised by its
+    own magic bytes, not by the file name. A wrong magic number, a file shorter than its
+    header says, trailing bytes, or a corrupt gzip stream raise :class:`DatasetError`
+    naming the file.
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise DatasetError(f"{p}: truncated or corrupt gzip file ({exc})") from None
+    expected = (_IDX_UBYTE << 8) | ndim
+    if len(raw) < 4:
+        raise DatasetError(f"{p}: not an IDX file: {len(raw)} bytes, shorter than the 4-byte magic number")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != expected:
+        raise DatasetError(f"{p}: not an IDX file of unsigned bytes with {ndim} dimension(s): "
+                           f"magic number 0x{magic:08x}, expected 0x{expected:08x}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetError(f"{p}: truncated IDX file: {len(raw)} bytes, shorter than its "
+                           f"{header}-byte header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    need = int(np.prod(shape, dtype=np.int64))
+    have = len(raw) - header
+    if have < need:
+        raise DatasetError(f"{p}: truncated IDX file: its header announces "
+                           f"{' x '.join(map(str, shape))} = {need} bytes of data, found {have}")
+    if have > need:
+        raise DatasetError(f"{p}: not a valid IDX file: {have - need} bytes after the "
+                           f"{' x '.join(map(str, shape))} elements its header announces")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def find_fashion_mnist(source: str | os.PathLike[str] | None = None) -> dict[str, Path]:
+    """Paths of the four Fashion-MNIST IDX files in ``source`` (default: Debian's location).
+
+    Each file is looked up by its standard name, then with ``.gz`` appended (the plain
+    file wins when both exist). Keys: ``train_images``, ``train_labels``, ``val_images``
+    (``t10k-images``), ``val_labels``. A missing folder or file raises
+    :class:`DatasetError` that says how to install the data.
+    """
+    root = Path(source) if source is not None else Path(FASHION_MNIST_DIR)
+    if not root.is_dir():
+        what = "not a directory" if root.exists() else "Fashion-MNIST folder not found"
+        raise DatasetError(f"{root}: {what}; {_INSTALL_HINT}")
+    found: dict[str, Path] = {}
+    missing: list[str] = []
+    for key, name in FASHION_MNIST_FILES.items():
+        for candidate in (root / name, root / f"{name}.gz"):
+            if candidate.is_file():
+                found[key] = candidate
+                break
+        else:
+            missing.append(f"{name}[.gz]")
+    if missing:
+        raise DatasetError(f"{root}: missing Fashion-MNIST file(s) {', '.join(missing)}; {_INSTALL_HINT}")
+    return found
+
+
+def stratified_first(labels: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of a deterministic, class-stratified subset of ``limit`` samples, in file order.
+
+    The first samples of each class are taken in file order, round-robin over the classes
+    (the 1st of every class, then the 2nd of every class, ...), so class counts differ by
+    at most one while every class has samples left; no randomness is involved.
+    """
+    n = len(labels)
+    order = np.argsort(labels, kind="stable")            # grouped by class, file order inside
+    counts = np.bincount(labels)
+    starts = np.cumsum(counts) - counts
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - np.repeat(starts, counts)  # position of each sample in its class
+    chosen = np.lexsort((np.arange(n), rank))[:limit]      # by rank, then by file position
+    return np.sort(chosen)
+
+
+def gray_to_rgb(images: np.ndarray, resolution: int) -> np.ndarray:
+    """N x H x W gray uint8 -> N x R x R x 3 RGB uint8, ``R = resolution``.
+
+    Images no larger than ``R`` are centred on a zero (black) canvas, so every original
+    pixel is kept exactly and the background, black in (Fashion-)MNIST, simply grows;
+    28 -> 32 adds 2 px on each side, as LeNet-5 and the CIFAR-style networks' 32 px input
+    expect. Smaller ``R`` shrink the (square-padded) image with area interpolation.
+    """
+    import cv2
+
+    n, h, w = images.shape
+    side = max(h, w, resolution)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas = np.zeros((n, side, side), dtype=np.uint8)
+    canvas[:, top:top + h, left:left + w] = images
+    if side != resolution:
+        canvas = np.stack([cv2.resize(im, (resolution, resolution), interpolation=cv2.INTER_AREA)
+                           for im in canvas])
+    return np.repeat(canvas[..., None], 3, axis=3)
+
+
+def fashion_mnist_arrays(source: str | os.PathLike[str] | None = None, *,
+                         limit_train: int | None = None, limit_val: int | None = None,
+                         resolution: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fashion-MNIST as ``(train_images, train_labels, val_images, val_labels)``.
+
+    Images are RGB ``resolution`` px uint8 (see :func:`gray_to_rgb`), labels int64 0-9
+    (:data:`FASHION_MNIST_CLASSES`). The official split is kept: the 60,000 training
+    images train, the 10,000 ``t10k`` images validate. ``limit_*`` keeps a
+    class-stratified first-N subset (:func:`stratified_first`); ``None`` keeps all. All
+    four files are read and checked before anything is returned.
+    """
+    if not 8 <= resolution <= 1024:
+        raise DatasetError(f"Fashion-MNIST resolution must be in [8, 1024], got {resolution}")
+    files = find_fashion_mnist(source)
+    arrays = {key: read_idx(path, 3 if key.endswith("images") else 1) for key, path in files.items()}
+    out = []
+    for split, limit, flag in (("train", limit_train, "--limit-train"), ("val", limit_val, "--limit-val")):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if len(images) != len(labels):
+            raise DatasetError(f"{files[f'{split}_labels']}: {len(labels)} labels, but "
+                               f"{files[f'{split}_images']} holds {len(images)} images")
+        if len(labels) == 0 or min(images.shape[1:]) == 0:
+            raise DatasetError(f"{files[f'{split}_images']}: no images (shape {images.shape})")
+        if labels.max() >= len(FASHION_MNIST_CLASSES):
+            raise DatasetError(f"{files[f'{split}_labels']}: label {int(labels.max())} out of range; "
+                               f"Fashion-MNIST has {len(FASHION_MNIST_CLASSES)} classes (0-9)")
+        if limit is not None:
+            if not 1 <= limit <= len(labels):
+                raise DatasetError(f"{flag} must be in [1, {len(labels)}] (the images in "
+                                   f"{files[f'{split}_images'].name}), got {limit}")
+            keep = stratified_first(labels, limit)
+            images, labels = images[keep], labels[keep]
+        out += [gray_to_rgb(images, resolution), labels.astype(np.int64)]
+    return out[0], out[1], out[2], out[3]
+
+
+def write_fashion_mnist(out_dir: str | os.PathLike[str], *, source: str | os.PathLike[str] | None = None,
+                        limit_train: int | None = None, limit_val: int | None = None,
+                        resolution: int = 32, workers: int = 0) -> tuple[Path, Path]:
+    """Write Fashion-MNIST as ``out_dir/train.beton`` and ``out_dir/val.beton``.
+
+    The same image format as :func:`write_digits` (``resolution`` px RGB, raw pixels, no
+    JPEG), so every model and recipe that runs on digits runs on this. The default 32 px
+    zero-pads the 28x28 originals by 2 px per side: no pixel is resampled, and 32 px is
+    the input size of the CIFAR-style networks (see :func:`gray_to_rgb`). ``source``
+    defaults to :data:`FASHION_MNIST_DIR`; ``limit_*`` as in :func:`fashion_mnist_arrays`.
+    Every input file is read and checked before the first output file is written.
+    """
+    xt, yt, xv, yv = fashion_mnist_arrays(source, limit_train=limit_train, limit_val=limit_val,
+                                          resolution=resolution)
+    out = Path(out_dir)
+    options = dict(max_resolution=resolution, compress_probability=0.0, workers=workers)
+    write_beton(ArraySource(xt, yt), out / "train.beton", **options)
+    write_beton(ArraySource(xv, yv), out / "val.beton", **options)
+    return out / "train.beton", out / "val.beton"
+
+
 def synthetic_image(rng: np.random.Generator, label: int, num_classes: int,
                     width: int, height: int) -> np.ndarray:
     """One generated RGB photo-like image: smooth random structure, a class tint, noise.
@@ -368,8 +556,9 @@ def write_synthetic_jpegs(out_dir: str | os.PathLike[str], num_images: int, num_
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``we-dist convert {digits,folder,synthetic}``."""
-    sub = parser.add_subparsers(dest="source", required=True, metavar="{digits,folder,synthetic}")
+    """Arguments of ``we-dist convert {digits,fashion-mnist,folder,synthetic}``."""
+    sub = parser.add_subparsers(dest="source", required=True,
+                                metavar="{digits,fashion-mnist,folder,synthetic}")
 
     def common(p: argparse.ArgumentParser, images: bool = True) -> None:
         p.add_argument("--out", required=True, help="output folder for train.beton and val.beton")
@@ -386,6 +575,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=32, help="stored image size, px (default 32)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
+
+    p = sub.add_parser("fashion-mnist",
+                       help="Fashion-MNIST's IDX files (70,000 real 28x28 clothing images, 10 classes)")
+    common(p, images=False)
+    p.add_argument("--source", default=None, dest="idx_dir", metavar="IDX_DIR",
+                   help=f"folder with the four IDX files, gzipped or not (default {FASHION_MNIST_DIR}, "
+                        "from `apt-get install dataset-fashion-mnist`)")
+    p.add_argument("--limit-train", type=int, default=None, metavar="N",
+                   help="keep a class-stratified first-N subset of the 60,000 training images")
+    p.add_argument("--limit-val", type=int, default=None, metavar="N",
+                   help="keep a class-stratified first-N subset of the 10,000 test images")
+    p.add_argument("--resolution", type=int, default=32,
+                   help="stored image size, px (default 32: the 28 px images zero-padded by 2 px per side)")
 
     p = sub.add_parser("folder", help="ImageFolder trees: DIR/<class>/<image>")
     p.add_argument("--train", required=True, help="training ImageFolder root")
@@ -409,6 +611,10 @@ def run(args: argparse.Namespace) -> int:
                 raise DatasetError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
             paths = write_digits(out, size=args.size, val_fraction=args.val_fraction,
                                  seed=args.seed, workers=args.workers or 1)
+        elif args.source == "fashion-mnist":
+            paths = write_fashion_mnist(out, source=args.idx_dir, limit_train=args.limit_train,
+                                        limit_val=args.limit_val, resolution=args.resolution,
+                                        workers=args.workers)
         else:
             options = dict(max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
                            compress_probability=args.compress_probability, workers=args.workers)
