@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up we_dist on a fresh Debian/Ubuntu machine: FFCV's build dependencies (apt),
-# a virtual environment in .venv, and the package with its dev extra.
+# Set up we_dist on a fresh Debian/Ubuntu machine: FFCV's build dependencies and the
+# Fashion-MNIST data package (apt), a virtual environment in .venv, and the package with its dev extra.
 # Safe to run again: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +15,10 @@ if command -v pkg-config >/dev/null 2>&1; then
 else
     need_apt+=(libopencv-dev libturbojpeg0-dev)
 fi
+# Fashion-MNIST's IDX files (`we-dist convert fashion-mnist`, its recipes and tests).
+dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || need_apt+=(dataset-fashion-mnist)
 if [ ${#need_apt[@]} -gt 0 ]; then
-    echo "setup: FFCV needs ${need_apt[*]} to build; installing them with apt-get"
+    echo "setup: installing ${need_apt[*]} with apt-get (FFCV's build dependencies, Fashion-MNIST)"
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
