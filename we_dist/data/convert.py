@@ -30,10 +30,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gzip
-import zlib
 import multiprocessing
 import os
 import sys
+import zlib
 from pathlib import Path
 from typing import Sequence
 
