@@ -50,3 +50,26 @@ def test_checksum_sees_single_bit_changes():
 def test_broadcast_without_group_needs_payload():
     with pytest.raises(ValueError):
         sync.broadcast_bytes(None)
+
+
+def _decide(rank, world):
+    # Rank 1's own "decision" differs; every rank must end with rank 0's.
+    mine = {"idx": torch.tensor([rank, 7]), "threshold": 0.5 + rank, "name": f"rank{rank}"}
+    calls = []
+
+    def decide():
+        calls.append(rank)
+        return mine
+
+    got = sync.decide_and_share(decide)
+    return got["idx"].tolist(), got["threshold"], got["name"], calls
+
+
+def test_decide_and_share_runs_the_decision_on_rank_0_only(gloo):
+    (i0, t0, n0, c0), (i1, t1, n1, c1) = gloo(_decide, 2)
+    assert (i0, t0, n0) == (i1, t1, n1) == ([0, 7], 0.5, "rank0")
+    assert c0 == [0] and c1 == []
+
+
+def test_decide_and_share_without_a_group_is_the_decision():
+    assert sync.decide_and_share(lambda: 3) == 3

@@ -7,6 +7,9 @@ behaviour, so methods work the same in a notebook and under DDP.
 
 from __future__ import annotations
 
+import io
+from typing import Any, Callable, TypeVar
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -57,6 +60,47 @@ def broadcast_bytes(payload: torch.Tensor | None, src: int = 0) -> torch.Tensor:
     if buf.numel():
         dist.broadcast(buf, src=src)
     return buf.cpu()
+
+
+T = TypeVar("T")
+
+
+def _encode(value: Any) -> torch.Tensor:
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def _decode(payload: torch.Tensor) -> Any:
+    # weights_only: a decision is plain data; nothing received is ever unpickled freely.
+    return torch.load(io.BytesIO(payload.numpy().tobytes()), weights_only=True)
+
+
+def decide_and_share(decide: Callable[[], T], encode: Callable[[T], torch.Tensor] | None = None,
+                     decode: Callable[[torch.Tensor], T] | None = None, src: int = 0) -> T:
+    """Rank ``src`` decides, every rank gets the decision: the pattern that keeps replicas equal.
+
+    ``decide()`` runs on rank ``src`` only (its result may depend on randomness, timing or
+    ties that differ between ranks); the result is broadcast and returned on every rank,
+    which then applies it the same way. Without ``encode``/``decode`` the decision must be
+    plain data (tensors, numbers, strings, lists, dicts): it travels through ``torch.save``
+    and is read back with ``weights_only=True``. Rank ``src`` gets its own object back, not
+    a decoded copy. Without a process group this is just ``decide()``.
+
+    Example::
+
+        chosen = decide_and_share(lambda: {"layer1": torch.tensor([3, 5])})
+        for name, idx in chosen.items(): ...   # the same on every rank
+    """
+    if not is_distributed():
+        return decide()
+    encode = encode or _encode
+    decode = decode or _decode
+    if dist.get_rank() == src:
+        value = decide()
+        broadcast_bytes(encode(value), src=src)
+        return value
+    return decode(broadcast_bytes(None, src=src))
 
 
 def parameter_checksum(model: nn.Module) -> torch.Tensor:

@@ -1,18 +1,48 @@
-"""The contract between the worker loop and a training method.
+"""The contract between the worker loop and a training method (version 2).
 
-A method is a small object with hooks that the loop calls at named moments of
-training; the loop never knows which method it runs. Every hook receives a
-:class:`FitContext`. A method that changes parameters must leave every DDP replica
-bit-identical (use :mod:`we_dist.sync`). State that must survive a restart comes
-from :meth:`Method.state_dict` and goes back through :meth:`Method.load_state_dict`;
-it must be made of tensors, numbers, strings, lists and dicts, so that
-``torch.load(..., weights_only=True)`` can read it.
+A method is an object with hooks that the loop calls at named moments of training;
+the loop never knows which method it runs. The hooks, in the order the loop calls them
+(``loop.py`` is the one caller of every hook):
+
+=====================  ======================================================================
+hook                   when, and what it may do
+=====================  ======================================================================
+``phases(cfg)``        once, before anything is built: the phases of training (each with its
+                       epochs and LR schedule). ``None``: one phase, the recipe's schedule.
+``prepare_model``      after the network is built and before a checkpoint or ``model.init_from``
+                       is loaded, before the optimizer and DDP exist: replace modules (masks),
+                       re-initialise weights. Returns the (possibly new) bare model. Called
+                       again on every (re)start, so what it builds must not depend on state.
+``param_groups``       whenever the optimizer is (re)built: edit the default parameter groups
+                       (freeze tensors, own LR via ``"lr_scale"``, no weight decay).
+``on_fit_start``       once per (re)start, after weights, optimizer and method state are loaded.
+``loss_term``          every step, inside autocast, after the forward pass: an extra loss term
+                       (a tensor) added to the cross entropy, or ``None``.
+``on_after_backward``  every step, after the AMP scaler unscaled the gradients and before the
+                       optimizer steps: edit ``.grad`` (a sparsity subgradient).
+``on_step_end``        after every optimizer step.
+``on_epoch_end``       after each epoch's training and validation (BatchNorm statistics synced).
+``on_fit_end``         once, after the last epoch and before the final accounting and export.
+=====================  ======================================================================
+
+Every hook but ``phases``/``prepare_model``/``param_groups`` receives a :class:`FitContext`.
+A hook that changes the network's *structure* (removes channels, swaps modules) calls
+:meth:`FitContext.structure_changed`; when the hook returns, the loop rebuilds the
+optimizer, the AMP scaler and the DDP wrapper around the new network
+(:class:`we_dist.train.state.TrainState` says what state carries over), and saves the
+new architecture in every later checkpoint so that a resume rebuilds the same shape.
+
+A method that changes parameters must leave every DDP replica bit-identical: decide on
+rank 0 and share the decision with :func:`we_dist.sync.decide_and_share`. State that must
+survive a restart comes from :meth:`Method.state_dict` and goes back through
+:meth:`Method.load_state_dict`; it must be tensors, numbers, strings, lists and dicts, so
+that ``torch.load(..., weights_only=True)`` can read it.
 
 Example (a method that counts epochs)::
 
     class CountEpochs(Method):
         name = "count"
-        def __init__(self):
+        def __init__(self, settings=None):
             self.n = 0
         def on_epoch_end(self, ctx):
             self.n += 1
@@ -25,19 +55,48 @@ Example (a method that counts epochs)::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # only for annotations: methods never need the loop's modules
+    from we_dist.config import Config, ScheduleConfig
+    from we_dist.train.state import TrainState
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training with its own length and LR schedule.
+
+    ``schedule`` shapes the LR within the phase (its ``epochs`` is the phase's length);
+    ``lr`` is the phase's peak LR. Epochs are counted globally across phases: a run of
+    phases of 20 and 10 epochs has epochs 0..29, and the second phase starts at 20.
+    """
+
+    name: str
+    epochs: int
+    lr: float
+    schedule: "ScheduleConfig"
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ValueError(f"phase {self.name!r} must have epochs > 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"phase {self.name!r} must have lr > 0, got {self.lr}")
 
 
 @dataclass
 class FitContext:
     """What a hook may read. ``model`` is the bare module (never the DDP wrapper).
 
-    ``epoch`` is the 0-based index of the current epoch; in ``on_epoch_end`` it is
-    the epoch that has just finished (validation included). ``step`` counts optimizer
-    steps since the start of training (resumes included).
+    ``epoch`` is the 0-based index of the current epoch over the whole run; in
+    ``on_epoch_end`` it is the epoch that has just finished (validation included).
+    ``step`` counts optimizer steps since the start of training (resumes included).
+    ``phase`` is the current :class:`Phase` (None outside the loop, e.g. in unit tests),
+    ``phase_epoch`` the epoch's index within it and ``phase_last_epoch`` whether it is
+    the phase's last. ``state`` is the loop's :class:`~we_dist.train.state.TrainState`
+    (model, optimizer, scaler, DDP wrapper), None outside the loop.
     """
 
     model: nn.Module
@@ -48,6 +107,20 @@ class FitContext:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    phase: Phase | None = None
+    phase_epoch: int = 0
+    phase_last_epoch: bool = False
+    state: "TrainState | None" = None
+    changed: bool = False
+
+    def structure_changed(self) -> None:
+        """Tell the loop that the network's structure changed (channels removed, modules
+        swapped): it rebuilds optimizer, scaler and DDP wrapper when the hook returns."""
+        self.changed = True
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self.state.optimizer if self.state is not None else None
 
 
 @dataclass
@@ -61,18 +134,63 @@ class ScoreHistogram:
 
 
 class Method:
-    """Base class: every hook does nothing. Subclasses override what they need."""
+    """Base class: every hook does nothing. Subclasses override what they need.
 
-    name = "base"
+    Class attributes a registered method sets: ``name`` (the ``method.name`` value),
+    ``summary`` (one line for ``we-dist methods``) and ``Settings`` (its settings class,
+    the ``method.<name>`` section of the config).
+    """
+
+    name: ClassVar[str] = "base"
+    summary: ClassVar[str] = ""
+
+    @classmethod
+    def from_config(cls, settings: Any, cfg: "Config") -> "Method":
+        """Build the method from its settings section and the whole run config."""
+        return cls(settings)
+
+    def __init__(self, settings: Any = None) -> None:
+        self.settings = settings
+
+    # -- before training ----------------------------------------------------------------
+
+    def phases(self, cfg: "Config") -> list[Phase] | None:
+        """The phases of training; ``None`` means one phase with the recipe's schedule."""
+        return None
+
+    def prepare_model(self, model: nn.Module, cfg: "Config") -> nn.Module:
+        """Before weights are loaded and before optimizer/DDP exist; returns the model."""
+        return model
+
+    def param_groups(self, model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Edit the optimizer's parameter groups (each a dict with ``params`` and options).
+
+        A group may carry ``"lr_scale"``: its LR is the schedule's LR times that factor.
+        """
+        return groups
+
+    # -- during training ----------------------------------------------------------------
 
     def on_fit_start(self, ctx: FitContext) -> None:
         """Once per (re)start of training, after the model is built and any checkpoint loaded."""
+
+    def loss_term(self, ctx: FitContext, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """An extra term added to the loss (inside autocast), or None."""
+        return None
+
+    def on_after_backward(self, ctx: FitContext) -> None:
+        """After gradients are unscaled, before the optimizer steps."""
 
     def on_step_end(self, ctx: FitContext) -> None:
         """After each optimizer step."""
 
     def on_epoch_end(self, ctx: FitContext) -> None:
         """After each epoch's training and validation."""
+
+    def on_fit_end(self, ctx: FitContext) -> None:
+        """After the last epoch, before the final accounting and export."""
+
+    # -- state and reporting --------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """State to checkpoint (empty for stateless methods)."""
