@@ -15,8 +15,11 @@ that names the file, before any FFCV object is built.
 Example::
 
     >>> info = check_beton("data/digits/train.beton")
-    >>> info.num_samples, info.num_classes
-    (1437, 10)
+    >>> info.num_samples, info.num_classes, (info.min_label, info.max_label)
+    (1437, 10, (0, 9))
+    >>> check_beton("data/digits/train.beton", num_classes=5)   # a 5-class model cannot use it
+    Traceback (most recent call last):
+    DatasetError: data/digits/train.beton: labels span [0, 9] but only classes 0..4 exist for num_classes=5
 """
 
 from __future__ import annotations
@@ -53,12 +56,24 @@ class DatasetError(ValueError):
     """A data file or image folder cannot be used; the message names the path and the problem."""
 
 
+class LabelRangeError(DatasetError):
+    """A file's labels are negative, or not below the number of classes asked for.
+
+    ``low``/``high`` are the labels' range and ``num_classes`` the bound (None when none was given).
+    """
+
+    def __init__(self, message: str, low: int, high: int, num_classes: int | None) -> None:
+        super().__init__(message)
+        self.low, self.high, self.num_classes = low, high, num_classes
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """What :func:`check_beton` learnt about a valid file.
 
     ``max_resolution`` is the longest image side stored; ``num_classes`` is the largest
-    label plus one (a split that lacks the last class reports fewer).
+    label plus one (a split that lacks the last class reports fewer); ``min_label`` and
+    ``max_label`` are the range of the ``label`` field.
     """
 
     path: str
@@ -69,6 +84,8 @@ class DatasetInfo:
     num_jpeg: int
     page_size: int
     size_bytes: int
+    min_label: int = 0
+    max_label: int = 0
 
 
 def _field_name(raw: np.ndarray) -> str:
@@ -76,14 +93,19 @@ def _field_name(raw: np.ndarray) -> str:
     return data.split(b"\0", 1)[0].decode("ascii", errors="replace")
 
 
-def check_beton(path: str | os.PathLike[str]) -> DatasetInfo:
+def check_beton(path: str | os.PathLike[str], num_classes: int | None = None) -> DatasetInfo:
     """Validate a `.beton` file against the we_dist schema without decoding images.
 
     Checks, in order: the path is a readable regular file; it holds a complete FFCV
     header of the version this FFCV reads; its fields are exactly ``image``
     (RGBImageField) and ``label`` (IntField); the metadata and allocation table lie
     inside the file and agree with each other (which catches truncation); labels are
-    non-negative. Raises :class:`DatasetError` naming ``path`` otherwise.
+    non-negative and, when ``num_classes`` is given, below it (a model with that many
+    outputs can score them). Raises :class:`DatasetError` naming ``path`` otherwise
+    (:class:`LabelRangeError`, with the range found, for labels out of range).
+
+    Labels are read from the per-sample metadata, where FFCV keeps an ``IntField``
+    inline: a few bytes per sample, no image data, so this stays cheap on ImageNet.
     """
     p = Path(path)
     if not str(path):
@@ -148,17 +170,31 @@ def check_beton(path: str | os.PathLike[str]) -> DatasetInfo:
         raise DatasetError(f"{p}: corrupt: some images point at data that was never stored")
     if np.any(image["mode"] > 1) or np.any(image["width"] == 0) or np.any(image["height"] == 0):
         raise DatasetError(f"{p}: corrupt image metadata (unknown mode or zero size)")
-    if np.any(labels < 0):
-        raise DatasetError(f"{p}: labels must be >= 0, found {int(labels.min())}")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise LabelRangeError(f"{p}: labels must be >= 0, found labels spanning [{low}, {high}]"
+                              + (f" (num_classes={num_classes})" if num_classes is not None else ""),
+                              low, high, num_classes)
+    if num_classes is not None and high >= num_classes:
+        raise LabelRangeError(f"{p}: labels span [{low}, {high}] but only classes 0..{num_classes - 1} "
+                              f"exist for num_classes={num_classes}", low, high, num_classes)
 
     longest = np.maximum(image["width"], image["height"])
     return DatasetInfo(
         path=str(p),
         num_samples=num_samples,
-        num_classes=int(labels.max()) + 1,
+        num_classes=high + 1,
         max_resolution=int(longest.max()),
         min_resolution=int(np.minimum(image["width"], image["height"]).min()),
         num_jpeg=int(np.count_nonzero(image["mode"] == 0)),
         page_size=page_size,
         size_bytes=size,
+        min_label=low,
+        max_label=high,
     )
+
+
+def label_range(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(min, max)`` of a valid file's ``label`` field, from its metadata (see :func:`check_beton`)."""
+    info = check_beton(path)
+    return info.min_label, info.max_label

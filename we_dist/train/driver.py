@@ -83,6 +83,7 @@ def preflight(cfg: Config) -> tuple[str | None, list[str]]:
     complete checkpoints (empty on a fresh start, so it also answers "resuming?").
     """
     from we_dist.data import DatasetError, check_beton
+    from we_dist.data.beton import LabelRangeError
     from we_dist.methods import METHODS
     from we_dist.models import MODELS
 
@@ -94,7 +95,13 @@ def preflight(cfg: Config) -> tuple[str | None, list[str]]:
         if not path:
             raise ConfigError(f"{key} is empty: give a .beton file (make one with `we-dist convert`)")
         try:
-            check_beton(path)
+            # Labels the model cannot score would fail only inside the loss, after the
+            # MLflow run and the workers exist: refuse them here.
+            check_beton(path, num_classes=cfg.model.num_classes)
+        except LabelRangeError as exc:
+            raise PreflightError(f"{key}: {path} has labels {exc.low}..{exc.high} but model.num_classes="
+                                 f"{cfg.model.num_classes} allows only 0..{cfg.model.num_classes - 1}; "
+                                 f"set model.num_classes to match the data (labels must be >= 0)") from None
         except DatasetError as exc:
             raise PreflightError(f"{key}: {exc}") from None
 
