@@ -7,9 +7,19 @@ reuse) are recorded in a state directory, and stopping kills exactly those proce
 and their descendants: SIGTERM, then SIGKILL after a grace period. Nothing is found
 or killed by name.
 
-Token authentication is on by default, as for new clusters in current Ray: a fresh
-token is written to ``STATE_DIR/auth_token`` and handed to both nodes through
-``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``.
+Token authentication is on by default, as for new clusters in current Ray: a token
+in ``STATE_DIR/auth_token`` is handed to both nodes through ``RAY_AUTH_MODE=token`` and
+``RAY_AUTH_TOKEN_PATH``. Whoever can read that file controls the cluster, so (see
+:func:`ensure_state_dir` and :func:`ensure_token`):
+
+* the state directory is per user and not guessable by others: ``$WE_DIST_CLUSTER_DIR``,
+  else ``$XDG_RUNTIME_DIR/we_dist_cluster`` (a per-user runtime directory), else
+  ``~/.cache/we_dist/cluster``; it is created with mode 0700;
+* a state directory or token that is a symlink, is owned by another user, or has any
+  group/other permission bits is refused (exit status 2), never "fixed" or written through;
+* a new token is written with mode 0600 under a fresh temporary name
+  (``O_CREAT|O_EXCL|O_NOFOLLOW``) and renamed into place, so no reader ever sees a
+  partial or loosely-permitted file; an existing token that passes the checks is reused.
 
 Command line::
 
@@ -55,10 +65,108 @@ STATE_FILE = "cluster.json"
 MAX_RAY_TEMP_DIR_LEN = 40
 
 
+TOKEN_FILE = "auth_token"
+
+
 def default_state_dir() -> Path:
-    """``$WE_DIST_CLUSTER_DIR``, else ``/tmp/we_dist_cluster_<uid>``."""
+    """``$WE_DIST_CLUSTER_DIR``, else ``$XDG_RUNTIME_DIR/we_dist_cluster``, else ``~/.cache/we_dist/cluster``.
+
+    Not a fixed name under ``/tmp``: there another user could create it first (or plant
+    a symlink) and read the token or have it written over a file of theirs.
+    """
     env = os.environ.get(STATE_DIR_ENV)
-    return Path(env) if env else Path(tempfile.gettempdir()) / f"we_dist_cluster_{os.getuid()}"
+    if env:
+        return Path(env)
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_absolute() and Path(runtime).is_dir():
+        return Path(runtime) / "we_dist_cluster"
+    return Path.home() / ".cache" / "we_dist" / "cluster"
+
+
+def _refuse_unsafe(path: Path, st: os.stat_result, kind: str) -> None:
+    """Refuse ``path`` (already ``lstat``-ed) unless it is ours and closed to group and others."""
+    import stat
+
+    if stat.S_ISLNK(st.st_mode):
+        raise ClusterError(f"{kind} {path} is a symbolic link; refusing to use it (remove it, or choose "
+                           f"another --state-dir / ${STATE_DIR_ENV})")
+    if st.st_uid != os.getuid():
+        raise ClusterError(f"{kind} {path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()}); "
+                           f"refusing to use it (choose another --state-dir / ${STATE_DIR_ENV})")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise ClusterError(f"{kind} {path} has mode {stat.S_IMODE(st.st_mode):04o}: group/other may access it; "
+                           f"refusing to use it (chmod {'700' if kind.endswith('directory') else '600'} "
+                           f"{path} if it is yours, or remove it)")
+
+
+def ensure_state_dir(state_dir: str | os.PathLike[str], create: bool = True) -> Path:
+    """Check (and with ``create``, make) the state directory: ours, mode 0700, not a symlink.
+
+    Missing parents are created with the default mode; the directory itself with 0700.
+    Raises :class:`ClusterError` naming the problem otherwise.
+    """
+    import stat
+
+    state = Path(state_dir).absolute()
+    if create:
+        state.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(state, 0o700)
+        except FileExistsError:
+            pass                                 # checked below, as any existing one
+        else:
+            # Exactly 0700 whatever the umask, on the directory just made (never through a link).
+            fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
+    try:
+        st = os.lstat(state)
+    except FileNotFoundError:
+        raise ClusterError(f"cluster state directory {state} does not exist") from None
+    _refuse_unsafe(state, st, "cluster state directory")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ClusterError(f"cluster state directory {state} is not a directory")
+    return state
+
+
+def ensure_token(state_dir: str | os.PathLike[str]) -> Path:
+    """The cluster token in ``state_dir`` (checked with :func:`ensure_state_dir`), created if missing.
+
+    An existing token must be a regular file of ours with mode 0600 (or stricter) and
+    not a symlink; it is then reused. A new one (64 hex digits) is written to a fresh
+    temporary name opened with ``O_CREAT|O_EXCL|O_NOFOLLOW`` and mode 0600, then renamed
+    over ``auth_token``: the rename replaces a name and never writes through a link.
+    """
+    import stat
+
+    state = ensure_state_dir(state_dir)
+    token = state / TOKEN_FILE
+    try:
+        st = os.lstat(token)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        _refuse_unsafe(token, st, "cluster token")
+        if not stat.S_ISREG(st.st_mode):
+            raise ClusterError(f"cluster token {token} is not a regular file; remove it")
+        if token.read_text().strip():
+            return token
+        # An empty token (e.g. an interrupted write of an older version): write a new one.
+    tmp = state / f".{TOKEN_FILE}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)                     # exactly 0600, whatever the umask
+        os.write(fd, secrets.token_hex(32).encode())
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, token)
+    return token
 
 
 @dataclass
@@ -350,8 +458,7 @@ def start_local_cluster(
     Ports given as 0 are picked free. On any failure, whatever was started is stopped
     before the :class:`ClusterError` propagates.
     """
-    state = Path(state_dir) if state_dir else default_state_dir()
-    state.mkdir(parents=True, exist_ok=True)
+    state = ensure_state_dir(state_dir if state_dir else default_state_dir())
     existing = LocalCluster.load(state)
     if existing and any(existing.alive().values()):
         raise ClusterError(f"a local cluster is already running from {state} (pids {existing.pids()}); `we-dist cluster down` first")
@@ -366,12 +473,7 @@ def start_local_cluster(
     if len(str(ray_temp.resolve())) > MAX_RAY_TEMP_DIR_LEN:
         ray_temp = Path(tempfile.mkdtemp(prefix="wdray-"))
     worker_temp = ray_temp.with_name(ray_temp.name + "w")
-    token_path = ""
-    if auth:
-        token_file = state / "auth_token"
-        token_file.touch(mode=0o600)
-        token_file.write_text(secrets.token_hex(32))
-        token_path = str(token_file.resolve())
+    token_path = str(ensure_token(state)) if auth else ""
 
     cluster = LocalCluster(
         state_dir=str(state.resolve()),
@@ -418,6 +520,10 @@ def stop_local_cluster(state_dir: str | os.PathLike[str] | None = None, grace: f
     Idempotent: with nothing recorded, or processes already gone, it returns ``[]``.
     """
     state = Path(state_dir) if state_dir else default_state_dir()
+    if not os.path.lexists(state):
+        return []
+    # Its cluster.json names the processes to kill: only trust a directory that is ours.
+    ensure_state_dir(state, create=False)
     cluster = LocalCluster.load(state)
     if cluster is None:
         return []
@@ -473,7 +579,7 @@ def run(args: argparse.Namespace) -> int:
             pids = stop_local_cluster(state)
             print(f"stopped {len(pids)} process(es): {pids}" if pids else f"no local cluster running from {state}")
             return 0
-        c = LocalCluster.load(state)
+        c = LocalCluster.load(ensure_state_dir(state, create=False)) if os.path.lexists(state) else None
         if c is None:
             print(f"no local cluster recorded in {state}")
             return 1
