@@ -216,6 +216,14 @@ class RunLogger:
             torch.save(_to_cpu(state_dict), path)
             self._attempt(f"log {path.name}", lambda: self._client.log_artifact(self.run_id, str(path), "model"))
 
+    def log_files(self, paths: Iterable[str | Path], artifact_path: str) -> None:
+        """Log local files as artifacts under ``artifact_path`` (e.g. the exported model)."""
+        if not self.enabled:
+            return
+        for path in paths:
+            self._attempt(f"log {Path(path).name}",
+                          lambda p=path: self._client.log_artifact(self.run_id, str(p), artifact_path))
+
     def log_text(self, text: str, artifact_file: str) -> None:
         """Log ``text`` as the artifact ``artifact_file`` (e.g. ``"notes/summary.md"``)."""
         if not self.enabled:

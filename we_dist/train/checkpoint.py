@@ -1,4 +1,9 @@
-"""Training state on disk: one ``state.pt`` plus a manifest that proves it is whole.
+"""Training state on disk: the one module that knows a run's checkpoint layout.
+
+A run lives in ``<storage>/<run name>/``; each epoch's checkpoint is a directory
+``epoch_NNNN`` (0-based epoch, :func:`checkpoint_name`) holding ``state.pt`` and a manifest
+that proves it is whole. The last epoch's checkpoint also holds the exported network
+(``exported.pt2``, see :mod:`we_dist.export`).
 
 A checkpoint directory is written by rank 0 into a fresh temporary directory and only
 then handed to Ray Train, which registers it after it is fully persisted; a write that
@@ -17,6 +22,7 @@ from typing import Any
 import torch
 
 STATE_FILE = "state.pt"
+CHECKPOINT_PREFIX = "epoch_"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -49,6 +55,62 @@ def save_state(directory: str | os.PathLike[str], state: dict[str, Any], **info:
 
 def load_state(directory: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_state`, verifying it first."""
+    verify(directory)
+    return torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=True)
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a checkpoint (epoch, step, run name ...)."""
+    return json.loads((Path(directory) / MANIFEST_FILE).read_text())
+
+
+def checkpoint_name(epoch: int) -> str:
+    """The directory name of epoch ``epoch``'s (0-based) checkpoint: ``epoch_0007``."""
+    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
+
+
+def epoch_of(name: str) -> int:
+    """The epoch of a checkpoint directory name (inverse of :func:`checkpoint_name`)."""
+    return int(name.rsplit("/", 1)[-1][len(CHECKPOINT_PREFIX):])
+
+
+def run_dir(storage_path: str, name: str) -> str:
+    """Where run ``name`` keeps its checkpoints."""
+    from we_dist.storage import join
+
+    return join(storage_path, name)
+
+
+def completed_checkpoints(storage_path: str, name: str) -> list[str]:
+    """Names of run ``name``'s complete checkpoints (those with a manifest), oldest first."""
+    from we_dist.storage import is_file, join, list_dirs
+
+    directory = run_dir(storage_path, name)
+    return [d for d in list_dirs(directory)
+            if d.startswith(CHECKPOINT_PREFIX) and is_file(join(directory, d, MANIFEST_FILE))]
+
+
+def latest_loadable(directory: str) -> tuple[str, list[str]]:
+    """The newest checkpoint under a run directory that verifies, and why newer ones did not.
+
+    Returns (path, skipped messages). Raises :class:`CheckpointError` when none verifies.
+    """
+    d = Path(directory)
+    names = sorted((p.name for p in d.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)),
+                   reverse=True) if d.is_dir() else []
+    skipped: list[str] = []
+    for n in names:
+        try:
+            verify(d / n)
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+            continue
+        return str(d / n), skipped
+    raise CheckpointError(f"no loadable checkpoint in {d}" + (f" ({'; '.join(skipped)})" if skipped else ""))
+
+
+def verify(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check a checkpoint's manifest and hash without loading it; returns the manifest."""
     d = Path(directory)
     manifest_path, state_path = d / MANIFEST_FILE, d / STATE_FILE
     if not manifest_path.is_file() or not state_path.is_file():
@@ -61,9 +123,4 @@ def load_state(directory: str | os.PathLike[str], map_location: str | torch.devi
         raise CheckpointError(f"checkpoint {d} has format {manifest.get('format')}, expected {FORMAT_VERSION}")
     if _sha256(state_path) != manifest.get("sha256"):
         raise CheckpointError(f"checkpoint {d} is corrupt: {STATE_FILE} does not match its manifest")
-    return torch.load(state_path, map_location=map_location, weights_only=True)
-
-
-def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of a checkpoint (epoch, step, run name ...)."""
-    return json.loads((Path(directory) / MANIFEST_FILE).read_text())
+    return manifest

@@ -1,17 +1,26 @@
 """The loop every DDP worker runs.
 
-It builds the model, the optimiser and the FFCV loaders from the config, resumes from
-the latest checkpoint if there is one, and for each epoch trains, validates, calls the
-method's hooks, logs (rank 0) and checkpoints. It knows methods only through
-:class:`~we_dist.methods.base.Method`'s hooks.
+It builds the model (the method may prepare it; a checkpoint's saved architecture is
+rebuilt before its weights load), the :class:`~we_dist.train.state.TrainState` (optimizer,
+AMP scaler, DDP wrapper) and the FFCV loaders from the config, resumes from the latest
+checkpoint if there is one (else starts from ``model.init_from`` if set), and for each
+epoch trains, validates, calls the method's hooks, logs (rank 0) and checkpoints. It knows
+methods only through :class:`~we_dist.methods.base.Method`'s hooks (the hook table there
+says when each is called).
 
 Order within an epoch (a resumed run repeats exactly the same order):
 
-1. train: per step, LR from the schedule, forward/backward/step, ``on_step_end``;
+1. train: per step, LR from the current phase, forward + ``loss_term`` (autocast),
+   backward, unscale, ``on_after_backward``, optimizer step, ``on_step_end``;
 2. sync BatchNorm running statistics from rank 0 (so replicas are identical);
 3. validate (top-1, top-5, summed over ranks);
 4. ``on_epoch_end`` (WE runs here: after validation, as in the paper);
-5. optional replica check; log metrics (rank 0); checkpoint and report.
+5. after the last epoch: model accounting and the exported network (rank 0);
+6. optional replica check; log metrics (rank 0); checkpoint and report.
+
+After any hook that reports a structural change the loop rebuilds optimizer, scaler and
+DDP wrapper before the next step. Model accounting (``we_dist.accounting``) is logged at
+step 0 for the start and at step = number of epochs for the end.
 """
 
 from __future__ import annotations
@@ -25,29 +34,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pathlib import Path
+
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from we_dist import sync
-from we_dist.config import Config, OptimConfig, config_from_dict
+from we_dist import accounting, sync
+from we_dist.config import Config, config_from_dict
+from we_dist.export import export_model
 from we_dist.methods import FitContext, Method, create_method
-from we_dist.models import create_model
-from we_dist.train.checkpoint import load_state, save_state
-from we_dist.train.schedules import lr_factor
-
-
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
-    """SGD; with ``bn_weight_decay=False`` BatchNorm and bias parameters get no decay."""
-    if cfg.bn_weight_decay:
-        groups: Any = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
-    else:
-        no_decay = [p for m in model.modules() for n, p in m.named_parameters(recurse=False)
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm) or n == "bias"]
-        ids = {id(p) for p in no_decay}
-        decay = [p for p in model.parameters() if id(p) not in ids]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+from we_dist.models import architecture, create_model
+from we_dist.train.checkpoint import checkpoint_name, load_state, save_state
+from we_dist.train.init_from import load_network
+from we_dist.train.phases import PhasePlan
+from we_dist.train.state import TrainState, default_param_groups
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -123,6 +122,25 @@ def _summary_table(history: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _model_input_shape(cfg: Config) -> tuple[int, int, int]:
+    # FFCV decodes RGB; validation images are centre crops resized to val_res.
+    return (3, cfg.data.val_res, cfg.data.val_res)
+
+
+def build_model(cfg: Config, method: Method, device: torch.device) -> nn.Module:
+    """The bare network: built, prepared by the method, on ``device``."""
+    model = create_model(cfg.model.name, cfg.model.num_classes, cfg.model.blurpool)
+    return method.prepare_model(model, cfg).to(device)
+
+
+def _restore_network(model: nn.Module, state: dict[str, Any], weights: bool = True) -> None:
+    """Give ``model`` a checkpoint's architecture (pruned widths), then its weights."""
+    if state.get("architecture"):
+        architecture.rebuild(model, state["architecture"])
+    if weights:
+        model.load_state_dict(state["model"])
+
+
 def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
                  mlflow_run_id: str | None = None, live_progress: bool = False) -> dict[str, float]:
     """Train ``cfg`` on this rank; returns the last epoch's metrics.
@@ -138,30 +156,39 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
     if on_gpu:
         torch.backends.cudnn.benchmark = True
 
-    model = create_model(cfg.model.name, cfg.model.num_classes, cfg.model.blurpool).to(device)
+    method: Method = create_method(cfg)
+    phases = PhasePlan.for_run(cfg, method)
+    epochs = phases.total_epochs
+    model = build_model(cfg, method, device)
+
+    start_epoch, step = 0, 0
+    resume_state: dict[str, Any] | None = None
+    with session.resume_dir() as resume_dir:
+        if resume_dir is not None:
+            resume_state = load_state(resume_dir, map_location=device)
+            _restore_network(model, resume_state)
+            start_epoch, step = int(resume_state["epoch"]) + 1, int(resume_state["step"])
+            if rank == 0:
+                print(f"[we_dist] resumed from {resume_dir}: continuing at epoch {start_epoch + 1}", flush=True)
+    if resume_state is None and cfg.model.init_from:
+        source = load_network(cfg.model.init_from, tracking_uri, map_location=device)
+        _restore_network(model, source, weights=not cfg.model.init_architecture_only)
+        if rank == 0:
+            what = "architecture" if cfg.model.init_architecture_only else "network"
+            print(f"[we_dist] {what} from {source['source']}", flush=True)
+    model.to(device)
     channels_last = on_gpu and cfg.train.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
     use_amp = on_gpu and amp_dtype is not None
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     def autocast() -> Any:
         return torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
 
-    method: Method = create_method(cfg)
-    start_epoch, step = 0, 0
-    with session.resume_dir() as resume_dir:
-        if resume_dir is not None:
-            state = load_state(resume_dir, map_location=device)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            method.load_state_dict(state["method"])
-            start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
-            if rank == 0:
-                print(f"[we_dist] resumed from {resume_dir}: continuing at epoch {start_epoch + 1}", flush=True)
+    def make_groups(net: nn.Module) -> list[dict[str, Any]]:
+        groups = default_param_groups(net, cfg.optim.weight_decay, cfg.optim.bn_weight_decay)
+        return method.param_groups(net, groups)
 
     if world > 1:
         nodes: list[Any] = [None] * world
@@ -169,7 +196,16 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
         if rank == 0:
             print(f"[we_dist] {world} workers on {len(set(nodes))} node(s): "
                   + ", ".join(f"rank {r} on {n}" for r, n in enumerate(nodes)), flush=True)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None) if world > 1 else model
+    state = TrainState(model, make_groups, cfg.optim, device, world,
+                       amp_fp16=use_amp and amp_dtype == torch.float16)
+    account_start: dict[str, float] = {}
+    if resume_state is not None:
+        state.optimizer.load_state_dict(resume_state["optimizer"])
+        state.scaler.load_state_dict(resume_state["scaler"])
+        method.load_state_dict(resume_state["method"])
+        account_start = {k: float(v) for k, v in resume_state.get("accounting_start", {}).items()}
+    del resume_state
+
     distributed = world > 1
     train_loader = make_train_loader(cfg.data, distributed=distributed, seed=cfg.seed, device=device,
                                      epoch=start_epoch, channels_last=channels_last)
@@ -181,20 +217,40 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
     from we_dist.tracking import RunLogger
 
     logger = RunLogger(tracking_uri, mlflow_run_id, enabled=rank == 0 and cfg.tracking.enabled and bool(mlflow_run_id))
-    epochs = cfg.schedule.epochs
     progress = _Progress(session, enabled=rank == 0 and cfg.train.progress, live=live_progress,
-                         total_steps=steps_per_epoch * (epochs - start_epoch))
+                         total_steps=steps_per_epoch * max(epochs - start_epoch, 0))
+    input_shape = _model_input_shape(cfg)
+    if rank == 0 and start_epoch == 0:
+        account_start = accounting.account(state.model, input_shape, cfg.train.accounting_repeats)
+        logger.log_metrics(account_start, step=0)
+        if len(phases.phases) > 1:
+            logger.set_tags({"we_dist.phases": ", ".join(f"{p.name}:{p.epochs}" for p in phases.phases)})
 
     def context(epoch: int) -> FitContext:
-        return FitContext(model=model, epoch=epoch, step=step, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                          rank=rank, world_size=world, device=device)
+        pos = phases.at(epoch)
+        return FitContext(model=state.model, epoch=epoch, step=step, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                          rank=rank, world_size=world, device=device, phase=pos.phase,
+                          phase_epoch=pos.epoch_in_phase(epoch), phase_last_epoch=pos.is_last_epoch(epoch),
+                          state=state)
 
-    method.on_fit_start(context(start_epoch))
+    def after_hook(ctx: FitContext) -> None:
+        if ctx.changed:
+            state.rebuild()
+
+    first = context(start_epoch)
+    method.on_fit_start(first)
+    after_hook(first)
     history: list[dict[str, float]] = []
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, epochs):
+        pos = phases.at(epoch)
+        if rank == 0 and (epoch == start_epoch or pos.start == epoch) and len(phases.phases) > 1:
+            print(f"[we_dist] phase {pos.index + 1}/{len(phases.phases)} '{pos.phase.name}': epochs "
+                  f"{pos.start + 1}-{pos.start + pos.phase.epochs}, peak LR {pos.phase.lr:g}, "
+                  f"{pos.phase.schedule.name} schedule", flush=True)
+            logger.set_tags({"we_dist.phase": pos.phase.name})
         train_loader.set_epoch(epoch)
-        ddp.train()
+        state.ddp.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.float64, device=device)
         seen, shown, method_seconds = 0, 0, 0.0
@@ -202,22 +258,30 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
         for i, (images, labels) in enumerate(train_loader):
             if i >= steps_per_epoch:
                 break
-            lr = cfg.optim.lr * lr_factor(cfg.schedule, epoch + i / steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = phases.lr(epoch + i / steps_per_epoch)
+            state.set_lr(lr)
+            ctx = context(epoch)
             with autocast():
-                logits = ddp(images)
+                logits = state.ddp(images)
                 loss = F.cross_entropy(logits, labels, label_smoothing=cfg.optim.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+                extra = method.loss_term(ctx, logits, labels)
+                total = loss if extra is None else loss + extra
+            state.optimizer.zero_grad(set_to_none=True)
+            state.scaler.scale(total).backward()
+            state.scaler.unscale_(state.optimizer)  # hooks see true gradients
+            t0 = time.perf_counter()
+            method.on_after_backward(ctx)
+            method_seconds += time.perf_counter() - t0
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
             step += 1
             loss_sum += loss.detach().double() * labels.numel()
             correct += (logits.detach().argmax(1) == labels).sum().double()
             seen += labels.numel()
             t0 = time.perf_counter()
-            method.on_step_end(context(epoch))
+            ctx = context(epoch)
+            method.on_step_end(ctx)
+            after_hook(ctx)
             method_seconds += time.perf_counter() - t0
             if (i + 1) % cfg.train.log_every_steps == 0 or i + 1 == steps_per_epoch:
                 rate = seen * world / (time.perf_counter() - epoch_start)
@@ -227,21 +291,28 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
         train_seconds = time.perf_counter() - epoch_start
         loss_total, correct_total, seen_total = _all_reduce_sum([float(loss_sum), float(correct), float(seen)], device)
 
-        _broadcast_buffers(model)
-        metrics = evaluate(model, val_loader, device, autocast)
+        _broadcast_buffers(state.model)
+        metrics = evaluate(state.model, val_loader, device, autocast)
         t0 = time.perf_counter()
-        method.on_epoch_end(context(epoch))
+        ctx = context(epoch)
+        method.on_epoch_end(ctx)
+        after_hook(ctx)
         method_seconds += time.perf_counter() - t0
+        if ctx.changed:
+            # The network changed shape: what it scores now is what the checkpoint holds.
+            metrics = {**evaluate(state.model, val_loader, device, autocast),
+                       **{f"{k}_before_change": v for k, v in metrics.items()}}
         if cfg.train.check_replicas:
-            sync.check_replicas(model, where=f"epoch {epoch}")  # raises if the ranks differ
+            sync.check_replicas(state.model, where=f"epoch {epoch}")  # raises if the ranks differ
             metrics["replicas/checksum_ok"] = 1.0
         epoch_seconds = time.perf_counter() - epoch_start
         metrics.update({
             "epoch": float(epoch),
             "step": float(step),
+            "phase": float(pos.index),
             "train/loss": loss_total / max(seen_total, 1),
             "train/top1": correct_total / max(seen_total, 1),
-            "lr": cfg.optim.lr * lr_factor(cfg.schedule, epoch + 1 - 1e-9),
+            "lr": phases.lr(epoch + 1 - 1e-9),
             "throughput/train_images_per_s": seen_total / max(train_seconds, 1e-9),
             "time/epoch_s": epoch_seconds,
             "time/method_s": method_seconds,
@@ -251,37 +322,52 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
         if not all(math.isfinite(v) for v in (metrics["train/loss"], metrics["val/loss"])):
             raise FloatingPointError(f"epoch {epoch}: loss is not finite ({metrics['train/loss']}, "
                                      f"{metrics['val/loss']}); lower optim.lr or check the data")
+        last = epoch == epochs - 1
         history.append(dict(metrics))
-        if rank == 0:
-            print(f"[we_dist] epoch {epoch + 1}/{epochs}: loss {metrics['train/loss']:.4f} "
-                  f"val top1 {metrics['val/top1']:.4f} top5 {metrics['val/top5']:.4f} "
-                  f"{metrics['throughput/train_images_per_s']:.0f} img/s {epoch_seconds:.1f}s", flush=True)
-            # Log before the checkpoint: a crash in between re-runs this epoch, and the
-            # logger skips steps already logged, so MLflow sees each epoch exactly once.
-            logger.log_metrics(metrics, step=epoch)
-            logger.log_histograms(method.pop_histograms())
-        _report(session, cfg, rank, metrics, epoch, step, model, optimizer, scaler, method)
+        with tempfile.TemporaryDirectory(prefix="we_dist_ckpt_") as tmp:
+            if rank == 0:
+                phase_note = f" [{pos.phase.name}]" if len(phases.phases) > 1 else ""
+                print(f"[we_dist] epoch {epoch + 1}/{epochs}{phase_note}: loss {metrics['train/loss']:.4f} "
+                      f"val top1 {metrics['val/top1']:.4f} top5 {metrics['val/top5']:.4f} "
+                      f"{metrics['throughput/train_images_per_s']:.0f} img/s {epoch_seconds:.1f}s", flush=True)
+                # Log before the checkpoint: a crash in between re-runs this epoch, and the
+                # logger skips steps already logged, so MLflow sees each epoch exactly once.
+                logger.log_metrics(metrics, step=epoch)
+                logger.log_histograms(method.pop_histograms())
+                if last:
+                    _finish(cfg, state.model, input_shape, account_start, history, logger, tmp, epochs)
+            _report(session, cfg, rank, metrics, epoch, step, state, method, account_start, tmp)
 
     progress.close()
-    if rank == 0:
-        if history:
-            print("[we_dist] summary\n" + _summary_table(history), flush=True)
-        if cfg.tracking.log_model:
-            logger.log_state_dict(model.state_dict())
     return metrics
 
 
+def _finish(cfg: Config, model: nn.Module, input_shape: tuple[int, int, int], account_start: dict[str, float],
+            history: list[dict[str, float]], logger: Any, checkpoint_dir: str, epochs: int) -> None:
+    """Rank 0 after the last epoch: accounting, summary, exported network, final weights."""
+    account_end = accounting.account(model, input_shape, cfg.train.accounting_repeats)
+    logger.log_metrics(account_end, step=epochs)
+    print("[we_dist] summary\n" + _summary_table(history), flush=True)
+    if account_start:
+        print("[we_dist] the network, before and after training\n"
+              + accounting.summary_lines(account_start, account_end), flush=True)
+    if cfg.train.export:
+        path = export_model(model, input_shape, checkpoint_dir)
+        logger.log_files([path, Path(checkpoint_dir) / "exported.json"], "model")
+    if cfg.tracking.log_model:
+        logger.log_state_dict({"model": model.state_dict(), "architecture": architecture.describe(model)})
+
+
 def _report(session: Any, cfg: Config, rank: int, metrics: dict[str, float], epoch: int, step: int,
-            model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, method: Method) -> None:
-    name = f"epoch_{epoch:04d}"
+            state: TrainState, method: Method, account_start: dict[str, float], tmp: str) -> None:
+    name = checkpoint_name(epoch)
     if rank != 0:
         session.report(metrics, None, name)
         return
-    with tempfile.TemporaryDirectory(prefix="we_dist_ckpt_") as tmp:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "method": method.state_dict(), "epoch": epoch, "step": step}
-        save_state(tmp, state, epoch=epoch, step=step, run=cfg.name, method=cfg.method.name)
-        session.report(metrics, tmp, name)
+    save_state(tmp, {**state.state_dict(), "method": method.state_dict(), "epoch": epoch, "step": step,
+                     "accounting_start": account_start, "metrics": dict(metrics)},
+               epoch=epoch, step=step, run=cfg.name, method=cfg.method.name)
+    session.report(metrics, tmp, name)
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:

@@ -1,0 +1,192 @@
+"""The method contract v2, driven through the real worker loop under 2 gloo ranks (no Ray):
+hook order, a structural change mid-training (smaller, bit-identical replicas, training goes
+on), resume into the pruned shape after a crash, and phases with their own LR."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from we_dist.config import load_config
+from we_dist.methods.base import FitContext, Method
+from we_dist.methods.registry import register_method
+from we_dist.train.checkpoint import load_state
+from we_dist.train.loop import run_training
+from we_dist.train.session import TorchrunSession
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Crash(RuntimeError):
+    """Raised by a test method to stop a run the way a killed worker would."""
+
+
+@register_method
+class RecordingMethod(Method):
+    """Records every hook call (the contract test's probe); optionally crashes at an epoch."""
+
+    name = "test_recorder"
+    summary = "test probe: records the hooks the loop calls"
+    Settings = None
+
+    def __init__(self, settings=None) -> None:
+        self.calls: list[tuple] = []
+        self.weights_at_loss: torch.Tensor | None = None
+        self.saw_grads_before_step = []
+
+    def prepare_model(self, model, cfg):
+        self.calls.append(("prepare_model",))
+        return model
+
+    def param_groups(self, model, groups):
+        self.calls.append(("param_groups", len(groups)))
+        # Freeze nothing, but give the classifier its own LR scale: the loop must honour it.
+        fc = {id(p) for p in model.fc.parameters()}
+        rest = [{**g, "params": [p for p in g["params"] if id(p) not in fc]} for g in groups]
+        return rest + [{"params": list(model.fc.parameters()), "weight_decay": 0.0, "lr_scale": 0.5}]
+
+    def on_fit_start(self, ctx):
+        self.calls.append(("on_fit_start", ctx.epoch))
+
+    def loss_term(self, ctx, logits, labels):
+        self.calls.append(("loss_term", ctx.step))
+        self.weights_at_loss = ctx.model.fc.weight.detach().clone()
+        return 0.0 * logits.float().pow(2).mean()
+
+    def on_after_backward(self, ctx):
+        self.calls.append(("on_after_backward", ctx.step))
+        grads_ok = ctx.model.fc.weight.grad is not None
+        not_stepped = torch.equal(ctx.model.fc.weight.detach(), self.weights_at_loss)
+        self.saw_grads_before_step.append(grads_ok and not_stepped)
+
+    def on_step_end(self, ctx):
+        self.calls.append(("on_step_end", ctx.step))
+
+    def on_epoch_end(self, ctx):
+        self.calls.append(("on_epoch_end", ctx.epoch, ctx.phase.name if ctx.phase else None))
+
+
+def digits_config(tmp_path, digits, name, *overrides):
+    train_path, val_path = digits
+    return load_config(ROOT / "recipes" / "demo.yaml", [
+        f"name={name}", f"data.train_path={train_path}", f"data.val_path={val_path}",
+        f"checkpoint.storage_path={tmp_path / 'runs'}", "tracking.enabled=false", "train.progress=false",
+        "train.check_replicas=true", "train.accounting_repeats=1", "schedule.milestones=[]",
+        "schedule.warmup_epochs=0", *overrides])
+
+
+def _run(rank, world, cfg, root):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    import we_dist.train.loop as loop
+
+    made = []
+    real_create = loop.create_method
+
+    def keep(c):  # the loop builds its method itself; keep a handle to read what it recorded
+        made.append(real_create(c))
+        return made[-1]
+
+    loop.create_method = keep
+    try:
+        metrics = run_training(cfg, TorchrunSession(root))
+    finally:
+        loop.create_method = real_create
+    method = made[0]
+    return {"metrics": metrics, "calls": getattr(method, "calls", None),
+            "grads_ok": getattr(method, "saw_grads_before_step", None)}
+
+
+def test_hooks_are_called_in_the_documented_order(gloo, tmp_path, digits_betons):
+    cfg = digits_config(tmp_path, digits_betons, "order", "method.name=test_recorder", "schedule.epochs=2",
+                        "train.max_steps_per_epoch=3")
+    r0, r1 = gloo(_run, 2, cfg, str(tmp_path / "runs" / "order"))
+    calls = r0["calls"]
+    assert calls[0] == ("prepare_model",)
+    assert calls[1][0] == "param_groups"
+    assert calls[2] == ("on_fit_start", 0)
+    per_step = [c[0] for c in calls[3:7]]
+    assert per_step == ["loss_term", "on_after_backward", "on_step_end", "loss_term"]
+    epoch_ends = [c for c in calls if c[0] == "on_epoch_end"]
+    assert epoch_ends == [("on_epoch_end", 0, "train"), ("on_epoch_end", 1, "train")]
+    assert sum(c[0] == "on_step_end" for c in calls) == 6
+    assert all(r0["grads_ok"]) and len(r0["grads_ok"]) == 6   # grads present, weights not yet stepped
+    assert r0["calls"] == r1["calls"]
+    assert r0["metrics"]["replicas/checksum_ok"] == 1.0
+
+
+def _slim_then_crash(rank, world, cfg, root, crash_epoch):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    from we_dist.methods.slimming import NetworkSlimmingMethod
+
+    original = NetworkSlimmingMethod.on_epoch_end
+
+    def on_epoch_end(self, ctx):
+        original(self, ctx)
+        if ctx.epoch == crash_epoch:
+            raise Crash(f"crash after epoch {ctx.epoch}")
+
+    NetworkSlimmingMethod.on_epoch_end = on_epoch_end
+    try:
+        run_training(cfg, TorchrunSession(root))
+    except Crash:
+        return "crashed"
+    finally:
+        NetworkSlimmingMethod.on_epoch_end = original
+    return "finished"
+
+
+def _resume(rank, world, cfg, root):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    from we_dist import sync
+    import we_dist.train.loop as loop
+
+    seen = {}
+    real = loop.TrainState
+
+    class Watch(real):  # what the loop trains once it resumed: the pruned shape
+        def __init__(self, model, *a, **k):
+            seen["params_at_resume"] = sum(p.numel() for p in model.parameters())
+            super().__init__(model, *a, **k)
+
+    loop.TrainState = Watch
+    try:
+        metrics = run_training(cfg, TorchrunSession(root))
+    finally:
+        loop.TrainState = real
+    return {"metrics": metrics, **seen}
+
+
+def test_slimming_prunes_identically_and_a_crash_after_it_resumes_into_the_pruned_shape(gloo, tmp_path,
+                                                                                         digits_betons):
+    cfg = digits_config(tmp_path, digits_betons, "slim", "method.name=slim", "schedule.epochs=2",
+                        "schedule.name=constant", "optim.lr=0.05", "method.slim.percent=0.4",
+                        "method.slim.s=0.001", "method.slim.finetune_epochs=3", "method.slim.finetune_lr=0.02")
+    root = str(tmp_path / "runs" / "slim")
+    # Sparsity epochs 0-1, pruning after epoch 1; then a crash after fine-tuning epoch 2.
+    assert gloo(_slim_then_crash, 2, cfg, root, 2) == ["crashed", "crashed"]
+    pruned = load_state(Path(root) / "epoch_0001")
+    before = load_state(Path(root) / "epoch_0000")
+    n_before = sum(v.numel() for k, v in before["model"].items() if not k.endswith(("running_mean", "running_var",
+                                                                                   "num_batches_tracked")))
+    n_after = sum(v.numel() for k, v in pruned["model"].items() if not k.endswith(("running_mean", "running_var",
+                                                                                  "num_batches_tracked")))
+    assert n_after < 0.9 * n_before
+    assert pruned["method"]["pruned"] is True
+    # Shapes agree with the saved architecture (what a resume rebuilds).
+    for name, entry in pruned["architecture"].items():
+        for tensor, shape in entry["shapes"].items():
+            assert list(pruned["model"][f"{name}.{tensor}"].shape) == shape
+
+    r0, r1 = gloo(_resume, 2, cfg, root)
+    assert r0["params_at_resume"] == r1["params_at_resume"] == n_after
+    m = r0["metrics"]
+    assert m["epoch"] == 4 and m["replicas/checksum_ok"] == 1.0
+    final = load_state(Path(root) / "epoch_0004")
+    # Training went on after the change: fine-tuning lowers the loss the pruning raised.
+    losses = [load_state(Path(root) / f"epoch_{e:04d}")["metrics"]["train/loss"] for e in (2, 4)]
+    assert losses[1] < losses[0], losses
+    assert sum(v.numel() for v in final["model"].values()) == sum(v.numel() for v in pruned["model"].values())
+    assert (Path(root) / "epoch_0004" / "exported.pt2").is_file()

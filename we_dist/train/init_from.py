@@ -1,0 +1,77 @@
+"""``model.init_from``: start a run from a trained network (prune it, fine-tune it, ...).
+
+The value is one of:
+
+* a checkpoint directory (``.../epoch_0011``, with ``state.pt`` and ``manifest.json``);
+* a run directory (``<storage>/<run name>``): its newest checkpoint that verifies;
+* an MLflow run id (32 hex characters): that run's newest verified checkpoint, found from
+  the run's logged ``checkpoint.storage_path`` and ``name`` parameters.
+
+Only the network is taken (its architecture and weights; with
+``model.init_architecture_only`` the architecture alone, freshly initialised): not the
+optimizer, not the epoch, not the method's state. The state file is read with
+``torch.load(..., weights_only=True)`` after its manifest hash is checked.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from we_dist import storage
+from we_dist.train.checkpoint import MANIFEST_FILE, CheckpointError, latest_loadable, load_state, run_dir, verify
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class InitFromError(ValueError):
+    """``model.init_from`` names nothing loadable; the message says what was tried."""
+
+
+def resolve(spec: str, tracking_uri: str | None = None) -> str:
+    """The local checkpoint directory ``spec`` names (see the module docstring)."""
+    if _RUN_ID.match(spec) and not Path(spec).exists():
+        return _from_mlflow(spec, tracking_uri)
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise InitFromError(f"model.init_from={spec!r} is neither a checkpoint or run directory nor an MLflow run id")
+    try:
+        if (path / MANIFEST_FILE).exists():
+            verify(path)
+            return str(path.resolve())
+        found, skipped = latest_loadable(str(path))
+    except CheckpointError as exc:
+        raise InitFromError(f"model.init_from={spec!r}: {exc}") from None
+    for reason in skipped:
+        print(f"[we_dist] model.init_from: skipped {reason}", flush=True)
+    return found
+
+
+def _from_mlflow(run_id: str, tracking_uri: str | None) -> str:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        params = MlflowClient(tracking_uri).get_run(run_id).data.params
+    except MlflowException as exc:
+        raise InitFromError(f"model.init_from={run_id}: no such MLflow run at {tracking_uri}: {exc}") from None
+    where, name = params.get("checkpoint.storage_path"), params.get("name")
+    if not where or not name:
+        raise InitFromError(f"model.init_from={run_id}: the MLflow run has no checkpoint.storage_path/name params")
+    directory = run_dir(where, name)
+    if storage.is_remote(directory):
+        directory = storage.download_dir(directory, tempfile.mkdtemp(prefix="we_dist_init_"))
+    try:
+        found, _ = latest_loadable(directory)
+    except CheckpointError as exc:
+        raise InitFromError(f"model.init_from={run_id}: {exc}") from None
+    return found
+
+
+def load_network(spec: str, tracking_uri: str | None = None, map_location: Any = "cpu") -> dict[str, Any]:
+    """``{"model": state_dict, "architecture": ... or None, "source": directory}``."""
+    directory = resolve(spec, tracking_uri)
+    state = load_state(directory, map_location=map_location)
+    return {"model": state["model"], "architecture": state.get("architecture"), "source": directory}
