@@ -5,7 +5,7 @@ import copy
 import torch
 
 from we_dist import sync
-from we_dist.config import ReactivateConfig
+from we_dist.methods.reactivation import ReactivateConfig
 from we_dist.methods import FilterReactivationMethod, FitContext
 from we_dist.methods.reactivation import choose_filters
 from we_dist.models import SmallCNN

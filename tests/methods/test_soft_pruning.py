@@ -3,7 +3,7 @@
 import torch
 
 from we_dist import sync
-from we_dist.config import SoftPruneConfig
+from we_dist.methods.soft_pruning import SoftPruneConfig
 from we_dist.methods import FitContext, SoftFilterPruningMethod
 from we_dist.methods.soft_pruning import soft_prune
 from we_dist.models import SmallCNN

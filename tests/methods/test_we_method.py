@@ -6,7 +6,7 @@ import copy
 import torch
 
 from we_dist import sync
-from we_dist.config import WEMethodConfig
+from we_dist.methods.we import WEMethodConfig
 from we_dist.evolution import WeightEvolution
 from we_dist.methods import FitContext, WeightEvolutionMethod
 from we_dist.models import SmallCNN

@@ -12,13 +12,25 @@ Functional form: :func:`reactivate_filters`.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field, Strict
 from torch import nn
 
 from we_dist import sync
-from we_dist.config import ReactivateConfig
 from we_dist.evolution.scores import conv_filter_scores, unwrap
 from we_dist.methods.base import FitContext, Method
+from we_dist.methods.registry import PositiveInt, register_method, settings_dataclass
+
+
+@settings_dataclass
+class ReactivateConfig:
+    """Whole-filter reactivation: the weakest conv filters are re-drawn at random."""
+
+    ratio: Annotated[float, Strict(), Field(ge=0, lt=1, description=(
+        "fraction of all conv filters (globally, by WE's score) re-drawn per call"))] = 0.02
+    interval: Annotated[PositiveInt, Field(description="epochs between calls")] = 1
 
 
 def _convs(model: nn.Module) -> list[nn.Conv2d]:
@@ -81,10 +93,18 @@ def decode_filters(model: nn.Module, payload: torch.Tensor) -> int:
     return total
 
 
+@register_method
 class FilterReactivationMethod(Method):
     """Whole-filter reactivation every ``interval`` epochs (see the module docstring)."""
 
     name = "reactivate"
+    summary = "whole-filter reactivation: the globally weakest conv filters are re-drawn at random"
+    Settings = ReactivateConfig
+
+    @classmethod
+    def from_config(cls, settings: ReactivateConfig, cfg) -> "FilterReactivationMethod":
+        """Seeded by the run's ``seed``, so a rerun re-draws the same filters."""
+        return cls(settings, seed=cfg.seed)
 
     def __init__(self, cfg: ReactivateConfig, seed: int = 0) -> None:
         self.cfg = cfg

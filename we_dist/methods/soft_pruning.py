@@ -11,13 +11,25 @@ Functional form: :func:`soft_prune`.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field, Strict
 from torch import nn
 
 from we_dist import sync
-from we_dist.config import SoftPruneConfig
 from we_dist.evolution.scores import unwrap
 from we_dist.methods.base import FitContext, Method
+from we_dist.methods.registry import PositiveInt, register_method, settings_dataclass
+
+
+@settings_dataclass
+class SoftPruneConfig:
+    """Soft filter pruning: each call zeroes the smallest-L2 filters of every conv layer."""
+
+    rate: Annotated[float, Strict(), Field(ge=0, lt=1, description=(
+        "fraction of each layer's filters zeroed per call"))] = 0.3
+    interval: Annotated[PositiveInt, Field(description="epochs between calls")] = 1
 
 
 def _convs(model: nn.Module) -> list[nn.Conv2d]:
@@ -55,10 +67,13 @@ def soft_prune(model: nn.Module, rate: float) -> int:
     return apply_mask(model, prune_mask(model, rate))
 
 
+@register_method
 class SoftFilterPruningMethod(Method):
     """Soft filter pruning every ``interval`` epochs (see the module docstring)."""
 
     name = "soft_prune"
+    summary = "soft filter pruning (He et al. 2018): smallest-L2 filters zeroed each call, free to regrow"
+    Settings = SoftPruneConfig
 
     def __init__(self, cfg: SoftPruneConfig) -> None:
         self.cfg = cfg
