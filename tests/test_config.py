@@ -1,5 +1,6 @@
 """The typed config: recipes load, overrides apply, bad input names its key."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,47 @@ def test_config_is_frozen_and_flat_keys_cover_required_names():
                 "method.we.interval", "scaling.num_workers", "scaling.use_gpu", "tracking.uri",
                 "tracking.experiment"):
         assert key in flat
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.momentum=1", "optim.momentum must be in [0, 1), got 1"),
+    ("optim.lr=true", "optim.lr expects a number, got True"),
+    ("optim.lr=.nan", "optim.lr must be a finite number > 0, got nan"),
+    ("data.crop_ratio=1.5", "data.crop_ratio must be in (0, 1], got 1.5"),
+    ("data.mean=[1, x, 3]", "data.mean[1] expects a number, got 'x'"),
+    ("schedule.milestones=[0, 2]", "schedule.milestones[0] must be > 0, got 0"),
+    ("schedule.milestones=[3, 2]", "schedule.milestones must be strictly increasing, got [3, 2]"),
+    ("schedule.name=cosin", "schedule.name must be one of ['step', 'cosine', 'triangular', 'constant'], "
+                            "got 'cosin' (did you mean cosine?)"),
+    ("checkpoint.max_failures=-2", "checkpoint.max_failures must be >= -1, got -2"),
+    ("method.we.ratio_conv=true", "method.we.ratio_conv expects a number, got True"),
+    ("method.we.schedule=continous", "method.we.schedule must be one of ['staged', 'continuous'], "
+                                     "got 'continous' (did you mean continuous?)"),
+    ("method.name=wee", "got 'wee' (did you mean we?)"),
+    ("method.wee.interval=2", "unknown key method.wee (did you mean method.we?); allowed keys here: name,"),
+    ("name=a/b", "name must be non-empty with no slashes or spaces, got 'a/b'"),
+    ("model=3", "model must be a mapping of keys to values, got 3"),
+])
+def test_messages_give_the_key_the_allowed_values_and_a_suggestion(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(RECIPES[0], [override])
+    assert message in str(err.value)
+
+
+def test_every_error_is_reported_at_once_and_empty_sections_mean_defaults():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"optim": {"lr": 0, "momentum": 2}, "scaling": {"num_workers": 0}})
+    text = str(err.value)
+    assert "optim.lr must be > 0" in text and "optim.momentum must be in [0, 1)" in text
+    assert "scaling.num_workers must be > 0" in text and "\n" not in text
+    cfg = config_from_dict({"model": None, "method": {"we": None}, "tracking": {"uri": None}})
+    assert cfg.model == Config().model and cfg.method.we == Config().method.we and cfg.tracking.uri == ""
+
+
+def test_sections_still_validate_when_replaced():
+    cfg = Config()
+    with pytest.raises(ValueError, match="greater than 0"):
+        dataclasses.replace(cfg.optim, lr=0.0)
+    with pytest.raises(ValueError, match="nesterov needs momentum"):
+        dataclasses.replace(cfg.optim, nesterov=True, momentum=0.0)
+    assert dataclasses.replace(cfg.optim, lr=0.5).lr == 0.5

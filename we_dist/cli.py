@@ -9,6 +9,7 @@ Subcommands (each area of the package owns its arguments and its `run`):
     we-dist jobs list|logs|stop|status  follow submitted jobs (we_dist.cluster.jobs)
     we-dist cluster up|down|status      a two-node Ray cluster on this machine (we_dist.cluster.local)
     we-dist config RECIPE [key=value]   print the resolved config, validated
+    we-dist methods [NAME...]           list the training methods and their settings (we_dist.methods.registry)
 
 User errors (bad config, bad data, unreachable services) print one line to stderr and
 exit with status 2; nothing starts.
@@ -30,6 +31,7 @@ COMMANDS = {
     "jobs": ("we_dist.cluster.jobs", "list, follow, stop submitted Ray Jobs"),
     "cluster": ("we_dist.cluster.local", "start/stop a two-node Ray cluster on this machine (loopback)"),
     "config": ("we_dist.cli", "print a recipe's resolved, validated config as YAML"),
+    "methods": ("we_dist.methods.registry", "list the training methods, their settings and defaults"),
 }
 
 
