@@ -190,13 +190,14 @@ def _search_alg(spec: SweepSpec) -> Any:
 def _scheduler(spec: SweepSpec) -> Any:
     if spec.scheduler.name != "asha":
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
+    from we_dist.tune.asha import ResumableASHA
     from we_dist.tune.trial import EPOCHS_DONE
 
     # stop_last_trials=False: a trial that reaches max_t ends by itself (fit() returns and the
     # trial closes its MLflow run); Tune stopping it there would kill it mid-shutdown.
-    return ASHAScheduler(time_attr=EPOCHS_DONE, max_t=spec.scheduler.max_t, grace_period=spec.scheduler.grace_period,
+    # ResumableASHA: Tune does not save a scheduler's state; on --resume it replays the
+    # restored trials' results, so the rungs are those of an uninterrupted sweep.
+    return ResumableASHA(time_attr=EPOCHS_DONE, max_t=spec.scheduler.max_t, grace_period=spec.scheduler.grace_period,
                          reduction_factor=spec.scheduler.reduction_factor, stop_last_trials=False)
 
 
