@@ -26,8 +26,10 @@ Pydantic v2, what it does worse here (and what this module does about it):
 * Its messages name the field but not the section ("ratio_conv: Input should be less
   than 1"), give one bound of a range at a time and never suggest a spelling. Recipes
   need ``method.we.ratio_conv must be in [0, 1), got 2`` and ``did you mean``:
-  :func:`_config_error` rewrites every :class:`pydantic.ValidationError` into that form,
-  which is about a third of the code this module saved.
+  :func:`_config_error` rewrites every :class:`pydantic.ValidationError` into that form.
+  That translation (about 110 lines) is as long as the hand-written checks it replaced
+  (about 140): the gain is that each rule is declared once, on its field, and that a
+  method's section is validated by the method's own class, not that there is less code.
 * ``strict=True`` on a whole model also refuses a dict for a nested dataclass and a YAML
   list for a tuple, so strictness (``true`` is not 1, 1.5 is not an integer) is set per
   field with the ``Int``/``Float``/``Bool``/``Str`` types of the registry instead.
