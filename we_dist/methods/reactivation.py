@@ -93,6 +93,10 @@ def decode_filters(model: nn.Module, payload: torch.Tensor) -> int:
     return total
 
 
+def _same(payload: torch.Tensor) -> torch.Tensor:
+    return payload
+
+
 @register_method
 class FilterReactivationMethod(Method):
     """Whole-filter reactivation every ``interval`` epochs (see the module docstring)."""
@@ -115,13 +119,15 @@ class FilterReactivationMethod(Method):
     def on_epoch_end(self, ctx: FitContext) -> None:
         if (ctx.epoch + 1) % self.cfg.interval:
             return
-        payload = None
-        if ctx.rank == 0:
+
+        def draw() -> torch.Tensor:
             chosen = choose_filters(ctx.model, self.cfg.ratio)
             reactivate_filters(ctx.model, chosen, self.generator)
-            payload = encode_filters(ctx.model, chosen)
+            return encode_filters(ctx.model, chosen)
+
+        payload = sync.decide_and_share(draw, encode=_same, decode=_same)
         # Every rank (rank 0 too, idempotently) writes exactly the bytes rank 0 drew.
-        count = decode_filters(ctx.model, sync.broadcast_bytes(payload, src=0))
+        count = decode_filters(ctx.model, payload)
         self.calls += 1
         self._metrics = {"reactivate/filters": float(count), "reactivate/calls": float(self.calls)}
 

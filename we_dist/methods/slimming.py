@@ -55,7 +55,7 @@ from torch import nn
 
 from we_dist import sync
 from we_dist.methods.base import FitContext, Method, Phase, ScoreHistogram
-from we_dist.methods.registry import NonNegativeInt, register_method, settings_dataclass
+from we_dist.methods.registry import Float, NonNegativeInt, register_method, settings_dataclass
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -64,13 +64,15 @@ _BN = nn.modules.batchnorm._BatchNorm
 class SlimmingSettings:
     """Network Slimming's settings (see the method card)."""
 
-    s: Annotated[float, Field(ge=0, description="L1 strength on BatchNorm scales")] = 1e-4
-    percent: Annotated[float, Field(ge=0, lt=1, description="fraction of channels removed (global)")] = 0.5
-    max_layer_prune: Annotated[float, Field(ge=0, lt=1, description="cap per channel group")] = 0.9
-    sparsity_epochs: NonNegativeInt = 0
-    finetune_epochs: NonNegativeInt = 10
-    finetune_lr: Annotated[float, Field(gt=0)] = 0.01
-    finetune_schedule: Literal["constant", "cosine"] = "constant"
+    s: Annotated[Float, Field(ge=0, description="L1 strength on BatchNorm scales (subgradient s*sign(gamma))")] = 1e-4
+    percent: Annotated[Float, Field(ge=0, lt=1, description="fraction of channels removed, one global threshold")] = 0.5
+    max_layer_prune: Annotated[Float, Field(ge=0, lt=1, description="at most this fraction of a channel group "
+                                                                    "is removed; one channel always stays")] = 0.9
+    sparsity_epochs: Annotated[NonNegativeInt, Field(description="0: the recipe's schedule.epochs")] = 0
+    finetune_epochs: Annotated[NonNegativeInt, Field(description="epochs after pruning; 0: end at the pruning")] = 10
+    finetune_lr: Annotated[Float, Field(gt=0, description="peak LR of the fine-tuning phase")] = 0.01
+    finetune_schedule: Annotated[Literal["constant", "cosine"], Field(description="LR shape while fine-tuning")] = \
+        "constant"
 
 
 def _bns(model: nn.Module) -> list[_BN]:

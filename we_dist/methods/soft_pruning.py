@@ -82,8 +82,10 @@ class SoftFilterPruningMethod(Method):
     def on_epoch_end(self, ctx: FitContext) -> None:
         if (ctx.epoch + 1) % self.cfg.interval:
             return
-        mask = prune_mask(ctx.model, self.cfg.rate) if ctx.rank == 0 else None
-        zeroed = apply_mask(ctx.model, sync.broadcast_bytes(mask, src=0))
+        # Weights are identical on every rank, but ties could still split the replicas.
+        mask = sync.decide_and_share(lambda: prune_mask(ctx.model, self.cfg.rate),
+                                     encode=lambda m: m, decode=lambda m: m)
+        zeroed = apply_mask(ctx.model, mask)
         total = sum(c.weight.shape[0] for c in _convs(ctx.model))
         self._metrics = {"soft_prune/zeroed_filters": float(zeroed),
                          "soft_prune/fraction": zeroed / max(total, 1)}

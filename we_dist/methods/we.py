@@ -90,15 +90,10 @@ class WeightEvolutionMethod(Method):
     def _evolve(self, ctx: FitContext) -> None:
         start = time.perf_counter()
         before = collect_scores(ctx.model)["conv"] if self._want_histogram(ctx) else None
-        if ctx.rank == 0:
-            plan = self.evolution.plan(ctx.model, ctx.epoch)
-            payload = plan.to_tensor()
-        else:
-            plan, payload = None, None
-        payload = sync.broadcast_bytes(payload, src=0)
-        if plan is None:
-            plan = EvolutionPlan.from_tensor(payload)
-            # Keep every rank's WE state equal to rank 0's.
+        plan = sync.decide_and_share(lambda: self.evolution.plan(ctx.model, ctx.epoch),
+                                     encode=EvolutionPlan.to_tensor, decode=EvolutionPlan.from_tensor)
+        if ctx.rank != 0:
+            # Keep every rank's WE state equal to rank 0's: the counters travel in the plan.
             self.evolution.load_state_dict({**self.evolution.state_dict(), "patience": dict(plan.patience)})
         self.evolution.apply(ctx.model, plan)
         self.calls += 1

@@ -1,0 +1,81 @@
+"""Print a RESULTS.md table from the MLflow runs of one experiment.
+
+Runs are grouped by name with the trailing ``-s<seed>`` removed, so ``digits-slim-s0``,
+``digits-slim-s1`` and ``digits-slim-s2`` form one row. Per row: the number of seeds,
+final-epoch val top-1 (mean and sample standard deviation, the headline), best-epoch val top-1
+(labelled), and the network at the start and the end (parameters, MACs, CPU latency at
+batch 1 and 64, medians over seeds).
+
+    python scripts/results_table.py --uri sqlite:///results/mlflow.db --experiment results_slim
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+
+from mlflow.tracking import MlflowClient
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values) * scale
+    sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--uri", required=True)
+    parser.add_argument("--experiment", required=True)
+    parser.add_argument("--match", default="", help="only run names containing this")
+    args = parser.parse_args()
+    client = MlflowClient(args.uri)
+    exp = client.get_experiment_by_name(args.experiment)
+    if exp is None:
+        raise SystemExit(f"no experiment {args.experiment!r} at {args.uri}")
+    rows: dict[str, list] = {}
+    for run in client.search_runs([exp.experiment_id], max_results=5000):
+        name = run.info.run_name or ""
+        if args.match not in name or run.info.status != "FINISHED":
+            continue
+        rows.setdefault(re.sub(r"-s\d+$", "", name), []).append(run)
+    head = ("| run | seeds | final top-1 % (mean ± sd) | best-epoch top-1 % | params start → end | "
+            "MACs start → end | CPU ms b1 start → end | CPU ms b64 start → end |")
+    print(head)
+    print("|---|---|---|---|---|---|---|---|")
+    for group in sorted(rows):
+        runs = rows[group]
+        final, best, acc = [], [], {}
+        for run in runs:
+            top1 = _history(client, run.info.run_id, "val/top1")
+            if not top1:
+                continue
+            final.append(top1[-1][1])
+            best.append(max(v for _, v in top1))
+            for key in ("model/params", "model/macs", "model/cpu_latency_ms_b1", "model/cpu_latency_ms_b64"):
+                h = _history(client, run.info.run_id, key)
+                if len(h) >= 2:
+                    acc.setdefault(key, []).append((h[0][1], h[-1][1]))
+
+        def span(key: str, fmt: str) -> str:
+            pairs = acc.get(key)
+            if not pairs:
+                return "-"
+            start = statistics.median(p[0] for p in pairs)
+            end = statistics.median(p[1] for p in pairs)
+            return f"{fmt.format(start)} → {fmt.format(end)}"
+
+        print(f"| {group} | {len(final)} | {_fmt(final)} | {_fmt(best)} | {span('model/params', '{:,.0f}')} | "
+              f"{span('model/macs', '{:,.0f}')} | {span('model/cpu_latency_ms_b1', '{:.2f}')} | "
+              f"{span('model/cpu_latency_ms_b64', '{:.1f}')} |")
+
+
+if __name__ == "__main__":
+    main()
