@@ -1,6 +1,6 @@
 """WeightEvolution: decide (plan) and write (apply) one WE call, with the patience counters as state.
 
-One call, in the order of weight-evolution.md:
+One call, in the order of ``docs/weight-evolution.md`` (section numbers are that page's):
 
 1. scores of every conv filter, BN gamma and BN beta (section 1), one flat vector;
 2. one threshold per kind at ``ratio_at(cfg, kind, epoch)`` (sections 2, 6);
