@@ -2,7 +2,7 @@
 
 Reactivation methods in the literature (e.g. RePr, Prakash et al. CVPR 2019) find weak
 filters and give them a fresh start as whole filters. Here: every ``interval`` epochs,
-the conv filters whose WE score (mean L1 norm, section 1 of the WE spec) falls in the
+the conv filters whose WE score (mean L1 norm, section 1 of docs/weight-evolution.md) falls in the
 lowest ``ratio`` over the whole model are re-drawn from a normal distribution with the
 standard deviation of their layer's other filters. Rank 0 draws the new values and
 broadcasts them, so every replica receives the same filters.
