@@ -65,3 +65,10 @@ class PhasePlan:
         """The LR at fractional global epoch ``t`` (phase peak LR x its schedule's factor)."""
         pos = self.at(int(t))
         return pos.phase.lr * lr_factor(pos.phase.schedule, t - pos.start)
+
+
+def total_epochs(cfg: Any) -> int:
+    """How many epochs run ``cfg`` trains in all (its method's phases added up)."""
+    from we_dist.methods import create_method
+
+    return PhasePlan.for_run(cfg, create_method(cfg)).total_epochs

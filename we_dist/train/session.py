@@ -77,8 +77,11 @@ class TorchrunSession:
 
     @contextlib.contextmanager
     def resume_dir(self) -> Iterator[str | None]:
+        from we_dist.train.checkpoint import MANIFEST_FILE, CHECKPOINT_PREFIX
+
         root = self.checkpoint_root
-        done = sorted(p for p in os.listdir(root) if p.startswith("epoch_")) if root and os.path.isdir(root) else []
+        done = sorted(p for p in os.listdir(root) if p.startswith(CHECKPOINT_PREFIX)
+                      and os.path.isfile(os.path.join(root, p, MANIFEST_FILE))) if root and os.path.isdir(root) else []
         yield os.path.join(root, done[-1]) if done else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> None:
