@@ -29,13 +29,12 @@ import math
 import tempfile
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pathlib import Path
-
 from torch import nn
 
 from we_dist import accounting, sync
