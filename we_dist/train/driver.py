@@ -125,23 +125,58 @@ def preflight(cfg: Config) -> tuple[str | None, list[str]]:
     return uri, done
 
 
+LOOPBACK = "127.0.0.1"
+# Set to 1 to keep Ray's Prometheus metrics export (and its agent's metrics collection)
+# on for a local run; it is off by default (see README, "Security").
+RAY_METRICS_ENV = "WE_DIST_RAY_METRICS"
+
+
+def _ray_node_on_loopback() -> None:
+    """Make ``ray.init`` keep ``127.0.0.1`` as the node address of a local Ray.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone is not enough: Ray replaces a
+    loopback node address by the host's own address so that other machines could join,
+    unless "Ray clusters" are disabled (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, on by
+    default on Linux). With the node on loopback, Ray binds its gRPC servers (GCS, raylet,
+    workers, object manager), the dashboard agent, the runtime-env agent and the metrics
+    servers to 127.0.0.1. The variable is read when Ray is imported, so if Ray was imported
+    before this call (e.g. by Ray Tune) the already-read constant is set too.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
 def start_local_ray(num_cpus: float | None = None) -> None:
-    """Start a local Ray with its dashboard on 127.0.0.1.
+    """Start a local Ray that listens on 127.0.0.1 only, with its dashboard on 127.0.0.1.
 
     Ray Train frees the placement group of a stopped or failed run through the state
     API, which needs the dashboard; ``RAY_API_SERVER_ADDRESS`` tells every process of the
     job where it is, even when other Ray instances run on the machine. ``num_cpus`` may
     exceed the cores (logical CPUs), e.g. to run two sweep trials side by side.
+
+    The node address is 127.0.0.1 (:func:`_ray_node_on_loopback`), and Ray's metrics
+    export (a Prometheus endpoint without authentication) is off unless
+    ``WE_DIST_RAY_METRICS=1``. What still listens beyond loopback is listed in the
+    README's "Security" section.
     """
     import socket
 
+    _ray_node_on_loopback()
     import ray
 
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((LOOPBACK, 0))
         port = sock.getsockname()[1]
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             log_to_driver=True, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+    metrics = os.environ.get(RAY_METRICS_ENV, "0").strip().lower() in ("1", "true", "yes")
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, dashboard_port=port,
+             _node_ip_address=LOOPBACK, _system_config={"enable_metrics_collection": metrics},
+             log_to_driver=True, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://{LOOPBACK}:{port}"}})
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:
+        print(f"[we_dist] warning: the local Ray node got address {node_ip}, not {LOOPBACK}: its services "
+              f"may accept connections from the network (see README, Security)", file=sys.stderr, flush=True)
 
 
 def connect_ray(address: str | None, num_cpus: float | None = None) -> None:
