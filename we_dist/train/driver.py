@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -241,16 +243,127 @@ def build_trainer(cfg: Config, tracking_uri: str | None, mlflow_run_id: str | No
     )
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped run ``name``; ``checkpoint`` is the last complete one kept (or None).
+
+    A :class:`KeyboardInterrupt`, so that whatever does not know it still treats it as one.
+    """
+
+    def __init__(self, name: str, run_dir: str, checkpoint: str | None, mlflow_run_id: str | None):
+        super().__init__(name)
+        self.name, self.run_dir, self.checkpoint, self.mlflow_run_id = name, run_dir, checkpoint, mlflow_run_id
+
+    def __str__(self) -> str:
+        kept = (f"last complete checkpoint kept: {self.checkpoint}" if self.checkpoint
+                else f"no checkpoint was completed in {self.run_dir}")
+        return (f"interrupted: run {self.name} stopped; {kept}"
+                + (f"; MLflow run {self.mlflow_run_id} marked KILLED" if self.mlflow_run_id else "")
+                + "; run the same command again to resume")
+
+
+class _Interrupts:
+    """Ctrl-C while ``trainer.fit()`` runs in the main thread.
+
+    Ray Train (v2) installs its own SIGINT handler once its controller actor exists: the
+    first Ctrl-C aborts the controller and then calls ``sys.exit(0)`` from the handler,
+    which surfaces as a bare exit status 1 with no message; a second Ctrl-C is only
+    logged. We hand Ray our handler instead, through the trainer's
+    ``_register_sigint_handler`` hook (Ray calls it with the controller): the first Ctrl-C
+    asks the controller to abort (it stops the workers; checkpoints already registered
+    stay on disk), and ``fit()`` then returns or raises once the controller is gone; the
+    second Ctrl-C raises :class:`KeyboardInterrupt` at once. Before the controller exists,
+    Python's default handler applies (KeyboardInterrupt at once). The hook is private to
+    Ray; ``tests/train/test_interrupt.py`` fails if a Ray upgrade stops calling it.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._controller: Any = None
+        self._previous: Any = None
+
+    def attach(self, trainer: Any) -> None:
+        # Tune runs fit() in another thread, where no signal handler can be installed
+        # (nor does Ray install one): nothing to do there.
+        if threading.current_thread() is threading.main_thread() and hasattr(trainer, "_register_sigint_handler"):
+            trainer._register_sigint_handler = self._install
+
+    def _install(self, controller: Any) -> None:
+        self._controller = controller
+        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if self.count == 1 and self._controller is not None:
+            print("[we_dist] Ctrl-C: stopping the run's workers (the last complete checkpoint is kept); "
+                  "press Ctrl-C again to stop at once", flush=True)
+            try:
+                self._controller.abort.remote()    # not waited for here: fit() returns when it is done
+                return
+            except Exception:                      # the controller is already gone: just stop
+                pass
+        raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        """Put back the SIGINT handler that was there before ``fit()``."""
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+# How long an interrupted run waits for the tracking store to record KILLED: a second
+# Ctrl-C must stop at once, not wait through MLflow's retries of a server that is down.
+KILLED_STATUS_TIMEOUT_S = 10.0
+
+
+def _mark_killed(tracking_uri: str | None, run_id: str) -> None:
+    """Record the MLflow run as KILLED, waiting at most ``KILLED_STATUS_TIMEOUT_S``."""
+    from we_dist.tracking import TrackingError, finish_run
+
+    def mark() -> None:
+        try:
+            finish_run(tracking_uri, run_id, "KILLED")
+        except TrackingError as exc:
+            print(f"[we_dist] could not mark MLflow run {run_id} KILLED: {exc}", file=sys.stderr, flush=True)
+
+    # A daemon thread: an unresponsive store must not keep the process alive.
+    marker = threading.Thread(target=mark, name="we_dist-mark-killed", daemon=True)
+    marker.start()
+    marker.join(KILLED_STATUS_TIMEOUT_S)
+    if marker.is_alive():
+        print(f"[we_dist] MLflow run {run_id}: the tracking store did not answer within "
+              f"{KILLED_STATUS_TIMEOUT_S:g}s; its status is left as RUNNING", file=sys.stderr, flush=True)
+
+
 def fit_tracked(trainer: Any, tracking_uri: str | None, run_id: str | None) -> Any:
-    """``trainer.fit()``, closing the MLflow run as FINISHED or FAILED."""
+    """``trainer.fit()``, closing the MLflow run as FINISHED, FAILED or (Ctrl-C) KILLED.
+
+    Ctrl-C (see :class:`_Interrupts`) ends in :class:`KeyboardInterrupt` once the MLflow
+    run is marked KILLED.
+    """
     from we_dist.tracking import finish_run
 
+    interrupts = _Interrupts()
+    interrupts.attach(trainer)
     try:
-        result = trainer.fit()
-    except BaseException:
-        if run_id:
+        try:
+            result = trainer.fit()
+        finally:
+            interrupts.restore()
+    except BaseException as exc:
+        interrupted = interrupts.count > 0 or isinstance(exc, KeyboardInterrupt)
+        if run_id and interrupted:
+            _mark_killed(tracking_uri, run_id)
+        elif run_id:
             finish_run(tracking_uri, run_id, "FAILED")
+        if interrupted and not isinstance(exc, KeyboardInterrupt):
+            # The aborted controller surfaces as an actor error (or Ray's sys.exit): it is our Ctrl-C.
+            raise KeyboardInterrupt from exc
         raise
+    if interrupts.count:
+        # The controller stopped the run before fit() noticed anything wrong.
+        if run_id:
+            _mark_killed(tracking_uri, run_id)
+        raise KeyboardInterrupt
     if run_id:
         finish_run(tracking_uri, run_id, "FINISHED")
     return result
@@ -270,15 +383,19 @@ def train(cfg: Config, address: str | None = None) -> TrainOutcome:
     check_resources(cfg)
 
     run_id = None
-    if tracking_uri is not None:
-        from we_dist.tracking import open_run
+    try:
+        if tracking_uri is not None:
+            from we_dist.tracking import open_run
 
-        run_id = open_run(cfg.tracking, run_name=cfg.name, config_dict=cfg.to_dict(),
-                          resume=cfg.checkpoint.resume != "never")
-    print(f"[we_dist] run {cfg.name}: {cfg.scaling.num_workers} workers, method {cfg.method.name}, "
-          f"{'resuming' if done else 'starting'}; checkpoints in {cfg.checkpoint.storage_path}/{cfg.name}"
-          + (f"; MLflow run {run_id} at {tracking_uri}" if run_id else ""), flush=True)
-    result = fit_tracked(build_trainer(cfg, tracking_uri, run_id), tracking_uri, run_id)
+            run_id = open_run(cfg.tracking, run_name=cfg.name, config_dict=cfg.to_dict(),
+                              resume=cfg.checkpoint.resume != "never")
+        print(f"[we_dist] run {cfg.name}: {cfg.scaling.num_workers} workers, method {cfg.method.name}, "
+              f"{'resuming' if done else 'starting'}; checkpoints in {cfg.checkpoint.storage_path}/{cfg.name}"
+              + (f"; MLflow run {run_id} at {tracking_uri}" if run_id else ""), flush=True)
+        result = fit_tracked(build_trainer(cfg, tracking_uri, run_id), tracking_uri, run_id)
+    except KeyboardInterrupt:
+        kept = completed_checkpoints(cfg.checkpoint.storage_path, cfg.name)
+        raise RunInterrupted(cfg.name, run_dir, f"{run_dir}/{kept[-1]}" if kept else None, run_id) from None
     return TrainOutcome(metrics=dict(result.metrics or {}), run_dir=run_dir,
                         mlflow_run_id=run_id, tracking_uri=tracking_uri)
 
@@ -297,6 +414,9 @@ def run(args: argparse.Namespace) -> int:
     except PreflightError as exc:
         print(f"we-dist train: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:
+        print(f"we-dist train: {exc}", file=sys.stderr, flush=True)
+        return 130   # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     m = outcome.metrics
     if not m:
         return 0
