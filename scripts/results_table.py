@@ -46,19 +46,23 @@ def main() -> None:
         if args.match not in name or run.info.status != "FINISHED":
             continue
         rows.setdefault(re.sub(r"-s\d+$", "", name), []).append(run)
-    head = ("| run | seeds | final top-1 % (mean ± sd) | best-epoch top-1 % | params start → end | "
+    head = ("| run | seeds | final top-1 % (mean ± sd) | best-epoch top-1 % (not the headline) | "
+            "at the structural change: top-1 % before → after | params start → end | "
             "MACs start → end | CPU ms b1 start → end | CPU ms b64 start → end |")
     print(head)
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for group in sorted(rows):
         runs = rows[group]
-        final, best, acc = [], [], {}
+        final, best, acc, change_before, change_after = [], [], {}, [], []
         for run in runs:
             top1 = _history(client, run.info.run_id, "val/top1")
             if not top1:
                 continue
             final.append(top1[-1][1])
             best.append(max(v for _, v in top1))
+            for step, value in _history(client, run.info.run_id, "val/top1_before_change"):
+                change_before.append(value)
+                change_after.append(dict(top1)[step])
             for key in ("model/params", "model/macs", "model/cpu_latency_ms_b1", "model/cpu_latency_ms_b64"):
                 h = _history(client, run.info.run_id, key)
                 if len(h) >= 2:
@@ -72,7 +76,8 @@ def main() -> None:
             end = statistics.median(p[1] for p in pairs)
             return f"{fmt.format(start)} → {fmt.format(end)}"
 
-        print(f"| {group} | {len(final)} | {_fmt(final)} | {_fmt(best)} | {span('model/params', '{:,.0f}')} | "
+        change = f"{_fmt(change_before)} → {_fmt(change_after)}" if change_before else "-"
+        print(f"| {group} | {len(final)} | {_fmt(final)} | {_fmt(best)} | {change} | {span('model/params', '{:,.0f}')} | "
               f"{span('model/macs', '{:,.0f}')} | {span('model/cpu_latency_ms_b1', '{:.2f}')} | "
               f"{span('model/cpu_latency_ms_b64', '{:.1f}')} |")
 

@@ -113,3 +113,35 @@ def _identical_after_prune(rank, world):
 def test_replicas_bit_identical_after_pruning(gloo):
     a, b = gloo(_identical_after_prune, 2)
     assert a == b
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "cifar_resnet20", "cifar_mobilenet_v2"])
+def test_removing_dead_channels_leaves_the_function_unchanged(name):
+    # Channels whose BN scale and shift are both zero output nothing; removing them (and the
+    # matching inputs downstream) must not change the network's outputs.
+    torch.manual_seed(0)
+    model = spread_gammas(create_model(name, 10))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.add_(torch.sign(m.weight) * 0.5)        # every live |gamma| > 0.5
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    model.eval()
+    decision = slimming_decision(model, (3, 32, 32), percent=0.2, max_layer_prune=0.9)
+    groups = decision["prune"]
+    assert groups
+    # Make the chosen channels dead in every BN of their group: zero gamma and beta.
+    x = torch.randn(4, 3, 32, 32)
+    from we_dist.methods.slimming import _groups
+    with torch.no_grad():
+        for root, group in _groups(model, (3, 32, 32)):
+            for dep, idxs in group:
+                if isinstance(dep.target.module, nn.BatchNorm2d) and root in groups:
+                    keep_map = list(idxs)
+                    chosen = [keep_map[i] for i in groups[root]]
+                    dep.target.module.weight[chosen] = 0
+                    dep.target.module.bias[chosen] = 0
+    before = model(x)
+    apply_decision(model, (3, 32, 32), decision)
+    assert torch.allclose(model(x), before, atol=1e-5)
