@@ -31,6 +31,7 @@ COMMANDS = {
     "jobs": ("we_dist.cluster.jobs", "list, follow, stop submitted Ray Jobs"),
     "cluster": ("we_dist.cluster.local", "start/stop a two-node Ray cluster on this machine (loopback)"),
     "config": ("we_dist.cli", "print a recipe's resolved, validated config as YAML"),
+    "compare": ("we_dist.tune.compare", "run a recipe under several methods and seeds; report the paired comparison"),
     "methods": ("we_dist.methods.registry", "list the training methods, their settings and defaults"),
 }
 

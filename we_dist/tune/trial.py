@@ -27,6 +27,9 @@ from we_dist.config import Config, config_from_dict
 TRIAL_ID_TAG = "we_dist.trial_id"
 SWEEP_TAG = "we_dist.sweep"
 EPOCHS_DONE = "epochs_done"          # the Tune time attribute: epochs completed (epoch + 1)
+VARIANT_KEY = "variant"              # `we-dist compare`: the trial's method variant (a label)
+VARIANT_TAG = "we_dist.variant"
+SEED_TAG = "we_dist.seed"
 
 
 class EpochReport(TuneReportCallback):
@@ -46,6 +49,30 @@ class EpochReport(TuneReportCallback):
 def trial_name(sweep_name: str, trial_id: str) -> str:
     """The Ray Train run name (and MLflow run name) of a trial."""
     return f"{sweep_name}-{trial_id}"
+
+
+def trial_overrides(config: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's sampled values as dotted config overrides.
+
+    Sweeps sample config keys directly. A comparison (``we-dist compare``) samples a
+    method *variant* by its label; ``context["variants"]`` maps each label to its
+    overrides (``method.name`` and the method's settings), which replace the label here.
+    """
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if key == VARIANT_KEY and "variants" in context:
+            out.update(context["variants"][value])
+        else:
+            out[key] = value
+    return out
+
+
+def run_name_for(context: Mapping[str, Any], trial_id: str, config: Mapping[str, Any]) -> str:
+    """The trial's Ray Train / MLflow run name: ``<sweep>-<trial id>``, or for a comparison
+    ``<name>-<variant slug>-seed<seed>`` (stable across resumes: trial ids are too)."""
+    if VARIANT_KEY in config and "slugs" in context:
+        return f"{context['sweep_name']}-{context['slugs'][config[VARIANT_KEY]]}-seed{config['seed']}"
+    return trial_name(context["sweep_name"], trial_id)
 
 
 def make_trial_config(base: Config, sampled: Mapping[str, Any], *, name: str, parent_run_id: str,
@@ -104,8 +131,8 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     from we_dist.train.driver import build_trainer, check_resources, fit_tracked, preflight, resolve_paths
 
     trial_id = ray.tune.get_context().get_trial_id()
-    name = trial_name(context["sweep_name"], trial_id)
-    cfg = make_trial_config(config_from_dict(context["base_config"]), config, name=name,
+    name = run_name_for(context, trial_id, config)
+    cfg = make_trial_config(config_from_dict(context["base_config"]), trial_overrides(config, context), name=name,
                             parent_run_id=context.get("parent_run_id") or "",
                             tracking_uri=context.get("tracking_uri"), storage_path=context["train_storage"])
     cfg = resolve_paths(cfg)
@@ -117,8 +144,10 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         from we_dist.tracking import RunLogger, open_run
 
         run_id = open_run(cfg.tracking, run_name=cfg.name, config_dict=cfg.to_dict(), resume=True)
-        RunLogger(tracking_uri, run_id, enabled=True).set_tags(
-            {TRIAL_ID_TAG: trial_id, SWEEP_TAG: context["sweep_name"]})
+        tags = {TRIAL_ID_TAG: trial_id, SWEEP_TAG: context["sweep_name"]}
+        if VARIANT_KEY in config:
+            tags.update({VARIANT_TAG: str(config[VARIANT_KEY]), SEED_TAG: str(config.get("seed"))})
+        RunLogger(tracking_uri, run_id, enabled=True).set_tags(tags)
     print(f"[we_dist] trial {trial_id}: {'resuming' if resuming else 'starting'} run {cfg.name} with "
           + ", ".join(f"{k}={v}" for k, v in config.items()), flush=True)
 
