@@ -249,15 +249,19 @@ class RunInterrupted(KeyboardInterrupt):
     A :class:`KeyboardInterrupt`, so that whatever does not know it still treats it as one.
     """
 
-    def __init__(self, name: str, run_dir: str, checkpoint: str | None, mlflow_run_id: str | None):
+    def __init__(self, name: str, run_dir: str, checkpoint: str | None, mlflow_run_id: str | None,
+                 killed_recorded: bool = True):
         super().__init__(name)
         self.name, self.run_dir, self.checkpoint, self.mlflow_run_id = name, run_dir, checkpoint, mlflow_run_id
+        self.killed_recorded = killed_recorded
 
     def __str__(self) -> str:
         kept = (f"last complete checkpoint kept: {self.checkpoint}" if self.checkpoint
                 else f"no checkpoint was completed in {self.run_dir}")
         return (f"interrupted: run {self.name} stopped; {kept}"
-                + (f"; MLflow run {self.mlflow_run_id} marked KILLED" if self.mlflow_run_id else "")
+                + (f"; MLflow run {self.mlflow_run_id} " + ("marked KILLED" if self.killed_recorded
+                                                             else "could not be marked KILLED")
+                   if self.mlflow_run_id else "")
                 + "; run the same command again to resume")
 
 
@@ -315,13 +319,16 @@ class _Interrupts:
 KILLED_STATUS_TIMEOUT_S = 10.0
 
 
-def _mark_killed(tracking_uri: str | None, run_id: str) -> None:
-    """Record the MLflow run as KILLED, waiting at most ``KILLED_STATUS_TIMEOUT_S``."""
+def _mark_killed(tracking_uri: str | None, run_id: str) -> bool:
+    """Record the MLflow run as KILLED, waiting at most ``KILLED_STATUS_TIMEOUT_S``; True if done."""
     from we_dist.tracking import TrackingError, finish_run
+
+    done = []
 
     def mark() -> None:
         try:
             finish_run(tracking_uri, run_id, "KILLED")
+            done.append(True)
         except TrackingError as exc:
             print(f"[we_dist] could not mark MLflow run {run_id} KILLED: {exc}", file=sys.stderr, flush=True)
 
@@ -332,13 +339,14 @@ def _mark_killed(tracking_uri: str | None, run_id: str) -> None:
     if marker.is_alive():
         print(f"[we_dist] MLflow run {run_id}: the tracking store did not answer within "
               f"{KILLED_STATUS_TIMEOUT_S:g}s; its status is left as RUNNING", file=sys.stderr, flush=True)
+    return bool(done)
 
 
 def fit_tracked(trainer: Any, tracking_uri: str | None, run_id: str | None) -> Any:
     """``trainer.fit()``, closing the MLflow run as FINISHED, FAILED or (Ctrl-C) KILLED.
 
     Ctrl-C (see :class:`_Interrupts`) ends in :class:`KeyboardInterrupt` once the MLflow
-    run is marked KILLED.
+    run is marked KILLED (its ``killed_recorded`` attribute says whether the store took it).
     """
     from we_dist.tracking import finish_run
 
@@ -351,19 +359,23 @@ def fit_tracked(trainer: Any, tracking_uri: str | None, run_id: str | None) -> A
             interrupts.restore()
     except BaseException as exc:
         interrupted = interrupts.count > 0 or isinstance(exc, KeyboardInterrupt)
-        if run_id and interrupted:
-            _mark_killed(tracking_uri, run_id)
-        elif run_id:
-            finish_run(tracking_uri, run_id, "FAILED")
-        if interrupted and not isinstance(exc, KeyboardInterrupt):
-            # The aborted controller surfaces as an actor error (or Ray's sys.exit): it is our Ctrl-C.
-            raise KeyboardInterrupt from exc
-        raise
+        if not interrupted:
+            if run_id:
+                finish_run(tracking_uri, run_id, "FAILED")
+            raise
+        recorded = _mark_killed(tracking_uri, run_id) if run_id else True
+        if isinstance(exc, KeyboardInterrupt):
+            exc.killed_recorded = recorded
+            raise
+        # The aborted controller surfaces as an actor error (or Ray's sys.exit): it is our Ctrl-C.
+        stop = KeyboardInterrupt()
+        stop.killed_recorded = recorded
+        raise stop from exc
     if interrupts.count:
         # The controller stopped the run before fit() noticed anything wrong.
-        if run_id:
-            _mark_killed(tracking_uri, run_id)
-        raise KeyboardInterrupt
+        stop = KeyboardInterrupt()
+        stop.killed_recorded = _mark_killed(tracking_uri, run_id) if run_id else True
+        raise stop
     if run_id:
         finish_run(tracking_uri, run_id, "FINISHED")
     return result
@@ -393,9 +405,14 @@ def train(cfg: Config, address: str | None = None) -> TrainOutcome:
               f"{'resuming' if done else 'starting'}; checkpoints in {cfg.checkpoint.storage_path}/{cfg.name}"
               + (f"; MLflow run {run_id} at {tracking_uri}" if run_id else ""), flush=True)
         result = fit_tracked(build_trainer(cfg, tracking_uri, run_id), tracking_uri, run_id)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         kept = completed_checkpoints(cfg.checkpoint.storage_path, cfg.name)
-        raise RunInterrupted(cfg.name, run_dir, f"{run_dir}/{kept[-1]}" if kept else None, run_id) from None
+        # Interrupted before fit() (starting Ray, opening the MLflow run): nothing marked it.
+        recorded = getattr(exc, "killed_recorded", None)
+        if recorded is None:
+            recorded = _mark_killed(tracking_uri, run_id) if run_id else True
+        raise RunInterrupted(cfg.name, run_dir, f"{run_dir}/{kept[-1]}" if kept else None, run_id,
+                             recorded) from None
     return TrainOutcome(metrics=dict(result.metrics or {}), run_dir=run_dir,
                         mlflow_run_id=run_id, tracking_uri=tracking_uri)
 
