@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from we_dist.config import Config, ConfigError, load_config
+from we_dist.storage import DEFAULT_STORAGE
+from we_dist.train.checkpoint import completed_checkpoints, epoch_of
+from we_dist.train.checkpoint import run_dir as checkpoint_run_dir
 
-DEFAULT_STORAGE = "~/we_dist_runs"
 
 
 class PreflightError(RuntimeError):
@@ -42,40 +44,19 @@ class TrainOutcome:
     tracking_uri: str | None
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
 def resolve_paths(cfg: Config) -> Config:
-    """Absolute local paths for data and storage: Ray workers do not share our cwd."""
-    def absolute(p: str) -> str:
-        return p if not p or _is_remote(p) else str(Path(p).expanduser().resolve())
+    """Absolute local paths for data, storage and ``model.init_from``: workers do not share our cwd."""
+    from we_dist.storage import absolute, storage_root
 
-    storage = cfg.checkpoint.storage_path or os.environ.get("WE_DIST_STORAGE", DEFAULT_STORAGE)
+    init_from = cfg.model.init_from
+    if init_from and Path(init_from).expanduser().exists():  # a directory; an MLflow run id stays as it is
+        init_from = absolute(init_from)
     return dataclasses.replace(
         cfg,
+        model=dataclasses.replace(cfg.model, init_from=init_from),
         data=dataclasses.replace(cfg.data, train_path=absolute(cfg.data.train_path), val_path=absolute(cfg.data.val_path)),
-        checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=absolute(storage)),
+        checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=storage_root(cfg.checkpoint.storage_path)),
     )
-
-
-def completed_checkpoints(storage_path: str, name: str) -> list[str]:
-    """Names of the complete checkpoints of run ``name`` (those with a manifest)."""
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path if _is_remote(storage_path) else Path(storage_path).as_uri())
-    run_dir = f"{root.rstrip('/')}/{name}"
-    try:
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True))
-    except OSError:
-        return []
-    done = []
-    for info in infos:
-        base = info.path.rsplit("/", 1)[-1]
-        if info.type == pyarrow.fs.FileType.Directory and base.startswith("epoch_"):
-            if fs.get_file_info(f"{info.path}/manifest.json").type == pyarrow.fs.FileType.File:
-                done.append(base)
-    return sorted(done)
 
 
 def preflight(cfg: Config) -> tuple[str | None, list[str]]:
@@ -108,7 +89,7 @@ def preflight(cfg: Config) -> tuple[str | None, list[str]]:
             raise PreflightError(f"{key}: {exc}") from None
 
     done = completed_checkpoints(cfg.checkpoint.storage_path, cfg.name)
-    run_dir = f"{cfg.checkpoint.storage_path}/{cfg.name}"
+    run_dir = checkpoint_run_dir(cfg.checkpoint.storage_path, cfg.name)
     if cfg.checkpoint.resume == "never" and done:
         raise PreflightError(f"run {cfg.name!r} already has checkpoints in {run_dir} and checkpoint.resume=never; "
                              f"choose another name=... or set checkpoint.resume=auto to continue it")
@@ -124,7 +105,22 @@ def preflight(cfg: Config) -> tuple[str | None, list[str]]:
             check_reachable(uri)
         except TrackingError as exc:
             raise PreflightError(f"tracking: {exc} (or set tracking.enabled=false)") from None
+    if cfg.model.init_from and not done:
+        # Found and verified now (hash checked), so a bad one is refused before anything starts.
+        from we_dist.train.init_from import InitFromError, resolve
+
+        try:
+            resolve(cfg.model.init_from, uri or _tracking_uri_for_lookup(cfg))
+        except InitFromError as exc:
+            raise PreflightError(str(exc)) from None
     return uri, done
+
+
+def _tracking_uri_for_lookup(cfg: Config) -> str | None:
+    """The tracking URI an MLflow run id in ``model.init_from`` is looked up in."""
+    from we_dist.tracking import resolve_uri
+
+    return resolve_uri(cfg.tracking)
 
 
 LOOPBACK = "127.0.0.1"
@@ -385,10 +381,13 @@ def train(cfg: Config, address: str | None = None) -> TrainOutcome:
     """Check, then train ``cfg`` to the end. Raises PreflightError/ConfigError on bad input."""
     cfg = resolve_paths(cfg)
     tracking_uri, done = preflight(cfg)
-    run_dir = f"{cfg.checkpoint.storage_path}/{cfg.name}"
-    if done and int(done[-1].split("_")[1]) + 1 >= cfg.schedule.epochs:
+    run_dir = checkpoint_run_dir(cfg.checkpoint.storage_path, cfg.name)
+    from we_dist.train.phases import total_epochs
+
+    epochs = total_epochs(cfg)
+    if done and epoch_of(done[-1]) + 1 >= epochs:
         # Nothing left to train: say so rather than start a cluster that reports nothing.
-        print(f"[we_dist] run {cfg.name} already completed {cfg.schedule.epochs} epochs ({run_dir}/{done[-1]}); "
+        print(f"[we_dist] run {cfg.name} already completed {epochs} epochs ({run_dir}/{done[-1]}); "
               f"choose another name=... to train again, or raise schedule.epochs to continue it", flush=True)
         return TrainOutcome(metrics={}, run_dir=run_dir, mlflow_run_id=None, tracking_uri=tracking_uri)
     connect_ray(address)

@@ -95,23 +95,22 @@ def _report_finished_run(cfg: Config) -> bool:
 
     import ray.tune
 
-    from we_dist.train.driver import completed_checkpoints
+    from we_dist.storage import filesystem, join
+    from we_dist.train.checkpoint import checkpoint_name, completed_checkpoints, run_dir
+    from we_dist.train.phases import total_epochs
 
-    last = f"epoch_{cfg.schedule.epochs - 1:04d}"
-    if last not in completed_checkpoints(cfg.checkpoint.storage_path, cfg.name):
+    epochs = total_epochs(cfg)
+    if checkpoint_name(epochs - 1) not in completed_checkpoints(cfg.checkpoint.storage_path, cfg.name):
         return False
-    run_dir = f"{cfg.checkpoint.storage_path}/{cfg.name}"
     try:
-        import pyarrow.fs
-
-        fs, root = pyarrow.fs.FileSystem.from_uri(run_dir if "://" in run_dir else f"file://{run_dir}")
-        with fs.open_input_stream(f"{root}/checkpoint_manager_snapshot.json") as f:
+        fs, root = filesystem(run_dir(cfg.checkpoint.storage_path, cfg.name))
+        with fs.open_input_stream(join(root, "checkpoint_manager_snapshot.json")) as f:
             snapshot = json.loads(f.read().decode())
         results = [r["metrics"] for r in snapshot["checkpoint_results"]]
     except (OSError, KeyError, TypeError, ValueError):
         return False        # cannot read what Ray Train recorded: let fit() run (it resumes at the end)
     results = sorted((m for m in results if "epoch" in m), key=lambda m: m["epoch"])
-    if not results or int(results[-1]["epoch"]) != cfg.schedule.epochs - 1:
+    if not results or int(results[-1]["epoch"]) != epochs - 1:
         return False
     # Only the checkpoints Ray Train kept are there (checkpoint.num_to_keep); the last is what counts.
     for metrics in results:
