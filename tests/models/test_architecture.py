@@ -46,6 +46,16 @@ def test_rebuild_then_load_reproduces_a_pruned_network():
     assert not differs(fresh, arch)
 
 
+def test_a_rebuilt_network_is_initialised_and_usable_without_loading_weights():
+    pruned = _shrink(create_model("small_cnn", 10))
+    fresh = rebuild(create_model("small_cnn", 10), describe(pruned))
+    conv = fresh.features[0][0]
+    assert conv.weight.shape == pruned.features[0][0].weight.shape
+    assert torch.isfinite(conv.weight).all() and conv.weight.std() > 0     # initialised, not empty memory
+    assert torch.equal(fresh.features[0][1].running_var, torch.ones(16))    # BN statistics reset
+    assert torch.isfinite(fresh.eval()(torch.randn(2, 3, 32, 32))).all()
+
+
 def test_an_architecture_from_another_model_is_refused_before_anything_changes():
     arch = describe(create_model("cifar_resnet20", 10))
     other = create_model("small_cnn", 10)

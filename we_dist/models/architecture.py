@@ -75,8 +75,9 @@ def differs(model: nn.Module, arch: dict[str, dict[str, Any]]) -> bool:
 def rebuild(model: nn.Module, arch: dict[str, dict[str, Any]]) -> nn.Module:
     """Resize ``model``'s layers in place to the shapes in ``arch``; returns ``model``.
 
-    Tensors whose shape changes are replaced by uninitialised ones (load the weights next);
-    the rest are kept. Raises :class:`ArchitectureError`, before changing anything, when a
+    A layer whose tensors change shape gets new tensors, initialised as a new layer of that
+    shape would be (its ``reset_parameters``), so the network is usable as it is (training
+    a pruned shape from scratch) and ``load_state_dict`` can fill it; other layers are kept. Raises :class:`ArchitectureError`, before changing anything, when a
     layer is missing or of another type.
     """
     modules = dict(model.named_modules())
@@ -91,6 +92,7 @@ def rebuild(model: nn.Module, arch: dict[str, dict[str, Any]]) -> nn.Module:
         for attr in _SHAPE_ATTRS[_kind(module)]:
             value = entry[attr]
             setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+        resized = False
         for tensor_name, shape in entry.get("shapes", {}).items():
             current = getattr(module, tensor_name, None)
             if current is None or list(current.shape) == list(shape):
@@ -100,4 +102,7 @@ def rebuild(model: nn.Module, arch: dict[str, dict[str, Any]]) -> nn.Module:
                 setattr(module, tensor_name, nn.Parameter(fresh, requires_grad=current.requires_grad))
             else:
                 module.register_buffer(tensor_name, fresh)
+            resized = True
+        if resized and hasattr(module, "reset_parameters"):
+            module.reset_parameters()  # never leave uninitialised memory in a network
     return model
