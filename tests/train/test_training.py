@@ -55,6 +55,12 @@ def test_two_workers_with_we_learn_stay_identical_and_resume(tmp_path, digits_be
     run = client.get_run(first.mlflow_run_id)
     assert run.data.params["method.name"] == "we"
     assert run.data.params["method.we.ratio_conv"] == "0.2"
+    # What the run started from, for comparisons of methods under one seed.
+    assert int(run.data.params["init/param_checksum"]) != 0
+    assert ":" in run.data.params["data/first_batch_checksum"]
+    for key in ("model/params", "model/macs", "model/cpu_latency_ms_b1", "model/cpu_latency_ms_b64"):
+        # start, then the end of each completed training (2 epochs, then resumed to 4)
+        assert [s for s, _ in history(client, first.mlflow_run_id, key)] == [0, 2, 4], key
     assert run.info.status == "FINISHED"
 
 

@@ -230,6 +230,20 @@ class RunLogger:
             return
         self._attempt(f"log {artifact_file}", lambda: self._client.log_text(self.run_id, text, artifact_file))
 
+    def log_params(self, params: dict[str, str]) -> None:
+        """Log run parameters (values as strings); a parameter already set is left as it is."""
+        if not self.enabled or not params:
+            return
+        from mlflow.entities import Param
+
+        try:
+            known = self._client.get_run(self.run_id).data.params
+        except Exception:  # noqa: BLE001 - an unreachable store is reported by _attempt below
+            known = {}
+        batch = [Param(str(k), str(v)) for k, v in params.items() if str(k) not in known]
+        if batch:
+            self._attempt("log params", lambda: self._client.log_batch(self.run_id, params=batch))
+
     def set_tags(self, tags: dict[str, str]) -> None:
         """Set run tags (values as strings, cut to MLflow's 8000 characters)."""
         if not self.enabled or not tags:

@@ -257,6 +257,8 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
         for i, (images, labels) in enumerate(train_loader):
             if i >= steps_per_epoch:
                 break
+            if step == 0:
+                _log_start(logger, state.model, images, labels, device, rank)
             lr = phases.lr(epoch + i / steps_per_epoch)
             state.set_lr(lr)
             ctx = context(epoch)
@@ -339,6 +341,19 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
 
     progress.close()
     return metrics
+
+
+def _log_start(logger: Any, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+               rank: int) -> None:
+    """What a fresh run starts from, as MLflow params: a checksum of the initial weights and of
+    the first batch (every rank's, summed), so comparisons can check that runs of one seed
+    started alike (``we-dist compare`` reads them)."""
+    batch = torch.stack([labels.double().sum(), images.double().sum()]).to(device)
+    if sync.is_distributed():
+        dist.all_reduce(batch)
+    if rank == 0:
+        logger.log_params({"init/param_checksum": str(int(sync.parameter_checksum(model))),
+                           "data/first_batch_checksum": f"{batch[0].item():.0f}:{batch[1].item():.6e}"})
 
 
 def _finish(cfg: Config, model: nn.Module, input_shape: tuple[int, int, int], account_start: dict[str, float],
