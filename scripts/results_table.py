@@ -26,8 +26,9 @@ def _fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     if not values:
         return "-"
     mean = statistics.fmean(values) * scale
-    sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+    if len(values) == 1:
+        return f"{mean:.{digits}f} (1 seed)"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
 def main() -> None:
