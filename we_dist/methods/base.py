@@ -200,9 +200,19 @@ class Method:
         """Restore what :meth:`state_dict` returned."""
 
     def pop_metrics(self) -> dict[str, float]:
-        """Scalar metrics gathered since the last call (logged by rank 0, then cleared)."""
-        return {}
+        """Scalar metrics gathered since the last call (logged by rank 0, then cleared).
+
+        By default: the dict a method keeps in ``self._metrics``.
+        """
+        out = getattr(self, "_metrics", None) or {}
+        self._metrics = {}
+        return out
 
     def pop_histograms(self) -> list[ScoreHistogram]:
-        """Score distributions gathered since the last call, for plots."""
-        return []
+        """Score distributions gathered since the last call, for plots.
+
+        By default: the list a method keeps in ``self._histograms``.
+        """
+        out = getattr(self, "_histograms", None) or []
+        self._histograms = []
+        return out

@@ -137,7 +137,3 @@ class FilterReactivationMethod(Method):
     def load_state_dict(self, state: dict) -> None:
         self.calls = int(state["calls"])
         self.generator.set_state(state["generator"])
-
-    def pop_metrics(self) -> dict[str, float]:
-        out, self._metrics = self._metrics, {}
-        return out

@@ -314,7 +314,3 @@ class RePrMethod(Method):
         self.cycles_done = int(state["cycles_done"])
         self.dropped = state["dropped"].to(torch.uint8).clone()
         self.generator.set_state(state["generator"])
-
-    def pop_metrics(self) -> dict[str, float]:
-        out, self._metrics = self._metrics, {}
-        return out

@@ -239,11 +239,3 @@ class NetworkSlimmingMethod(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pruned = bool(state.get("pruned", False))
         self.start_gammas = state.get("start_gammas")
-
-    def pop_metrics(self) -> dict[str, float]:
-        out, self._metrics = self._metrics, {}
-        return out
-
-    def pop_histograms(self) -> list[ScoreHistogram]:
-        out, self._histograms = self._histograms, []
-        return out

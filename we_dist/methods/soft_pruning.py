@@ -89,7 +89,3 @@ class SoftFilterPruningMethod(Method):
         total = sum(c.weight.shape[0] for c in _convs(ctx.model))
         self._metrics = {"soft_prune/zeroed_filters": float(zeroed),
                          "soft_prune/fraction": zeroed / max(total, 1)}
-
-    def pop_metrics(self) -> dict[str, float]:
-        out, self._metrics = self._metrics, {}
-        return out

@@ -118,11 +118,3 @@ class WeightEvolutionMethod(Method):
     def load_state_dict(self, state: dict) -> None:
         self.evolution.load_state_dict(state["evolution"])
         self.calls = int(state.get("calls", 0))
-
-    def pop_metrics(self) -> dict[str, float]:
-        out, self._metrics = self._metrics, {}
-        return out
-
-    def pop_histograms(self) -> list[ScoreHistogram]:
-        out, self._histograms = self._histograms, []
-        return out
