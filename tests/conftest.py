@@ -73,6 +73,27 @@ def digits_betons(tmp_path_factory):
     return write_digits(tmp_path_factory.mktemp("digits"), workers=1)
 
 
+def train_workers(driver_pid: int) -> list:
+    """The Ray Train worker processes of a run: descendants of its driver (which started the
+    local Ray), so other Ray instances on the machine are never touched."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+@pytest.fixture
+def ray_train_workers() -> Callable[[int], list]:
+    """:func:`train_workers`, for tests that kill a worker of a real run."""
+    return train_workers
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A real local Ray cluster for one test module (logical CPUs oversubscribed: 2 cores here)."""

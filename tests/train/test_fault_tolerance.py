@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -17,20 +16,7 @@ WE_DIST = str(Path(sys.executable).with_name("we-dist"))
 pytestmark = pytest.mark.slow
 
 
-def train_workers(driver_pid: int) -> list[psutil.Process]:
-    """The Ray Train worker processes of this run: descendants of its driver (which started
-    the local Ray), so other Ray instances on the machine are never touched."""
-    found = []
-    for proc in psutil.Process(driver_pid).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return found
-
-
-def test_killed_worker_resumes_from_last_checkpoint(tmp_path, digits_betons):
+def test_killed_worker_resumes_from_last_checkpoint(tmp_path, digits_betons, ray_train_workers):
     train_path, val_path = digits_betons
     storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
     cmd = [WE_DIST, "train", str(ROOT / "recipes" / "demo.yaml"), "name=ft",
@@ -47,7 +33,7 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, digits_betons):
         while time.monotonic() < deadline and driver.poll() is None:
             if (storage / "ft" / "epoch_0001" / "manifest.json").exists():
                 time.sleep(2)  # let epoch 3 (index 2) get under way
-                workers = train_workers(driver.pid)
+                workers = ray_train_workers(driver.pid)
                 assert workers, "no RayTrainWorker process found"
                 killed = workers[-1]
                 killed.send_signal(signal.SIGKILL)

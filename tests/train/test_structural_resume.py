@@ -17,26 +17,13 @@ from we_dist.config import load_config
 from we_dist.export import load_exported
 from we_dist.models import architecture, create_model
 from we_dist.train.checkpoint import load_state
-import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
 WE_DIST = str(Path(sys.executable).with_name("we-dist"))
 pytestmark = pytest.mark.slow
 
 
-def train_workers(driver_pid: int) -> list[psutil.Process]:
-    """This run's Ray Train worker processes (descendants of its driver)."""
-    out = []
-    for proc in psutil.Process(driver_pid).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                out.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return out
-
-
-def test_worker_killed_after_pruning_resumes_into_the_pruned_shape(tmp_path, digits_betons):
+def test_worker_killed_after_pruning_resumes_into_the_pruned_shape(tmp_path, digits_betons, ray_train_workers):
     train_path, val_path = digits_betons
     storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
     cmd = [WE_DIST, "train", str(ROOT / "recipes" / "demo.yaml"), "name=slimft", "method.name=slim",
@@ -54,7 +41,7 @@ def test_worker_killed_after_pruning_resumes_into_the_pruned_shape(tmp_path, dig
             # epoch_0001 is the first checkpoint of the pruned network (pruning ends epoch 1).
             if (storage / "slimft" / "epoch_0001" / "manifest.json").exists():
                 time.sleep(2)
-                workers = train_workers(driver.pid)
+                workers = ray_train_workers(driver.pid)
                 assert workers, "no RayTrainWorker process found"
                 killed = workers[-1]
                 killed.send_signal(signal.SIGKILL)
