@@ -3,7 +3,6 @@ replicas under 2 gloo ranks, and a state round trip in the middle of a drop."""
 
 from __future__ import annotations
 
-import copy
 import io
 
 import pytest

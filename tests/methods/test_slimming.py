@@ -11,7 +11,7 @@ from we_dist.accounting import count_macs
 from we_dist.config import load_config
 from we_dist.methods.base import FitContext
 from we_dist.methods.slimming import (NetworkSlimmingMethod, SlimmingSettings, add_l1_subgradient, apply_decision,
-                                      bn_gammas, slimming_decision)
+                                      slimming_decision)
 from we_dist.models import create_model
 
 

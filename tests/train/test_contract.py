@@ -7,11 +7,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 import torch
 
 from we_dist.config import load_config
-from we_dist.methods.base import FitContext, Method
+from we_dist.methods.base import Method
 from we_dist.methods.registry import register_method
 from we_dist.train.checkpoint import load_state
 from we_dist.train.loop import run_training
@@ -140,7 +139,6 @@ def _slim_then_crash(rank, world, cfg, root, crash_epoch):
 
 def _resume(rank, world, cfg, root):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
-    from we_dist import sync
     import we_dist.train.loop as loop
 
     seen = {}

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from we_dist.config import Config, ConfigError, load_config
-from we_dist.storage import DEFAULT_STORAGE
 from we_dist.train.checkpoint import completed_checkpoints, epoch_of
 from we_dist.train.checkpoint import run_dir as checkpoint_run_dir
 

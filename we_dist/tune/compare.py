@@ -605,7 +605,8 @@ class CompareOutcome:
 def build_spec(recipe: str, variants: Sequence[Variant], seeds: Sequence[int], overrides: Sequence[str], *,
                name: str | None = None, max_concurrent: int | None = None) -> Any:
     """The comparison as a :class:`~we_dist.tune.space.SweepSpec`: a grid over variant and seed."""
-    from we_dist.tune.space import Dimension, SchedulerSpec, SweepSpec, _absolute, _storage_default
+    from we_dist.storage import storage_root
+    from we_dist.tune.space import Dimension, SchedulerSpec, SweepSpec
 
     base = load_config(recipe, list(overrides))
     if max_concurrent is not None and max_concurrent < 1:
@@ -619,7 +620,7 @@ def build_spec(recipe: str, variants: Sequence[Variant], seeds: Sequence[int], o
         overrides=dict(parse_override(o) for o in overrides),
         space=(Dimension("variant", "grid", tuple(v.label for v in variants)), Dimension("seed", "grid", tuple(seeds))),
         metric=METRIC, mode="max", num_samples=1, search="grid", scheduler=SchedulerSpec(),
-        max_concurrent_trials=max_concurrent, storage_path=_absolute(_storage_default(base)), base_config=base)
+        max_concurrent_trials=max_concurrent, storage_path=storage_root(base.checkpoint.storage_path), base_config=base)
 
 
 def _context(spec: Any, variants: Sequence[Variant], parent: str | None, uri: str | None, out: str | None) -> dict:
@@ -792,9 +793,9 @@ def finish_compare(spec: Any, ctx: Mapping[str, Any]) -> CompareOutcome:
 
 
 def _write_bytes(path: str, data: bytes) -> None:
-    from we_dist.tune.sweep import _fs_and_path
+    from we_dist.storage import filesystem
 
-    fs, p = _fs_and_path(path)
+    fs, p = filesystem(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(p) as f:
         f.write(data)

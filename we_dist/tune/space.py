@@ -46,6 +46,7 @@ from typing import Any, Mapping, Sequence
 
 
 from we_dist.config import Config, ConfigError, load_config, parse_override, read_yaml_mapping
+from we_dist.storage import storage_root
 
 SEARCH_ALGORITHMS = ("random", "grid", "optuna")
 SCHEDULERS = ("none", "asha")
@@ -276,16 +277,6 @@ def _split_cli(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     return sweep, config
 
 
-def _storage_default(base: Config) -> str:
-    from we_dist.train.driver import DEFAULT_STORAGE
-
-    return base.checkpoint.storage_path or os.environ.get("WE_DIST_STORAGE", DEFAULT_STORAGE)
-
-
-def _absolute(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
 def load_sweep(path: str | os.PathLike[str], cli_overrides: Sequence[str] = ()) -> SweepSpec:
     """Read and validate a sweep file; ``cli_overrides`` as on the ``we-dist tune`` command line.
 
@@ -368,13 +359,13 @@ def load_sweep(path: str | os.PathLike[str], cli_overrides: Sequence[str] = ()) 
     name = raw.get("name") or p.stem
     if not isinstance(name, str) or any(c in name for c in "/\\ \t\n"):
         raise SweepError(f"{p}: name must be a string with no slashes or spaces, got {name!r}")
-    storage = raw.get("storage_path") or _storage_default(base)
+    storage = raw.get("storage_path") or base.checkpoint.storage_path
     if not isinstance(storage, str):
         raise SweepError(f"{p}: storage_path must be a path or URI, got {storage!r}")
 
     return SweepSpec(name=name, source=str(p.resolve()), base_recipe=str(recipe), overrides=overrides, space=space,
                      metric=metric, mode=mode, num_samples=num_samples, search=search, scheduler=scheduler,
-                     max_concurrent_trials=mct, storage_path=_absolute(storage), base_config=base)
+                     max_concurrent_trials=mct, storage_path=storage_root(storage), base_config=base)
 
 
 def _check_space_against_config(p: Path, base: Config, space: tuple[Dimension, ...]) -> None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from we_dist.config import ConfigError, config_from_dict
+from we_dist.storage import filesystem, storage_root
 from we_dist.tune.space import SweepError, SweepSpec, load_sweep
 
 STATE_FILE = "we_dist_sweep.json"
@@ -95,16 +95,8 @@ def sweep_context(spec: SweepSpec, parent_run_id: str | None, tracking_uri: str 
     }
 
 
-def _fs_and_path(uri_or_path: str):
-    import pyarrow.fs
-
-    if "://" in uri_or_path:
-        return pyarrow.fs.FileSystem.from_uri(uri_or_path)
-    return pyarrow.fs.LocalFileSystem(), uri_or_path
-
-
 def _write_text(path: str, text: str) -> None:
-    fs, p = _fs_and_path(path)
+    fs, p = filesystem(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(p) as f:
         f.write(text.encode())
@@ -113,7 +105,7 @@ def _write_text(path: str, text: str) -> None:
 def _read_text(path: str) -> str | None:
     import pyarrow.fs
 
-    fs, p = _fs_and_path(path)
+    fs, p = filesystem(path)
     if fs.get_file_info(p).type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(p) as f:
@@ -143,9 +135,7 @@ def find_sweep_dir(target: str | None, overrides: list[str]) -> str:
         return path
     if target:
         return load_sweep(target, overrides).sweep_dir
-    from we_dist.train.driver import DEFAULT_STORAGE
-
-    root = Path(os.environ.get("WE_DIST_STORAGE", DEFAULT_STORAGE)).expanduser()
+    root = Path(storage_root(""))
     found = sorted(root.glob(f"*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise SweepError(f"no sweep to resume in {root}; give the sweep file or its directory: "
