@@ -51,3 +51,4 @@ def test_train_command_logs_everything_to_a_real_mlflow_server(tmp_path, digits_
         local = client.download_artifacts(run.info.run_id, "model/final_weights.pt", str(tmp_path))
         weights = torch.load(local, weights_only=True)
         assert "fc.weight" in weights and torch.isfinite(weights["fc.weight"]).all()
+        assert {"model/architecture.json", "model/exported.pt2", "model/exported.json"} <= paths("model")

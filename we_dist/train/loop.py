@@ -25,6 +25,7 @@ step 0 for the start and at step = number of epochs for the end.
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -369,7 +370,9 @@ def _finish(cfg: Config, model: nn.Module, input_shape: tuple[int, int, int], ac
         path = export_model(model, input_shape, checkpoint_dir)
         logger.log_files([path, Path(checkpoint_dir) / "exported.json"], "model")
     if cfg.tracking.log_model:
-        logger.log_state_dict({"model": model.state_dict(), "architecture": architecture.describe(model)})
+        # The state dict as it always was; the widths beside it rebuild a pruned network first.
+        logger.log_state_dict(model.state_dict())
+        logger.log_text(json.dumps(architecture.describe(model), indent=1), "model/architecture.json")
 
 
 def _report(session: Any, cfg: Config, rank: int, metrics: dict[str, float], epoch: int, step: int,
