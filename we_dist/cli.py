@@ -24,7 +24,7 @@ import sys
 # subcommand -> (module, help). Modules are imported only when their command runs,
 # so `we-dist config` does not pay for importing Ray or FFCV.
 COMMANDS = {
-    "convert": ("we_dist.data.convert", "write FFCV .beton files from images, digits or synthetic data"),
+    "convert": ("we_dist.data.convert", "write FFCV .beton files from images, digits, Fashion-MNIST or synthetic data"),
     "train": ("we_dist.train.driver", "train a recipe with Ray Train (DDP workers)"),
     "tune": ("we_dist.tune.sweep", "run a Ray Tune sweep of a recipe's hyperparameters"),
     "submit": ("we_dist.cluster.submit", "submit a training or sweep as a Ray Job to a cluster"),
