@@ -67,6 +67,11 @@ class RecordingMethod(Method):
     def on_epoch_end(self, ctx):
         self.calls.append(("on_epoch_end", ctx.epoch, ctx.phase.name if ctx.phase else None))
 
+    def on_fit_end(self, ctx):
+        # Calibration data: this rank's shard of the validation set, capped.
+        shapes = [tuple(x.shape[1:]) for x, _ in ctx.batches("val", max_batches=2)]
+        self.calls.append(("on_fit_end", ctx.epoch, len(shapes), shapes[0] == ctx.input_shape))
+
 
 def digits_config(tmp_path, digits, name, *overrides):
     train_path, val_path = digits
@@ -110,6 +115,8 @@ def test_hooks_are_called_in_the_documented_order(gloo, tmp_path, digits_betons)
     assert per_step == ["loss_term", "on_after_backward", "on_step_end", "loss_term"]
     epoch_ends = [c for c in calls if c[0] == "on_epoch_end"]
     assert epoch_ends == [("on_epoch_end", 0, "train"), ("on_epoch_end", 1, "train")]
+    assert calls[-1] == ("on_fit_end", 1, 2, True)  # once, after the last epoch's on_epoch_end
+    assert sum(c[0] == "on_fit_end" for c in calls) == 1
     assert sum(c[0] == "on_step_end" for c in calls) == 6
     assert all(r0["grads_ok"]) and len(r0["grads_ok"]) == 6   # grads present, weights not yet stepped
     assert r0["calls"] == r1["calls"]

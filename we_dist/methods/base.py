@@ -22,7 +22,10 @@ hook                   when, and what it may do
                        optimizer steps: edit ``.grad`` (a sparsity subgradient).
 ``on_step_end``        after every optimizer step.
 ``on_epoch_end``       after each epoch's training and validation (BatchNorm statistics synced).
-``on_fit_end``         once, after the last epoch and before the final accounting and export.
+``on_fit_end``         once, in the last epoch right after its ``on_epoch_end``: before that
+                       epoch's checkpoint, the final accounting and the export. A structural
+                       change here (masked filters removed) is validated again, like one in
+                       ``on_epoch_end``, and is what the checkpoint and the export hold.
 =====================  ======================================================================
 
 Every hook but ``phases``/``prepare_model``/``param_groups`` receives a :class:`FitContext`.
@@ -55,7 +58,7 @@ Example (a method that counts epochs)::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -96,7 +99,8 @@ class FitContext:
     ``phase`` is the current :class:`Phase` (None outside the loop, e.g. in unit tests),
     ``phase_epoch`` the epoch's index within it and ``phase_last_epoch`` whether it is
     the phase's last. ``state`` is the loop's :class:`~we_dist.train.state.TrainState`
-    (model, optimizer, scaler, DDP wrapper), None outside the loop.
+    (model, optimizer, scaler, DDP wrapper), None outside the loop. ``input_shape`` is one
+    input's (C, H, W) at validation; :meth:`batches` reads data (calibration).
     """
 
     model: nn.Module
@@ -112,6 +116,21 @@ class FitContext:
     phase_last_epoch: bool = False
     state: "TrainState | None" = None
     changed: bool = False
+    input_shape: tuple[int, int, int] = (3, 32, 32)
+    loaders: dict[str, Iterable[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+    def batches(self, split: str = "val", max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's (images, labels) batches of ``split`` (``"val"``: the validation set,
+        no augmentation; ``"train"``: the training set as augmented for the current epoch),
+        normalised and on ``ctx.device``, at most ``max_batches`` of them. Each rank reads its
+        own shard, so statistics summed over ranks with ``all_reduce`` cover the whole split
+        once. For calibration (activation statistics); outside the loop, set ``loaders``."""
+        if split not in self.loaders:
+            raise ValueError(f"no {split!r} data in this context (have: {sorted(self.loaders) or 'none'})")
+        for i, batch in enumerate(self.loaders[split]):
+            if max_batches is not None and i >= max_batches:
+                break
+            yield batch
 
     def structure_changed(self) -> None:
         """Tell the loop that the network's structure changed (channels removed, modules

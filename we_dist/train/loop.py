@@ -231,7 +231,7 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
         return FitContext(model=state.model, epoch=epoch, step=step, epochs=epochs, steps_per_epoch=steps_per_epoch,
                           rank=rank, world_size=world, device=device, phase=pos.phase,
                           phase_epoch=pos.epoch_in_phase(epoch), phase_last_epoch=pos.is_last_epoch(epoch),
-                          state=state)
+                          state=state, input_shape=input_shape, loaders={"train": train_loader, "val": val_loader})
 
     def after_hook(ctx: FitContext) -> None:
         if ctx.changed:
@@ -295,12 +295,19 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
 
         _broadcast_buffers(state.model)
         metrics = evaluate(state.model, val_loader, device, autocast)
+        last = epoch == epochs - 1
         t0 = time.perf_counter()
         ctx = context(epoch)
         method.on_epoch_end(ctx)
         after_hook(ctx)
+        changed = ctx.changed
+        if last:  # the run's last chance to change the network (e.g. remove masked filters)
+            ctx = context(epoch)
+            method.on_fit_end(ctx)
+            after_hook(ctx)
+            changed = changed or ctx.changed
         method_seconds += time.perf_counter() - t0
-        if ctx.changed:
+        if changed:
             # The network changed shape: what it scores now is what the checkpoint holds.
             metrics = {**evaluate(state.model, val_loader, device, autocast),
                        **{f"{k}_before_change": v for k, v in metrics.items()}}
@@ -324,7 +331,6 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
         if not all(math.isfinite(v) for v in (metrics["train/loss"], metrics["val/loss"])):
             raise FloatingPointError(f"epoch {epoch}: loss is not finite ({metrics['train/loss']}, "
                                      f"{metrics['val/loss']}); lower optim.lr or check the data")
-        last = epoch == epochs - 1
         history.append(dict(metrics))
         with tempfile.TemporaryDirectory(prefix="we_dist_ckpt_") as tmp:
             if rank == 0:
