@@ -1,7 +1,10 @@
 """Model accounting: what a network costs, measured the same way for every method.
 
 * ``model/params``: parameters; ``model/nonzero_params``: those not exactly zero (masked or
-  soft-pruned weights count as zero).
+  soft-pruned weights count as zero). Everything is measured on the network as deployed
+  (:func:`we_dist.export.deployable`): a masked or ternary layer counts as the plain layer
+  holding its effective weight (``weight * mask``, ``alpha * codes``), so the training-time
+  scores and full-precision shadows are not counted and masked-out weights count as zero.
 * ``model/macs``: multiply-accumulates of one forward pass of one image at the validation
   resolution, counted by ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and
   matrix products; normalisation and activations are not counted, as in the papers).
@@ -27,11 +30,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from we_dist.export import deployable
+
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(all parameters, nonzero parameters)."""
+    """(all parameters, nonzero parameters) of the deployed network (:func:`deployable`)."""
     total = nonzero = 0
-    for p in model.parameters():
+    for p in deployable(model).parameters():
         total += p.numel()
         nonzero += int(torch.count_nonzero(p.detach()))
     return total, nonzero
@@ -77,7 +82,7 @@ def account(model: nn.Module, input_shape: Sequence[int], repeats: int = 5) -> d
 
 def _cpu_eval_copy(model: nn.Module) -> nn.Module:
     # A copy: eval mode and the move to CPU must not touch the model being trained.
-    clone = copy.deepcopy(model).cpu().float().eval()
+    clone = deployable(copy.deepcopy(model).cpu().float().eval())
     return clone.to(memory_format=torch.contiguous_format)
 
 
