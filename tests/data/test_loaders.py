@@ -112,6 +112,29 @@ def test_order_is_a_function_of_seed_and_epoch(train):
     assert after != other and after == order(3)
 
 
+def test_augmentation_is_a_function_of_seed_and_epoch(train, digits_betons):
+    """Crops and flips are seeded per sample: the same seed and epoch give the same images
+    (whatever the decoding thread count), another epoch or seed gives other crops."""
+    def images(loader, epoch):
+        loader.set_epoch(epoch)
+        return torch.cat([x for x, _ in loader])
+
+    first, again, other_epoch = images(train, 2), images(train, 2), images(train, 3)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other_epoch)
+    flips = make_train_loader(_cfg(digits_betons, flip=True, scale_min=0.5, loader_workers=2), distributed=False,
+                              seed=3, device=CPU)
+    twin = make_train_loader(_cfg(digits_betons, flip=True, scale_min=0.5, loader_workers=1), distributed=False,
+                             seed=3, device=CPU)
+    stranger = make_train_loader(_cfg(digits_betons, flip=True, scale_min=0.5), distributed=False, seed=4,
+                                 device=CPU)
+    a, b = images(flips, 2), images(twin, 2)
+    assert torch.equal(a, b)                        # 2 decoding threads or 1: the same images
+    assert not torch.equal(a, images(train, 2))     # flips and a wider scale range do change them
+    stranger_batch = images(stranger, 2)
+    assert stranger_batch.shape == a.shape and not torch.equal(stranger_batch, a)
+
+
 def test_breaking_out_early_then_full_epoch(train):
     train.set_epoch(0)
     for i, _ in enumerate(train):

@@ -68,11 +68,9 @@ def test_compare_two_methods_two_seeds_interrupt_resume_report(tmp_path, digits_
                  "method.we.stage_divisors=[1.0,2.5]", "train.max_steps_per_epoch=4", "train.progress=false",
                  f"tracking.uri={uri}", "tracking.experiment=compare_test", "tracking.log_model=false",
                  f"checkpoint.storage_path={tmp_path / 'runs'}",
-                 # Random crops off (full image, no flip): FFCV seeds only the sample order; its
-                 # crops come from numba's unseeded per-thread RNG, so with them on, two runs of
-                 # one seed see the same samples in the same order but cropped differently
-                 # (found by this test's first-epoch check; the loader needs a seeded crop).
-                 "data.scale_min=1.0", "data.flip=false"]
+                 # Random crops and flips on: they are seeded per sample, so two runs of one
+                 # seed must see the same augmented images (the first-epoch check below).
+                 "data.scale_min=0.5", "data.flip=true"]
     compare_dir = tmp_path / "runs" / "cmp"
     args = ["compare", str(REPO / "recipes" / "demo.yaml"), "--methods", "none,we", "--seeds", "0,1",
             "--name", "cmp", "--num-cpus", "4", *overrides]
@@ -162,7 +160,7 @@ def test_compare_two_methods_two_seeds_interrupt_resume_report(tmp_path, digits_
     # Same seed, same start: WE acts only after the first epoch's validation, so up to
     # there a `we` run and a `none` run of one seed compute the same thing if, and only
     # if, they started from the same weights and read the same batches in the same order
-    # (with the same augmentation: none here, see the overrides above).
+    # (and the same random crops and flips: they are seeded per sample).
     # Their first-epoch training loss (a sum over those batches) and validation loss
     # agree to the bit; another seed gives other values, so the check can fail.
     for seed in (0, 1):

@@ -1,7 +1,7 @@
 """FFCV loaders for training and validation, driven by :class:`~we_dist.config.DataConfig`.
 
 Training: random-resized crop at :func:`resolution_at` (progressive resizing), optional
-horizontal flip, random order (quasi-random when the file is not in the page cache),
+horizontal flip (both seeded per sample: :mod:`we_dist.data.augment`), random order (quasi-random when the file is not in the page cache),
 ``drop_last``. Validation: centre crop of ``crop_ratio`` resized to ``val_res``, file
 order, every sample once. Both yield ``(images, labels)``: float32 NCHW images on the
 requested device, normalised with ``cfg.mean``/``cfg.std`` (0-255 scale), and int64
@@ -157,14 +157,15 @@ def make_train_loader(cfg: DataConfig, *, distributed: bool, seed: int, device: 
     ``distributed=True`` gives each rank its share of every epoch (FFCV's emulation of
     ``DistributedSampler``: same seed on all ranks, padded to a multiple of the world
     size); it needs the process group to exist already. ``seed`` fixes the sample order
-    per epoch; crop and flip randomness comes from numba's per-thread generators and is
-    not seeded. Raises :class:`DatasetError` for a bad file or when this rank would not
+    per epoch and, through :class:`~we_dist.data.augment.SeededCropFlipDecoder`, every
+    sample's crop and flip: two runs of one seed see the same augmented images. Raises :class:`DatasetError` for a bad file or when this rank would not
     get a single full batch.
     """
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
+    from ffcv.transforms import ToTensor, ToTorchImage
+
+    from we_dist.data.augment import SeededCropFlipDecoder
 
     info = _open(cfg.train_path, "train")
     _, world = _require_process_group(distributed)
@@ -174,9 +175,8 @@ def make_train_loader(cfg: DataConfig, *, distributed: bool, seed: int, device: 
                            f"{cfg.batch_size}; training drops incomplete batches, so nothing would run")
     device = torch.device(device)
     res = resolution_at(cfg, epoch)
-    decoder = RandomResizedCropRGBImageDecoder((res, res), scale=(cfg.scale_min, 1.0))
-    image_ops = [decoder] + ([RandomHorizontalFlip()] if cfg.flip else [])
-    image_ops += [ToTensor(), ToTorchImage(channels_last=True)] + _device_ops(device)
+    decoder = SeededCropFlipDecoder((res, res), scale=(cfg.scale_min, 1.0), flip=cfg.flip, seed=seed)
+    image_ops = [decoder, ToTensor(), ToTorchImage(channels_last=True)] + _device_ops(device)
     label_ops = [IntDecoder(), ToTensor()] + _device_ops(device)
     # Quasi-random order reads whole pages, the point of the process cache; FFCV has
     # no distributed version of it.

@@ -23,9 +23,9 @@ give them: ``--seeds 0,7,9``). For one seed every variant starts from the same w
 and reads the samples in the same order: the worker loop seeds the model initialisation
 and the loader order with ``cfg.seed`` only (tests/tune/test_compare.py checks this from
 the runs' first-epoch metrics, which agree to the bit across methods that do not act
-during the first epoch). Random augmentation is NOT paired yet: FFCV seeds only the
-order, and its random crops come from numba's unseeded per-thread generator, so two runs
-of one seed crop differently (recipes with ``data.scale_min < 1``). If the runs log the
+during the first epoch). Random crops and flips are paired too: the training loader
+seeds them per sample from the run's seed and the epoch's order
+(:mod:`we_dist.data.augment`). If the runs log the
 params :data:`START_PARAMS`, the report checks that every variant of a seed logged the
 same values.
 
