@@ -155,3 +155,20 @@ def test_command_line_takes_overrides_after_the_options():
     assert args.methods == "none,we" and args.seeds == "0,1"
     resume = parser.parse_args(["--resume", "/some/dir", "--num-cpus", "4"])
     assert resume.resume and resume.recipe == "/some/dir" and resume.overrides == []
+
+
+def test_each_variant_counts_its_own_epochs_phases_included(tmp_path):
+    """A phased method (slim: sparsity, then fine-tuning) trains longer than the recipe's
+    schedule; the report must count its runs complete only after all of its epochs."""
+    from we_dist.tune.compare import variant_epochs
+
+    variants = parse_methods("none,slim:finetune_epochs=4")
+    spec = build_spec(DEMO, variants, [0], [f"checkpoint.storage_path={tmp_path}", "schedule.epochs=5"])
+    ctx = {"variants": {v.label: v.overrides() for v in variants}}
+    assert variant_epochs(spec, ctx) == {"none": 5, "slim:finetune_epochs=4": 9}
+    recs = [RunRecord(variant="slim:finetune_epochs=4", method="slim", seed=0, curve=[0.5] * 5, epochs=9,
+                      status="finished")]
+    assert not recs[0].complete              # 5 of its 9 epochs: not complete
+    md = render_markdown("t", summarise(recs, ["slim:finetune_epochs=4"], None), recs,
+                         epochs="`none` 5; `slim:finetune_epochs=4` 9", seeds=[0], baseline=None)
+    assert "per variant, phases included" in md and "5/9" in md

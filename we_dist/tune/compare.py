@@ -379,7 +379,7 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def render_markdown(title: str, summaries: Sequence[VariantSummary], records: Sequence[RunRecord], *,
-                    epochs: int, seeds: Sequence[int], baseline: str | None = BASELINE,
+                    epochs: int | str, seeds: Sequence[int], baseline: str | None = BASELINE,
                     commands: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
     """The report: the headline table, the per-seed table, and how to read them."""
     have_params = any(s.params is not None for s in summaries)
@@ -421,7 +421,7 @@ def render_markdown(title: str, summaries: Sequence[VariantSummary], records: Se
                               f"{r.method_s:.2f}" if not math.isnan(r.method_s) else "-", r.run_id or "-"])
     parts = [f"# {title}", "",
              f"{len(summaries)} method variants x {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
-             f"{epochs} epochs each. Headline: validation top-1 after the **final** epoch. "
+             f"{epochs} epochs {'each' if isinstance(epochs, int) else '(per variant, phases included)'}. Headline: validation top-1 after the **final** epoch. "
              "\"Best epoch\" is the maximum over epochs, shown for reference only (picking the best epoch "
              "on the validation set flatters every method).", ""]
     parts += [_md_table(headers, rows), ""]
@@ -710,9 +710,18 @@ def resume_compare(compare_dir: str, *, address: str | None = None, num_cpus: fl
     return finish_compare(spec, ctx)
 
 
+def variant_epochs(spec: Any, ctx: Mapping[str, Any]) -> dict[str, int]:
+    """How many epochs each variant's runs train in all: a method with phases (prune, then
+    fine-tune) trains longer than the recipe's ``schedule.epochs``."""
+    from we_dist.train.phases import total_epochs
+
+    return {label: total_epochs(spec.base_config.override(dict(overrides)))
+            for label, overrides in ctx["variants"].items()}
+
+
 def collect_records(spec: Any, ctx: Mapping[str, Any], trials: Sequence[Any], rows: Sequence[Any]) -> list[RunRecord]:
     """One :class:`RunRecord` per trial, from its MLflow child run (or Tune's results)."""
-    epochs = spec.base_config.schedule.epochs
+    epochs_of = variant_epochs(spec, ctx)
     uri = ctx.get("tracking_uri")
     client = None
     if uri and ctx.get("parent_run_id"):
@@ -724,6 +733,7 @@ def collect_records(spec: Any, ctx: Mapping[str, Any], trials: Sequence[Any], ro
     for row in rows:
         label, seed = row.config.get("variant"), int(row.config.get("seed"))
         method = ctx["methods"].get(label, str(label).split(":")[0])
+        epochs = epochs_of.get(label, spec.base_config.schedule.epochs)
         status = row.status(epochs)
         if client is not None and row.mlflow_run_id:
             hist = _mlflow_histories(client, row.mlflow_run_id, method)
@@ -742,7 +752,9 @@ def finish_compare(spec: Any, ctx: Mapping[str, Any]) -> CompareOutcome:
     """Read the runs back, write the report (console, markdown, parent run) and the plot."""
     from we_dist.tune.sweep import _close_children, _rows_from_trials, _write_text, load_trials
 
-    epochs = spec.base_config.schedule.epochs
+    epochs_of = variant_epochs(spec, ctx)
+    # A comparison stops no run early: a run that ended after its variant's epochs finished.
+    epochs = min(epochs_of.values(), default=spec.base_config.schedule.epochs)
     trials = load_trials(spec.sweep_dir)
     rows = sorted(_rows_from_trials(spec, trials), key=lambda r: r.trial_id)
     interrupted = any(r.state not in ("TERMINATED", "ERROR") for r in rows) or len(rows) < spec.num_trials()
@@ -769,7 +781,10 @@ def finish_compare(spec: Any, ctx: Mapping[str, Any]) -> CompareOutcome:
                + " --seeds " + ",".join(map(str, seeds)) + "".join(f" {shlex.quote(f'{k}={v}')}"
                                                                   for k, v in spec.overrides.items())
                + f" --name {spec.name}"]
-    md = render_markdown(f"Comparison {spec.name}", summaries, records, epochs=epochs, seeds=seeds,
+    epochs_note: int | str = epochs
+    if len(set(epochs_of.values())) > 1:
+        epochs_note = "; ".join(f"`{k}` {v}" for k, v in epochs_of.items())
+    md = render_markdown(f"Comparison {spec.name}", summaries, records, epochs=epochs_note, seeds=seeds,
                          baseline=baseline, commands=command, notes=notes)
     report_path = ctx.get("out") or f"{spec.sweep_dir}/{REPORT_FILE}"
     _write_text(report_path, md)
