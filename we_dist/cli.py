@@ -33,6 +33,7 @@ COMMANDS = {
     "config": ("we_dist.cli", "print a recipe's resolved, validated config as YAML"),
     "compare": ("we_dist.tune.compare", "run a recipe under several methods and seeds; report the paired comparison"),
     "methods": ("we_dist.methods.registry", "list the training methods, their settings and defaults"),
+    "sensitivity": ("we_dist.sensitivity", "prune each layer alone at several ratios: accuracy table, plot, CSV"),
 }
 
 
