@@ -44,3 +44,154 @@ def _ranks(rank, world):
 def test_replicas_identical_after_pruning(gloo):
     a, b = gloo(_ranks, 2)
     assert a == b
+
+
+# --- removal at the end of training: a physically smaller network ----------------------------
+
+import math  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
+
+from we_dist.accounting import count_macs  # noqa: E402
+from we_dist.config import load_config  # noqa: E402
+from we_dist.export import load_exported  # noqa: E402
+from we_dist.methods.soft_pruning import harden, removal_decision, remove_zeroed  # noqa: E402
+from we_dist.models import architecture, create_model  # noqa: E402
+from we_dist.train.checkpoint import load_state  # noqa: E402
+from we_dist.train.loop import run_training  # noqa: E402
+from we_dist.train.session import TorchrunSession  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+SHAPE = (3, 32, 32)
+
+
+def _trained_looking(name):
+    """A network whose BatchNorms have non-trivial scales, shifts and statistics."""
+    torch.manual_seed(0)
+    model = create_model(name, 10)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    return model
+
+
+def _macs_by_hand(model):
+    total = [0]
+    hooks = [m.register_forward_hook(lambda m, i, o: total.__setitem__(
+        0, total[0] + o.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]))
+        for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + o.numel() * m.in_features))
+              for m in model.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        model(torch.zeros(1, *SHAPE))
+    for h in hooks:
+        h.remove()
+    return total[0]
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "cifar_resnet20", "cifar_mobilenet_v2"])
+def test_removing_the_zeroed_filters_keeps_the_outputs_and_shrinks_the_network(name):
+    model = _trained_looking(name)
+    soft_prune(model, 0.3)
+    model.eval()
+    decision = removal_decision(model, SHAPE, 0.3)
+    assert decision["prune"]
+    # The decided filters are exactly ones the soft-pruning call zeroed.
+    modules = dict(model.named_modules())
+    for root, idxs in decision["prune"].items():
+        assert modules[root].weight.detach()[idxs].abs().sum() == 0
+    harden(model, SHAPE, decision)
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        before = model(x)
+    macs_before = count_macs(model, SHAPE)
+    widths = {root: modules[root].out_channels for root in decision["prune"]}
+    removed = remove_zeroed(model, SHAPE, decision)
+    assert removed == sum(len(v) for v in decision["prune"].values())
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-5)          # eval mode: the same function
+    modules = dict(model.named_modules())
+    for root, idxs in decision["prune"].items():                   # channels really gone
+        assert modules[root].weight.shape[0] == modules[root].out_channels == widths[root] - len(idxs)
+    for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):
+        assert conv.weight.shape[1] == conv.in_channels // conv.groups
+    assert count_macs(model, SHAPE) == _macs_by_hand(model) < macs_before
+
+
+def test_on_fit_end_removes_and_reports():
+    model = _trained_looking("cifar_resnet20")
+    method = SoftFilterPruningMethod(SoftPruneConfig(rate=0.5))
+    ctx = FitContext(model=model, epoch=0, step=0, epochs=1, steps_per_epoch=1)
+    method.on_epoch_end(ctx)
+    method.pop_metrics()
+    method.on_fit_end(ctx)
+    m = method.pop_metrics()
+    assert ctx.changed and m["soft_prune/removed_filters"] == 3 * 8 + 3 * 16 + 3 * 32   # half of each block's first conv
+    assert m["soft_prune/filters_after"] == m["soft_prune/filters_before"] - m["soft_prune/removed_filters"]
+    kept = SoftFilterPruningMethod(SoftPruneConfig(rate=0.5, remove_at_end=False))
+    ctx2 = FitContext(model=_trained_looking("cifar_resnet20"), epoch=0, step=0, epochs=1, steps_per_epoch=1)
+    kept.on_fit_end(ctx2)
+    assert not ctx2.changed
+
+
+class Crash(RuntimeError):
+    """Stops a run the way a killed worker would."""
+
+
+def _train(rank, world, cfg, root, crash_epoch=None):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    original = SoftFilterPruningMethod.on_epoch_end
+
+    def on_epoch_end(self, ctx):
+        original(self, ctx)
+        if ctx.epoch == crash_epoch:
+            raise Crash(f"crash after epoch {ctx.epoch}")
+
+    SoftFilterPruningMethod.on_epoch_end = on_epoch_end
+    try:
+        return run_training(cfg, TorchrunSession(root))
+    except Crash:
+        return "crashed"
+    finally:
+        SoftFilterPruningMethod.on_epoch_end = original
+
+
+def test_soft_pruning_through_the_loop_resumes_and_ends_smaller(gloo, tmp_path, digits_betons):
+    train_path, val_path = digits_betons
+    cfg = load_config(ROOT / "recipes" / "demo.yaml", [
+        "name=sfp", f"data.train_path={train_path}", f"data.val_path={val_path}",
+        f"checkpoint.storage_path={tmp_path / 'runs'}", "tracking.enabled=false", "train.progress=false",
+        "train.check_replicas=true", "train.accounting_repeats=1", "schedule.milestones=[]",
+        "schedule.warmup_epochs=0", "train.max_steps_per_epoch=4", "model.name=cifar_resnet20",
+        "method.name=soft_prune", "method.soft_prune.rate=0.25", "schedule.epochs=3", "schedule.name=constant",
+        "optim.lr=0.02"])
+    root = tmp_path / "runs" / "sfp"
+    assert gloo(_train, 2, cfg, str(root), 1) == ["crashed", "crashed"]     # after the soft step of epoch 1
+    soft = load_state(root / "epoch_0000")
+    assert soft["model"]["layers.1.conv1.weight"].shape == (16, 16, 3, 3)   # zeroed, not removed yet
+    zero_rows = soft["model"]["layers.1.conv1.weight"].flatten(1).abs().sum(1) == 0
+    assert int(zero_rows.sum()) == 4
+    r0, r1 = gloo(_train, 2, cfg, str(root))
+    assert r0["epoch"] == r1["epoch"] == 2 and r0["replicas/checksum_ok"] == 1.0
+    assert r0["soft_prune/removed_filters"] == 4 * 3 + 8 * 3 + 16 * 3     # the first convs of the 9 blocks
+    assert "val/top1_before_change" in r0 and math.isfinite(r0["val/top1"])
+    final = load_state(root / "epoch_0002")
+    assert final["model"]["layers.1.conv1.weight"].shape == (12, 16, 3, 3)
+    assert final["model"]["layers.1.conv2.weight"].shape == (16, 12, 3, 3)
+    assert final["model"]["layers.7.bn1.running_var"].shape == (48,)
+    assert all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
+    net = create_model("cifar_resnet20", 10)
+    architecture.rebuild(net, final["architecture"])
+    net.load_state_dict(final["model"])
+    net.eval()
+    assert count_macs(net, SHAPE) == _macs_by_hand(net)
+    x = torch.randn(3, *SHAPE)
+    with torch.no_grad():
+        assert torch.allclose(load_exported(root / "epoch_0002" / "exported.pt2")(x), net(x), atol=1e-5)
