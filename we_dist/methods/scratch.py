@@ -1,0 +1,134 @@
+"""Scratch-E and Scratch-B (Liu et al., ICLR 2019): train a pruned architecture from scratch.
+
+Method card
+-----------
+**What it does.** Takes only the *architecture* of a pruned network (any pruning run of this
+project: ``l1``, ``slim``, ``soft_prune``) and trains it from a fresh random initialisation, to
+ask whether the pruned weights were worth keeping. The user names the pruned run with
+``model.init_from`` (checkpoint or run directory, or its MLflow run id) and sets
+``model.init_architecture_only=true``: the loop then builds the network with the run's seed,
+resizes it to the saved widths and loads no weights (layers whose width changed get a new
+layer's default initialisation, ``reset_parameters``; the others keep the network builder's).
+Both settings are required; without them the method refuses to start, saying which is missing.
+
+* ``budget: E`` (Scratch-E): the recipe's epochs, as the full model was trained.
+* ``budget: B`` (Scratch-B): the same compute as the full model,
+  ``epochs_B = round(epochs x MACs_full / MACs_pruned)``, with ``MACs`` counted by
+  :func:`we_dist.accounting.count_macs` for one input at the validation resolution (the full
+  network: the recipe's model as built; the pruned one: that model resized to the saved
+  architecture). The LR schedule stretches with it: step milestones, the warm-up and a
+  triangular peak are multiplied by ``epochs_B / epochs``.
+
+Nothing changes during training (no masks, no extra loss); the method only sets the length.
+
+**Settings** (``method.scratch.*``), defaults in brackets: ``budget`` [E] ``E`` or ``B``.
+
+**Paper.** Liu, Sun, Zhou, Huang, Darrell, "Rethinking the Value of Network Pruning", ICLR 2019.
+Headline: for predefined target architectures, among them L1-norm filter pruning of CIFAR-10
+ResNet-56 and ResNet-110 (Li et al. 2017, settings A and B; its Table 1), training the pruned
+architecture from scratch (Scratch-E, and more so Scratch-B) matches or beats fine-tuning the
+pruned weights; the value of such pruning lies in the architecture, not the kept weights.
+
+**Metrics.** At the start: ``scratch/epochs``, ``scratch/macs_full``, ``scratch/macs_pruned``,
+``scratch/compute_ratio`` (MACs_full / MACs_pruned).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import Field
+
+from we_dist.methods.base import FitContext, Method, Phase
+from we_dist.methods.registry import register_method, settings_dataclass
+
+
+@settings_dataclass
+class ScratchSettings:
+    """Scratch-E / Scratch-B (see the method card)."""
+
+    budget: Annotated[Literal["E", "B"], Field(description=(
+        "E: the recipe's epochs; B: epochs x MACs_full / MACs_pruned (same compute)"))] = "E"
+
+
+def architecture_macs(cfg: Any, tracking_uri: str | None = None) -> tuple[int, int]:
+    """``(MACs_full, MACs_pruned)``: the recipe's model as built, and resized to the architecture
+    ``cfg.model.init_from`` saved (the same network when it saved none: an unpruned run)."""
+    from we_dist.accounting import count_macs
+    from we_dist.models import architecture, create_model
+    from we_dist.train.init_from import load_network
+
+    shape = (3, cfg.data.val_res, cfg.data.val_res)
+    # Building networks draws random numbers; the loop calls phases() between seeding and building
+    # the network it trains, which must start exactly as any other run of this seed.
+    with torch.random.fork_rng(devices=[]):
+        full = create_model(cfg.model.name, cfg.model.num_classes, cfg.model.blurpool)
+        macs_full = count_macs(full, shape)
+        source = load_network(cfg.model.init_from, tracking_uri, map_location="cpu")
+        if source.get("architecture"):
+            architecture.rebuild(full, source["architecture"])
+        return macs_full, count_macs(full, shape)
+
+
+def budget_epochs(epochs: int, macs_full: int, macs_pruned: int) -> int:
+    """Scratch-B's epochs: ``round(epochs x macs_full / macs_pruned)`` (at least 1)."""
+    return max(1, round(epochs * macs_full / macs_pruned))
+
+
+@register_method
+class ScratchMethod(Method):
+    """Train a pruned architecture from a fresh initialisation (see the module docstring)."""
+
+    name = "scratch"
+    summary = "Scratch-E/B (Liu et al. 2019): a pruned run's architecture trained from scratch, E or B epochs"
+    Settings = ScratchSettings
+
+    @classmethod
+    def from_config(cls, settings: ScratchSettings, cfg: Any) -> "ScratchMethod":
+        from we_dist.config import ConfigError
+
+        if not cfg.model.init_from:
+            raise ConfigError("method.name=scratch trains a pruned architecture: set model.init_from to the pruned "
+                              "run (checkpoint or run directory, or MLflow run id) and model.init_architecture_only"
+                              "=true")
+        if not cfg.model.init_architecture_only:
+            raise ConfigError("method.name=scratch starts from a fresh random initialisation: set "
+                              "model.init_architecture_only=true (only the architecture of model.init_from is taken)")
+        return cls(settings)
+
+    def __init__(self, settings: ScratchSettings | None = None) -> None:
+        self.settings = settings or ScratchSettings()
+        self.macs: tuple[int, int] | None = None
+        self.epochs: int | None = None
+        self._metrics: dict[str, float] = {}
+
+    def phases(self, cfg: Any) -> list[Phase]:
+        from we_dist.tracking.store import resolve_uri
+        from we_dist.train.init_from import InitFromError
+
+        epochs, schedule = cfg.schedule.epochs, cfg.schedule
+        if self.macs is None:
+            try:
+                self.macs = architecture_macs(cfg, resolve_uri(cfg.tracking))
+            except InitFromError as exc:
+                from we_dist.config import ConfigError
+
+                raise ConfigError(str(exc)) from None
+        if self.settings.budget == "B":
+            n = budget_epochs(epochs, *self.macs)
+            factor = n / epochs
+            milestones = tuple(sorted({max(1, round(m * factor)) for m in schedule.milestones if round(m * factor) < n}))
+            schedule = dataclasses.replace(schedule, epochs=n, milestones=milestones,
+                                           warmup_epochs=schedule.warmup_epochs * factor,
+                                           peak_epoch=schedule.peak_epoch * factor)
+            epochs = n
+        self.epochs = epochs
+        return [Phase(f"scratch_{self.settings.budget}", epochs, cfg.optim.lr, schedule)]
+
+    def on_fit_start(self, ctx: FitContext) -> None:
+        if self.macs is not None and ctx.epoch == 0:
+            full, pruned = self.macs
+            self._metrics.update({"scratch/epochs": float(self.epochs or ctx.epochs), "scratch/macs_full": float(full),
+                                  "scratch/macs_pruned": float(pruned), "scratch/compute_ratio": full / pruned})
