@@ -389,6 +389,21 @@ def train(cfg: Config, address: str | None = None) -> TrainOutcome:
         print(f"[we_dist] run {cfg.name} already completed {epochs} epochs ({run_dir}/{done[-1]}); "
               f"choose another name=... to train again, or raise schedule.epochs to continue it", flush=True)
         return TrainOutcome(metrics={}, run_dir=run_dir, mlflow_run_id=None, tracking_uri=tracking_uri)
+    from we_dist.train.runlock import RunLock, RunLocked
+
+    lock = RunLock(run_dir)
+    try:
+        lock.acquire()   # one writer per run name: a second command refuses here (exit 2)
+    except RunLocked as exc:
+        raise PreflightError(str(exc)) from None
+    try:
+        return _train_locked(cfg, address, tracking_uri, done, run_dir)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: Config, address: str | None, tracking_uri: str | None, done: list[str],
+                  run_dir: str) -> TrainOutcome:
     connect_ray(address)
     check_resources(cfg)
 
