@@ -96,6 +96,24 @@ def test_a_layer_always_keeps_a_filter_and_grouped_convs_are_left_alone():
     assert mark[:2].tolist() in ([1, 0], [0, 1]) and int(mark.sum()) == 3
 
 
+def test_layer_scope_drops_the_same_fraction_of_every_layer_where_network_scope_empties_short_filters():
+    torch.manual_seed(0)
+    model = SmallCNN(width=32)        # first conv: 3x3x3 = 27 values per filter, the others far longer
+    layers = convs(model)
+    sizes = [c.weight.shape[0] for c in layers]
+    network = choose_dropped(model, ratio=0.3)
+    per_layer = choose_dropped(model, ratio=0.3, scope="layer")
+    first_net = int(network[:sizes[0]].sum())
+    # Short random filters overlap more: ranked over the network, the first layer goes almost whole.
+    assert first_net >= sizes[0] - 1 > 0.3 * sizes[0]
+    pos = 0
+    for n in sizes:
+        assert int(per_layer[pos:pos + n].sum()) == int(n * 0.3)
+        pos += n
+    with pytest.raises(ValueError, match="scope"):
+        choose_dropped(model, ratio=0.3, scope="global")
+
+
 def test_dropped_filters_stay_zero_then_come_back_orthogonal_to_the_kept():
     torch.manual_seed(0)
     model = RoomyNet()
