@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +126,93 @@ def verify(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if _sha256(state_path) != manifest.get("sha256"):
         raise CheckpointError(f"checkpoint {d} is corrupt: {STATE_FILE} does not match its manifest")
     return manifest
+
+
+# --- choosing what a run resumes from ------------------------------------------------------
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"   # Ray Train's list of the run's checkpoints
+
+
+@dataclass
+class ResumePlan:
+    """What a run resumes from, decided on the driver before Ray starts.
+
+    ``path``: the newest checkpoint of the run that verifies (None: start fresh);
+    ``skipped``: why newer checkpoint directories were passed over; ``set_aside``: where
+    Ray's checkpoint list went when it named a checkpoint that is gone or does not verify
+    (Ray would refuse to start with it), else None. No checkpoint is ever deleted.
+    """
+
+    path: str | None
+    skipped: list[str] = field(default_factory=list)
+    set_aside: str | None = None
+
+    @property
+    def epoch(self) -> int:
+        """The resumed checkpoint's epoch (-1 on a fresh start)."""
+        return epoch_of(self.path) if self.path else -1
+
+    def describe(self) -> list[str]:
+        """Console lines explaining the choice (empty when there was nothing to choose)."""
+        lines = [f"skipped {s}" for s in self.skipped]
+        if self.set_aside:
+            lines.append(f"Ray's checkpoint list named a checkpoint that is gone or corrupt; it was set aside as "
+                         f"{self.set_aside} (no checkpoint was deleted)")
+        if lines and self.path:
+            lines.append(f"resuming from {self.path}, the newest checkpoint that verifies")
+        return lines
+
+
+def plan_resume(directory: str) -> ResumePlan:
+    """Choose the newest checkpoint of run directory ``directory`` that verifies.
+
+    Raises :class:`CheckpointError` when the run has checkpoint directories but none of
+    them verifies (the run cannot be resumed; nothing was changed). A fresh run (no
+    directory, or no checkpoint directory) gives ``ResumePlan(None)``. Ray's own list of
+    checkpoints is set aside (renamed, never deleted) if it names one that is missing or
+    does not verify, so that Ray starts, and our choice is what the workers load.
+    """
+    d = Path(directory)
+    names = sorted((p.name for p in d.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)),
+                   reverse=True) if d.is_dir() else []
+    plan = ResumePlan(None)
+    good: set[str] = set()
+    for n in names:
+        try:
+            verify(d / n)
+        except CheckpointError as exc:
+            if plan.path is None:
+                plan.skipped.append(str(exc))
+            continue
+        good.add(n)
+        if plan.path is None:
+            plan.path = str(d / n)
+    if names and plan.path is None:
+        raise CheckpointError(f"no checkpoint of the run in {d} verifies: " + "; ".join(plan.skipped))
+    snapshot = d / RAY_SNAPSHOT
+    if snapshot.is_file():
+        try:
+            listed = {r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text()).get("checkpoint_results", [])}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            listed = {"<unreadable>"}
+        if not listed <= good:
+            target = snapshot.with_name(f"{RAY_SNAPSHOT}.set-aside-{int(time.time())}")
+            os.replace(snapshot, target)
+            plan.set_aside = str(target)
+    return plan
+
+
+def newer_checkpoint(a: str | None, b: str | None) -> str | None:
+    """Of two checkpoint directories (either may be None), the one of the later epoch that
+    verifies; ``a`` wins a tie."""
+    best, best_epoch = None, -1
+    for path in (a, b):
+        if path is None:
+            continue
+        try:
+            epoch = int(verify(path).get("epoch", epoch_of(str(path))))
+        except CheckpointError:
+            continue
+        if epoch > best_epoch:
+            best, best_epoch = path, epoch
+    return best

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from we_dist.config import Config, ConfigError, load_config
 from we_dist.train.checkpoint import completed_checkpoints, epoch_of
+from we_dist.train.checkpoint import CheckpointError, ResumePlan, plan_resume
 from we_dist.train.checkpoint import run_dir as checkpoint_run_dir
 
 
@@ -209,10 +210,12 @@ def check_resources(cfg: Config) -> None:
 
 
 def build_trainer(cfg: Config, tracking_uri: str | None, mlflow_run_id: str | None,
-                  callbacks: Sequence[Any] = ()) -> Any:
+                  callbacks: Sequence[Any] = (), resume_from: str | None = None) -> Any:
     """The Ray Train ``TorchTrainer`` for this config (not yet started).
 
-    ``callbacks``: Ray Train callbacks, e.g. the sweep's report to Tune.
+    ``callbacks``: Ray Train callbacks, e.g. the sweep's report to Tune. ``resume_from``:
+    the checkpoint the driver chose (:func:`plan_resume_or_refuse`); the workers load it
+    unless Ray hands them a newer one that verifies (a restart after a worker failure).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -222,6 +225,7 @@ def build_trainer(cfg: Config, tracking_uri: str | None, mlflow_run_id: str | No
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
+                           "resume_from": resume_from,
                            # Ray's live bars suit a terminal; logs get one line per interval.
                            "live_progress": sys.stdout.isatty()},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
@@ -381,14 +385,6 @@ def train(cfg: Config, address: str | None = None) -> TrainOutcome:
     cfg = resolve_paths(cfg)
     tracking_uri, done = preflight(cfg)
     run_dir = checkpoint_run_dir(cfg.checkpoint.storage_path, cfg.name)
-    from we_dist.train.phases import total_epochs
-
-    epochs = total_epochs(cfg)
-    if done and epoch_of(done[-1]) + 1 >= epochs:
-        # Nothing left to train: say so rather than start a cluster that reports nothing.
-        print(f"[we_dist] run {cfg.name} already completed {epochs} epochs ({run_dir}/{done[-1]}); "
-              f"choose another name=... to train again, or raise schedule.epochs to continue it", flush=True)
-        return TrainOutcome(metrics={}, run_dir=run_dir, mlflow_run_id=None, tracking_uri=tracking_uri)
     from we_dist.train.runlock import RunLock, RunLocked
 
     lock = RunLock(run_dir)
@@ -402,8 +398,35 @@ def train(cfg: Config, address: str | None = None) -> TrainOutcome:
         lock.release()
 
 
+def plan_resume_or_refuse(cfg: Config, run_dir: str) -> ResumePlan:
+    """The checkpoint the run resumes from: the newest that verifies (newer broken ones are
+    skipped and named). A run whose checkpoints all fail is refused (exit 2), changing nothing."""
+    from we_dist import storage
+
+    if cfg.checkpoint.resume == "never" or storage.is_remote(run_dir):
+        return ResumePlan(None)   # remote storage: Ray's own list decides (see cluster/FAILURES.md)
+    try:
+        plan = plan_resume(run_dir)
+    except CheckpointError as exc:
+        raise PreflightError(f"run {cfg.name!r} cannot resume: {exc}. Nothing was changed; train under another "
+                             f"name=... to start over, or move the broken checkpoint directories away") from None
+    for line in plan.describe():
+        print(f"[we_dist] {line}", flush=True)
+    return plan
+
+
 def _train_locked(cfg: Config, address: str | None, tracking_uri: str | None, done: list[str],
                   run_dir: str) -> TrainOutcome:
+    from we_dist.train.phases import total_epochs
+
+    plan = plan_resume_or_refuse(cfg, run_dir)
+    epochs = total_epochs(cfg)
+    last_epoch = plan.epoch if plan.path else (epoch_of(done[-1]) if done else -1)
+    if last_epoch + 1 >= epochs:
+        # Nothing left to train: say so rather than start a cluster that reports nothing.
+        print(f"[we_dist] run {cfg.name} already completed {epochs} epochs ({plan.path or run_dir}); "
+              f"choose another name=... to train again, or raise schedule.epochs to continue it", flush=True)
+        return TrainOutcome(metrics={}, run_dir=run_dir, mlflow_run_id=None, tracking_uri=tracking_uri)
     connect_ray(address)
     check_resources(cfg)
 
@@ -417,7 +440,7 @@ def _train_locked(cfg: Config, address: str | None, tracking_uri: str | None, do
         print(f"[we_dist] run {cfg.name}: {cfg.scaling.num_workers} workers, method {cfg.method.name}, "
               f"{'resuming' if done else 'starting'}; checkpoints in {cfg.checkpoint.storage_path}/{cfg.name}"
               + (f"; MLflow run {run_id} at {tracking_uri}" if run_id else ""), flush=True)
-        result = fit_tracked(build_trainer(cfg, tracking_uri, run_id), tracking_uri, run_id)
+        result = fit_tracked(build_trainer(cfg, tracking_uri, run_id, resume_from=plan.path), tracking_uri, run_id)
     except KeyboardInterrupt as exc:
         kept = completed_checkpoints(cfg.checkpoint.storage_path, cfg.name)
         # Interrupted before fit() (starting Ray, opening the MLflow run): nothing marked it.

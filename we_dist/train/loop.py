@@ -43,7 +43,7 @@ from we_dist.config import Config, config_from_dict
 from we_dist.export import export_model
 from we_dist.methods import FitContext, Method, create_method
 from we_dist.models import architecture, create_model
-from we_dist.train.checkpoint import checkpoint_name, load_state, save_state
+from we_dist.train.checkpoint import checkpoint_name, load_state, newer_checkpoint, save_state
 from we_dist.train.init_from import load_network
 from we_dist.train.phases import PhasePlan
 from we_dist.train.state import TrainState, default_param_groups
@@ -142,8 +142,12 @@ def _restore_network(model: nn.Module, state: dict[str, Any], weights: bool = Tr
 
 
 def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
-                 mlflow_run_id: str | None = None, live_progress: bool = False) -> dict[str, float]:
+                 mlflow_run_id: str | None = None, live_progress: bool = False,
+                 resume_from: str | None = None) -> dict[str, float]:
     """Train ``cfg`` on this rank; returns the last epoch's metrics.
+
+    ``resume_from``: a checkpoint directory the driver chose to resume from (used unless
+    the session offers a newer one that verifies).
 
     ``live_progress``: draw a live bar (the driver's console is a terminal) rather than
     printing a progress line every ``train.log_every_steps`` steps.
@@ -163,7 +167,14 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
 
     start_epoch, step = 0, 0
     resume_state: dict[str, Any] | None = None
-    with session.resume_dir() as resume_dir:
+    with session.resume_dir() as ray_dir:
+        # Ray's latest registered checkpoint, or the driver's choice (the newest that
+        # verifies, which may be newer: written but not yet registered when the run
+        # stopped), whichever is newer and verifies; if neither verifies, loading raises.
+        resume_dir = newer_checkpoint(ray_dir, resume_from) or ray_dir or resume_from
+        if rank == 0 and ray_dir and resume_dir != ray_dir:
+            print(f"[we_dist] Ray offered {ray_dir}; resuming from {resume_dir} (newer, or the offered one "
+                  f"does not verify)", flush=True)
         if resume_dir is not None:
             resume_state = load_state(resume_dir, map_location=device)
             _restore_network(model, resume_state)
@@ -400,4 +411,5 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"])
     run_training(cfg, RaySession(), tracking_uri=loop_config.get("tracking_uri"),
                  mlflow_run_id=loop_config.get("mlflow_run_id"),
-                 live_progress=bool(loop_config.get("live_progress", False)))
+                 live_progress=bool(loop_config.get("live_progress", False)),
+                 resume_from=loop_config.get("resume_from"))
