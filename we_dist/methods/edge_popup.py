@@ -9,8 +9,9 @@ off, so no optimizer ever sees it; a bias is set to zero and frozen), and it get
 ``scores`` of the weight's shape (Kaiming uniform, a = sqrt(5), as the paper's code). The
 forward pass uses ``weight * mask``, where the mask keeps the ``density`` fraction of the
 layer's weights with the largest ``|scores|``; the backward pass sends the gradient straight
-through the mask to the scores, so ``d loss / d score = d loss / d (weight * mask) * weight``
-for every weight, kept or not. Only the scores are trained: ``param_groups`` puts them in
+through the mask to ``|scores|``, so ``d loss / d |score| = d loss / d (weight * mask) * weight``
+for every weight, kept or not (and ``d loss / d score`` carries ``sign(score)``, as the
+paper's code gets by ranking ``scores.abs()`` inside autograd). Only the scores are trained: ``param_groups`` puts them in
 their own group (LR times ``score_lr_scale``, weight decay ``score_weight_decay``, 0 by
 default). BatchNorm layers lose their learnable scale and shift (``bn_affine: false``, as in
 the paper: a trained affine would be trained weights); their running statistics remain.
@@ -116,9 +117,9 @@ def kaiming_uniform_scores(scores: torch.Tensor, generator: torch.Generator) -> 
     return (torch.rand(scores.shape, generator=generator, dtype=torch.float32) * 2 - 1) * bound
 
 
-def mask_network(model: nn.Module, settings: Any, seed: int) -> list[str]:
-    """Make ``model`` a masked random network in place (the ``prepare_model`` of edge-popup and
-    of sparse binary programming); returns the masked layers' names."""
+def mask_network(model: nn.Module, settings: Any, seed: int, by_abs: bool = True) -> list[str]:
+    """Make ``model`` a masked random network in place (the ``prepare_model`` of edge-popup and,
+    with ``by_abs=False``, of sparse binary programming); returns the masked layers' names."""
     first, classifier = first_conv_and_classifier(model)
     skip = set()
     if not settings.mask_first_conv and first is not None:
@@ -126,7 +127,7 @@ def mask_network(model: nn.Module, settings: Any, seed: int) -> list[str]:
     if not settings.mask_classifier and classifier is not None:
         skip.add(classifier)
     names = swap_layers(model, lambda layer: conv_or_linear_like(layer, MaskedConv2d, MaskedLinear,
-                                                                 density=settings.density), skip)
+                                                                 density=settings.density, by_abs=by_abs), skip)
     if not names:
         raise ValueError("no conv or linear layer to mask (mask_first_conv/mask_classifier leave none)")
     generator = torch.Generator().manual_seed(int(seed) * 7919 + 17)

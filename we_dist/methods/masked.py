@@ -7,8 +7,11 @@ and :mod:`~we_dist.methods.ternary` use these layers.
 
 * :class:`MaskedConv2d` / :class:`MaskedLinear`: ``weight`` (frozen) times a 0/1 mask that keeps
   exactly :func:`kept_count` ``(n, density)`` entries of the layer, those with the largest
-  ``|scores|``; ``scores`` is a parameter of the weight's shape. The gradient goes straight
-  through the mask to the scores (``d loss / d scores = d loss / d (weight * mask) * weight``).
+  ``|scores|`` (``by_abs=True``, edge-popup) or the largest ``scores`` (``by_abs=False``, a
+  relaxed mask in [0, 1]); ``scores`` is a parameter of the weight's shape. The gradient goes
+  straight through the mask to what is ranked: ``d loss / d |s| = d loss / d (weight * mask) *
+  weight`` (so ``d loss / d s`` carries ``sign(s)``), or ``d loss / d s`` itself when ranked
+  by value.
 * :class:`TernaryConv2d` / :class:`TernaryLinear`: the forward weight is ``alpha * codes`` with
   codes in {-1, 0, +1} (TWN); the gradient goes straight through to the kept full-precision
   ``weight``.
@@ -47,11 +50,13 @@ def kept_count(n: int, density: float) -> int:
 
 
 @torch.no_grad()
-def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
+def topk_mask(scores: torch.Tensor, density: float, by_abs: bool = True) -> torch.Tensor:
     """A 0/1 tensor of ``scores``' shape and dtype with exactly :func:`kept_count` ones, at the
-    largest ``|scores|``. Ties (scores clamped to the same bound) go to the lower index: a
-    stable sort, so the mask is a fixed function of the tensor on every rank and device."""
-    flat = scores.detach().abs().reshape(-1)
+    largest ``|scores|`` (``by_abs``) or largest ``scores``. Ties (scores clamped to the same
+    bound) go to the lower index: a stable sort, so the mask is a fixed function of the
+    tensor on every rank and device."""
+    flat = scores.detach().reshape(-1)
+    flat = flat.abs() if by_abs else flat
     k = kept_count(flat.numel(), density)
     mask = torch.zeros_like(flat)
     mask[torch.sort(flat, descending=True, stable=True).indices[:k]] = 1
@@ -59,11 +64,12 @@ def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
 
 
 class _StraightThroughMask(torch.autograd.Function):
-    """Forward: the exactly-k 0/1 mask of the scores; backward: the gradient unchanged."""
+    """Forward: the exactly-k 0/1 mask of the largest ``ranked`` values; backward: the
+    gradient unchanged (the straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, density: float) -> torch.Tensor:  # type: ignore[override]
-        return topk_mask(scores, density)
+    def forward(ctx, ranked: torch.Tensor, density: float) -> torch.Tensor:  # type: ignore[override]
+        return topk_mask(ranked, density, by_abs=False)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -123,10 +129,12 @@ class _Masked:
     weight: nn.Parameter
     scores: nn.Parameter
     density: float
+    by_abs: bool
 
-    def _init_mask(self, density: float) -> None:
+    def _init_mask(self, density: float, by_abs: bool) -> None:
         kept_count(1, density)  # validates
         self.density = float(density)
+        self.by_abs = bool(by_abs)
         self.scores = nn.Parameter(torch.empty_like(self.weight, requires_grad=True))
         # Scores as in the edge-popup paper's code: Kaiming uniform with a = sqrt(5), the
         # default init of a PyTorch layer's weight. A method may re-initialise them.
@@ -137,10 +145,13 @@ class _Masked:
 
     def mask(self) -> torch.Tensor:
         """The current 0/1 mask (exactly :func:`kept_count` ones), no gradient."""
-        return topk_mask(self.scores, self.density)
+        return topk_mask(self.scores, self.density, self.by_abs)
 
     def _masked_weight(self) -> torch.Tensor:
-        return self.weight * _StraightThroughMask.apply(self.scores, self.density)
+        # |s| goes through autograd: a negative score with a large |s| is kept, and a gradient
+        # that asks for more of its weight must grow |s|, i.e. push s further down.
+        ranked = self.scores.abs() if self.by_abs else self.scores
+        return self.weight * _StraightThroughMask.apply(ranked, self.density)
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
@@ -148,15 +159,15 @@ class _Masked:
         return self.weight * self.mask()
 
     def extra_repr(self) -> str:  # noqa: D401 - nn.Module's
-        return super().extra_repr() + f", density={self.density}"  # type: ignore[misc]
+        return super().extra_repr() + f", density={self.density}, by_abs={self.by_abs}"  # type: ignore[misc]
 
 
 class MaskedConv2d(_Masked, nn.Conv2d):
     """A conv whose frozen weight is multiplied by the exactly-k mask of ``|scores|``."""
 
-    def __init__(self, *args, density: float = 0.5, **kwargs) -> None:
+    def __init__(self, *args, density: float = 0.5, by_abs: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._init_mask(density)
+        self._init_mask(density, by_abs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self._masked_weight(), self.bias)
@@ -169,9 +180,9 @@ class MaskedConv2d(_Masked, nn.Conv2d):
 class MaskedLinear(_Masked, nn.Linear):
     """A linear layer whose frozen weight is multiplied by the exactly-k mask of ``|scores|``."""
 
-    def __init__(self, *args, density: float = 0.5, **kwargs) -> None:
+    def __init__(self, *args, density: float = 0.5, by_abs: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._init_mask(density)
+        self._init_mask(density, by_abs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self._masked_weight(), self.bias)

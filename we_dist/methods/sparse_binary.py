@@ -34,8 +34,11 @@ our design, built from the following standard pieces.
    with ``rho`` increased over training as ADMM weight pruning does (Zhang, Ye, Zhang, Tang,
    Wen, Fardad, Wang, "A Systematic DNN Weight Pruning Framework using ADMM", ECCV 2018). It
    pulls kept entries towards 1 and dropped ones towards 0, so the relaxation gap
-   ``mean |m - z|`` closes and the chosen set settles. ``rho`` at epoch ``e`` is
-   ``min(rho_max, rho * rho_growth ** e)``. No dual variable is kept: with ``z`` re-projected
+   ``mean |m - z|`` closes and the chosen set settles. ``rho`` grows geometrically from
+   ``rho`` in the first epoch to ``rho_final`` in the last (``rho * (rho_final / rho) **
+   (e / (E - 1))`` in epoch ``e`` of ``E``), so the schedule fits any run length: weak at
+   first, while the loss decides which weights to keep (a strong early penalty freezes the
+   random initial mask), strong at the end. No dual variable is kept: with ``z`` re-projected
    from ``m`` every step, this is the penalty (not the multiplier) form of the split.
 5. *Projection onto the box.* After the optimizer steps, ``m`` is clipped to ``[0, 1]``
    (projected gradient for the box constraint).
@@ -62,8 +65,8 @@ recomputed from ``m`` (stable sort), so replicas stay bit-identical with no comm
 **Settings** (``method.sparse_binary.*``), defaults in brackets: ``density`` [0.5];
 ``init`` [signed_constant]; ``scale_fan`` [false]; ``mask_first_conv`` [true];
 ``mask_classifier`` [true]; ``bn_affine`` [false] (all as edge-popup); ``mask_lr_scale``
-[1.0] LR of ``m`` = schedule LR x this; ``mask_weight_decay`` [0.0]; ``rho`` [0.001]
-penalty at epoch 0; ``rho_growth`` [1.5] factor per epoch; ``rho_max`` [1.0].
+[1.0] LR of ``m`` = schedule LR x this; ``mask_weight_decay`` [0.0]; ``rho`` [1e-5]
+penalty in the first epoch; ``rho_final`` [0.01] in the last.
 
 **Metrics.** ``sparse_binary/density`` (measured), ``sparse_binary/mask_flips``,
 ``sparse_binary/score_abs_mean`` (mean m), ``sparse_binary/gap`` (mean ``|m - z|``, 0 when
@@ -97,14 +100,18 @@ class SparseBinarySettings:
     bn_affine: Annotated[Bool, Field(description="keep BatchNorm's learnable scale and shift")] = False
     mask_lr_scale: Annotated[Float, Field(gt=0, description="LR of the relaxed mask = schedule LR x this")] = 1.0
     mask_weight_decay: Annotated[Float, Field(ge=0, description="weight decay on the relaxed mask")] = 0.0
-    rho: Annotated[Float, Field(ge=0, description="penalty rho*(m - z) at epoch 0")] = 1e-3
-    rho_growth: Annotated[Float, Field(ge=1, description="rho is multiplied by this every epoch")] = 1.5
-    rho_max: Annotated[Float, Field(ge=0, description="cap on rho")] = 1.0
+    rho: Annotated[Float, Field(gt=0, description="penalty weight (gradient rho*(m - z)) in the first epoch")] = 1e-5
+    rho_final: Annotated[Float, Field(gt=0, description="penalty weight in the last epoch (geometric in "
+                                                        "between)")] = 1e-2
 
 
-def rho_at(settings: SparseBinarySettings, epoch: int) -> float:
-    """The penalty weight in ``epoch`` (0-based): ``min(rho_max, rho * rho_growth ** epoch)``."""
-    return min(settings.rho_max, settings.rho * settings.rho_growth ** epoch)
+def rho_at(settings: SparseBinarySettings, epoch: int, epochs: int) -> float:
+    """The penalty weight in ``epoch`` (0-based) of ``epochs``: geometric from ``rho`` (first
+    epoch) to ``rho_final`` (last)."""
+    if epochs <= 1:
+        return settings.rho_final
+    t = min(max(epoch, 0), epochs - 1) / (epochs - 1)
+    return settings.rho * (settings.rho_final / settings.rho) ** t
 
 
 @torch.no_grad()
@@ -136,7 +143,7 @@ class SparseBinaryMethod(EdgePopupMethod):
     prefix = "sparse_binary"
 
     def prepare_model(self, model: nn.Module, cfg: Any) -> nn.Module:
-        mask_network(model, self.settings, self.seed)
+        mask_network(model, self.settings, self.seed, by_abs=False)  # m >= 0: ranked by value
         with torch.no_grad():
             for _, layer in masked_layers(model):
                 layer.scores.add_(0.5).clamp_(0.0, 1.0)  # centre the relaxed mask in the box
@@ -146,7 +153,7 @@ class SparseBinaryMethod(EdgePopupMethod):
         return score_groups(model, groups, self.settings.mask_lr_scale, self.settings.mask_weight_decay)
 
     def on_after_backward(self, ctx: FitContext) -> None:
-        add_penalty_gradient(ctx.model, rho_at(self.settings, ctx.epoch))
+        add_penalty_gradient(ctx.model, rho_at(self.settings, ctx.epoch, ctx.epochs))
 
     def on_step_end(self, ctx: FitContext) -> None:
         project_to_box(ctx.model)
@@ -158,4 +165,4 @@ class SparseBinaryMethod(EdgePopupMethod):
         total = sum(layer.scores.numel() for _, layer in layers)
         gap = sum(float((layer.scores - layer.mask()).abs().sum()) for _, layer in layers)
         self._metrics[f"{self.prefix}/gap"] = gap / max(total, 1)
-        self._metrics[f"{self.prefix}/rho"] = rho_at(self.settings, ctx.epoch)
+        self._metrics[f"{self.prefix}/rho"] = rho_at(self.settings, ctx.epoch, ctx.epochs)
