@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from we_dist.methods.calibration import (Pair, channel_cross, channel_gram, collect, expand, keep_counts,
+from we_dist.methods.calibration import (channel_cross, channel_gram, collect, expand, keep_counts,
                                          least_squares, prunable_pairs, recon_error, reference_targets,
                                          remove_channels)
 from we_dist.methods.apoz import apoz_decision, apoz_scores
@@ -20,7 +20,7 @@ SHAPE = (3, 32, 32)
 
 def _model_and_images():
     torch.manual_seed(0)
-    model = create_model("small_cnn", 10, ).eval()
+    model = create_model("small_cnn", 10).eval()
     with torch.no_grad():  # BN statistics that leave some exact zeros after ReLU
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):

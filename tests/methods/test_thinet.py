@@ -111,7 +111,8 @@ def test_mac_target_is_reached_and_settings_are_checked():
     method.prune(FitContext(model=model, epoch=0, step=0, epochs=1, steps_per_epoch=1, loaders={"train": data(8)}))
     assert count_macs(model, SHAPE) <= 0.6 * full
     assert model.layers[0].conv2.in_channels == model.layers[0].conv1.out_channels < 16
-    cfg = load_config(None, ["method.name=thinet", "method.thinet.finetune_epochs=3", "method.thinet.finetune_lr=0.002"])
+    cfg = load_config(None, ["method.name=thinet", "method.thinet.finetune_epochs=3",
+                             "method.thinet.finetune_lr=0.002"])
     phases = create_method(cfg).phases(cfg)
     assert [(p.name, p.epochs, p.lr) for p in phases] == [("finetune", 3, 0.002)]
     with pytest.raises(Exception, match="scaling"):
@@ -174,7 +175,8 @@ def by_hand_macs(model):
             hooks.append(m.register_forward_hook(lambda m, i, o: total.__setitem__(
                 0, total[0] + o.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1])))
         elif isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + o.numel() * m.in_features)))
+            hooks.append(m.register_forward_hook(
+                lambda m, i, o: total.__setitem__(0, total[0] + o.numel() * m.in_features)))
     with torch.no_grad():
         model(torch.zeros(1, *SHAPE))
     for h in hooks:

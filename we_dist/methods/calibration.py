@@ -225,7 +225,8 @@ def _outputs(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return y.reshape(y.shape[0], y.shape[1], -1)
 
 
-def _capture(model: nn.Module, names: Sequence[str], images: torch.Tensor, want_output: bool) -> dict[str, torch.Tensor]:
+def _capture(model: nn.Module, names: Sequence[str], images: torch.Tensor,
+             want_output: bool) -> dict[str, torch.Tensor]:
     """Inputs (or outputs) of the modules ``names`` for one batch; the forward pass stops as
     soon as all are captured."""
     modules = dict(model.named_modules())
@@ -533,6 +534,7 @@ class LayerwisePruning:
         self._metrics.update({
             f"{self.name}/recon_err_before": sum(before) / n, f"{self.name}/recon_err_after": sum(after) / n,
             f"{self.name}/solve_fallbacks": float(fallbacks), f"{self.name}/ratio": float(plan["ratio"]),
-            f"{self.name}/channels_before": float(channels_before), f"{self.name}/channels_after": float(channels_after),
+            f"{self.name}/channels_before": float(channels_before),
+            f"{self.name}/channels_after": float(channels_after),
             f"{self.name}/calibration_images": float(n_images),
         })

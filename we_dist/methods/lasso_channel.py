@@ -89,7 +89,8 @@ class LassoSettings:
         "cosine"
 
 
-def _fista(a: torch.Tensor, b: torch.Tensor, lam: float, start: torch.Tensor, steps: int, lipschitz: float) -> torch.Tensor:
+def _fista(a: torch.Tensor, b: torch.Tensor, lam: float, start: torch.Tensor, steps: int,
+           lipschitz: float) -> torch.Tensor:
     """``argmin 1/2 beta^T a beta - b^T beta + lam |beta|_1`` by FISTA from ``start``."""
     beta = start.clone()
     z = beta.clone()

@@ -119,7 +119,7 @@ class ThiNetMethod(LayerwisePruning, Method):
     """ThiNet: greedy channel selection by the next layer's output, least-squares rescaling."""
 
     name = "thinet"
-    summary = "ThiNet (Luo et al. 2017): prune filters whose removal changes the next layer least, LS rescale, fine-tune"
+    summary = "ThiNet (Luo et al. 2017): drop filters whose removal changes the next layer least, LS rescale, fine-tune"
     Settings = ThiNetSettings
 
     @classmethod
