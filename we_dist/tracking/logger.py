@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 NONFINITE_TAG = "we_dist.warning.nonfinite"
 LOG_FAILURES_TAG = "we_dist.warning.log_failures"
+DISCARDED_TAG = "we_dist.discarded_epochs"
 _MAX_PENDING = 100_000                 # metrics kept while the store is unreachable
 # Bounded HTTP retries for the logging process; explicit user settings win.
 HTTP_RETRY_DEFAULTS = {
@@ -177,6 +178,45 @@ class RunLogger:
         else:
             self._steps = None   # part of the batch may have landed: read the history again
             self._cap_pending()
+
+    def replace_from(self, step: int) -> list[int]:
+        """A run resumed at epoch ``step``: values MLflow holds for steps >= ``step`` came
+        from a trajectory the checkpoint discarded. Forget them, so the redone epochs are
+        logged again (MLflow keeps both; the new ones are later), tag the run
+        ``we_dist.discarded_epochs`` and return those steps (empty if none, or if the store
+        cannot be read now)."""
+        if not self.enabled or not self._attempt("read the metric history", self._known_steps):
+            return []
+        discarded = sorted({s for steps in self._steps.values() for s in steps if s >= step})
+        if discarded:
+            for steps in self._steps.values():
+                steps.difference_update(discarded)
+            note = (f"values logged before {time.strftime('%Y-%m-%d %H:%M:%S')} at steps "
+                    f"{discarded[0]}-{discarded[-1]} came from a trajectory discarded by a resume from "
+                    f"the checkpoint of epoch {step - 1}; the later values at those steps are the run's")
+            self._attempt("tag discarded epochs", lambda: self._client.set_tag(self.run_id, DISCARDED_TAG,
+                                                                                 note[:MAX_TAG_VALUE]))
+        return discarded
+
+    def log_history(self, history: Iterable[dict[str, float]]) -> None:
+        """Log each epoch's metrics at its step (``metrics["epoch"]``); steps MLflow already
+        has are skipped, so this only fills gaps (epochs whose logging failed)."""
+        for metrics in history:
+            if "epoch" in metrics:
+                self.log_metrics(metrics, step=int(metrics["epoch"]))
+
+    def drain(self, timeout_s: float) -> int:
+        """Keep trying to send pending metrics for up to ``timeout_s`` seconds; returns how
+        many are still unsent (0: all sent)."""
+        if not self.enabled:
+            return 0
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._flush()
+            left = deadline - time.monotonic()
+            if not self._pending or left <= 0:
+                return len(self._pending)
+            time.sleep(min(5.0, left))
 
     def _cap_pending(self) -> None:
         if len(self._pending) > _MAX_PENDING:

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import json
 import dataclasses
 import os
 import signal
@@ -210,7 +211,8 @@ def check_resources(cfg: Config) -> None:
 
 
 def build_trainer(cfg: Config, tracking_uri: str | None, mlflow_run_id: str | None,
-                  callbacks: Sequence[Any] = (), resume_from: str | None = None) -> Any:
+                  callbacks: Sequence[Any] = (), resume_from: str | None = None,
+                  run_dir: str | None = None) -> Any:
     """The Ray Train ``TorchTrainer`` for this config (not yet started).
 
     ``callbacks``: Ray Train callbacks, e.g. the sweep's report to Tune. ``resume_from``:
@@ -225,7 +227,7 @@ def build_trainer(cfg: Config, tracking_uri: str | None, mlflow_run_id: str | No
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
-                           "resume_from": resume_from,
+                           "resume_from": resume_from, "run_dir": run_dir,
                            # Ray's live bars suit a terminal; logs get one line per interval.
                            "live_progress": sys.stdout.isatty()},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
@@ -320,24 +322,35 @@ KILLED_STATUS_TIMEOUT_S = 10.0
 
 def _mark_killed(tracking_uri: str | None, run_id: str) -> bool:
     """Record the MLflow run as KILLED, waiting at most ``KILLED_STATUS_TIMEOUT_S``; True if done."""
+    return _mark_status(tracking_uri, run_id, "KILLED", KILLED_STATUS_TIMEOUT_S)
+
+
+# How long the driver waits for the tracking store to record a run's end. MLflow's own HTTP
+# retries of a server that is down take minutes; training is over, so do not wait them out.
+END_STATUS_TIMEOUT_S = 30.0
+
+
+def _mark_status(tracking_uri: str | None, run_id: str, status: str, timeout_s: float) -> bool:
+    """Record the MLflow run's end ``status``, waiting at most ``timeout_s``; True if done."""
     from we_dist.tracking import TrackingError, finish_run
 
     done = []
 
     def mark() -> None:
         try:
-            finish_run(tracking_uri, run_id, "KILLED")
+            finish_run(tracking_uri, run_id, status)
             done.append(True)
-        except TrackingError as exc:
-            print(f"[we_dist] could not mark MLflow run {run_id} KILLED: {exc}", file=sys.stderr, flush=True)
+        except Exception as exc:   # TrackingError, or MLflow's own after its retries
+            reason = exc if isinstance(exc, TrackingError) else type(exc).__name__
+            print(f"[we_dist] could not mark MLflow run {run_id} {status}: {reason}", file=sys.stderr, flush=True)
 
     # A daemon thread: an unresponsive store must not keep the process alive.
-    marker = threading.Thread(target=mark, name="we_dist-mark-killed", daemon=True)
+    marker = threading.Thread(target=mark, name=f"we_dist-mark-{status.lower()}", daemon=True)
     marker.start()
-    marker.join(KILLED_STATUS_TIMEOUT_S)
+    marker.join(timeout_s)
     if marker.is_alive():
         print(f"[we_dist] MLflow run {run_id}: the tracking store did not answer within "
-              f"{KILLED_STATUS_TIMEOUT_S:g}s; its status is left as RUNNING", file=sys.stderr, flush=True)
+              f"{timeout_s:g}s; its status is left as RUNNING", file=sys.stderr, flush=True)
     return bool(done)
 
 
@@ -347,8 +360,6 @@ def fit_tracked(trainer: Any, tracking_uri: str | None, run_id: str | None) -> A
     Ctrl-C (see :class:`_Interrupts`) ends in :class:`KeyboardInterrupt` once the MLflow
     run is marked KILLED (its ``killed_recorded`` attribute says whether the store took it).
     """
-    from we_dist.tracking import finish_run
-
     interrupts = _Interrupts()
     interrupts.attach(trainer)
     try:
@@ -360,7 +371,7 @@ def fit_tracked(trainer: Any, tracking_uri: str | None, run_id: str | None) -> A
         interrupted = interrupts.count > 0 or isinstance(exc, KeyboardInterrupt)
         if not interrupted:
             if run_id:
-                finish_run(tracking_uri, run_id, "FAILED")
+                _mark_status(tracking_uri, run_id, "FAILED", END_STATUS_TIMEOUT_S)
             raise
         recorded = _mark_killed(tracking_uri, run_id) if run_id else True
         if isinstance(exc, KeyboardInterrupt):
@@ -375,8 +386,10 @@ def fit_tracked(trainer: Any, tracking_uri: str | None, run_id: str | None) -> A
         stop = KeyboardInterrupt()
         stop.killed_recorded = _mark_killed(tracking_uri, run_id) if run_id else True
         raise stop
-    if run_id:
-        finish_run(tracking_uri, run_id, "FINISHED")
+    if run_id and not _mark_status(tracking_uri, run_id, "FINISHED", END_STATUS_TIMEOUT_S):
+        print(f"[we_dist] training finished, but MLflow could not be told; run the same command again once the "
+              f"tracking store answers: it sends what is missing and marks the run FINISHED", file=sys.stderr,
+              flush=True)
     return result
 
 
@@ -415,6 +428,47 @@ def plan_resume_or_refuse(cfg: Config, run_dir: str) -> ResumePlan:
     return plan
 
 
+def repair_tracking(cfg: Config, tracking_uri: str, checkpoint: str) -> str | None:
+    """A finished run's MLflow record, completed from its last checkpoint: epochs MLflow
+    missed (an outage at the end), the final weights and the exported network if absent,
+    and the FINISHED status. Returns the MLflow run id. What it did is printed."""
+    from we_dist.tracking import RunLogger, TrackingError, open_run
+    from we_dist.train.checkpoint import load_state
+
+    try:
+        run_id = open_run(cfg.tracking, run_name=cfg.name, config_dict=cfg.to_dict(), resume=True)
+        state = load_state(checkpoint)
+        logger = RunLogger(tracking_uri, run_id, enabled=True, strict=True)
+        before = sum(len(v) for v in logger._known_steps().values())
+        history = state.get("history") or [state.get("metrics", {})]
+        logger.log_history(history)
+        sent = sum(len(v) for v in logger._known_steps().values()) - before
+        client = logger._client
+        present = {a.path for a in client.list_artifacts(run_id, "model")}
+        repaired = [f"{sent} metric values"] if sent else []
+        exported = Path(checkpoint) / "exported.pt2"
+        if cfg.train.export and exported.is_file() and "model/exported.pt2" not in present:
+            logger.log_files([exported, Path(checkpoint) / "exported.json"], "model")
+            repaired.append("the exported network")
+        if cfg.tracking.log_model and "model/final_weights.pt" not in present:
+            logger.log_state_dict(state["model"])
+            logger.log_text(json.dumps(state.get("architecture", {}), indent=1), "model/architecture.json")
+            repaired.append("the final weights")
+        logger.finish("FINISHED")
+    except (TrackingError, OSError) as exc:
+        print(f"[we_dist] MLflow could not be completed now ({exc}); run the same command again later",
+              file=sys.stderr, flush=True)
+        return None
+    except Exception as exc:   # MLflow's own errors after its retries
+        print(f"[we_dist] MLflow could not be completed now ({type(exc).__name__}: {exc}); run the same command "
+              f"again later", file=sys.stderr, flush=True)
+        return None
+    print(f"[we_dist] MLflow run {run_id}: " + (("sent what was missing: " + ", ".join(repaired))
+                                                if repaired else "nothing was missing") + "; status FINISHED",
+          flush=True)
+    return run_id
+
+
 def _train_locked(cfg: Config, address: str | None, tracking_uri: str | None, done: list[str],
                   run_dir: str) -> TrainOutcome:
     from we_dist.train.phases import total_epochs
@@ -426,7 +480,10 @@ def _train_locked(cfg: Config, address: str | None, tracking_uri: str | None, do
         # Nothing left to train: say so rather than start a cluster that reports nothing.
         print(f"[we_dist] run {cfg.name} already completed {epochs} epochs ({plan.path or run_dir}); "
               f"choose another name=... to train again, or raise schedule.epochs to continue it", flush=True)
-        return TrainOutcome(metrics={}, run_dir=run_dir, mlflow_run_id=None, tracking_uri=tracking_uri)
+        run_id = None
+        if tracking_uri is not None and plan.path:
+            run_id = repair_tracking(cfg, tracking_uri, plan.path)
+        return TrainOutcome(metrics={}, run_dir=run_dir, mlflow_run_id=run_id, tracking_uri=tracking_uri)
     connect_ray(address)
     check_resources(cfg)
 
@@ -440,7 +497,8 @@ def _train_locked(cfg: Config, address: str | None, tracking_uri: str | None, do
         print(f"[we_dist] run {cfg.name}: {cfg.scaling.num_workers} workers, method {cfg.method.name}, "
               f"{'resuming' if done else 'starting'}; checkpoints in {cfg.checkpoint.storage_path}/{cfg.name}"
               + (f"; MLflow run {run_id} at {tracking_uri}" if run_id else ""), flush=True)
-        result = fit_tracked(build_trainer(cfg, tracking_uri, run_id, resume_from=plan.path), tracking_uri, run_id)
+        result = fit_tracked(build_trainer(cfg, tracking_uri, run_id, resume_from=plan.path,
+                                           run_dir=None if "://" in run_dir else run_dir), tracking_uri, run_id)
     except KeyboardInterrupt as exc:
         kept = completed_checkpoints(cfg.checkpoint.storage_path, cfg.name)
         # Interrupted before fit() (starting Ray, opening the MLflow run): nothing marked it.

@@ -43,7 +43,8 @@ from we_dist.config import Config, config_from_dict
 from we_dist.export import export_model
 from we_dist.methods import FitContext, Method, create_method
 from we_dist.models import architecture, create_model
-from we_dist.train.checkpoint import checkpoint_name, load_state, newer_checkpoint, save_state
+from we_dist.train.checkpoint import (CheckpointError, checkpoint_name, latest_loadable, load_state, newer_checkpoint,
+                                      save_state)
 from we_dist.train.init_from import load_network
 from we_dist.train.phases import PhasePlan
 from we_dist.train.state import TrainState, default_param_groups
@@ -143,11 +144,12 @@ def _restore_network(model: nn.Module, state: dict[str, Any], weights: bool = Tr
 
 def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
                  mlflow_run_id: str | None = None, live_progress: bool = False,
-                 resume_from: str | None = None) -> dict[str, float]:
+                 resume_from: str | None = None, run_dir: str | None = None) -> dict[str, float]:
     """Train ``cfg`` on this rank; returns the last epoch's metrics.
 
     ``resume_from``: a checkpoint directory the driver chose to resume from (used unless
-    the session offers a newer one that verifies).
+    the session offers a newer one that verifies); ``run_dir``: the run's local checkpoint
+    directory, searched for a newer complete checkpoint when Ray restarts the workers.
 
     ``live_progress``: draw a live bar (the driver's console is a terminal) rather than
     printing a progress line every ``train.log_every_steps`` steps.
@@ -171,6 +173,13 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
         # Ray's latest registered checkpoint, or the driver's choice (the newest that
         # verifies, which may be newer: written but not yet registered when the run
         # stopped), whichever is newer and verifies; if neither verifies, loading raises.
+        if run_dir and ray_dir:
+            # A restart within the run (a worker died): a checkpoint written after the one
+            # Ray registered last may be on disk already; take the newest that verifies.
+            try:
+                resume_from = newer_checkpoint(latest_loadable(run_dir)[0], resume_from)
+            except (CheckpointError, OSError):
+                pass
         resume_dir = newer_checkpoint(ray_dir, resume_from) or ray_dir or resume_from
         if rank == 0 and ray_dir and resume_dir != ray_dir:
             print(f"[we_dist] Ray offered {ray_dir}; resuming from {resume_dir} (newer, or the offered one "
@@ -215,6 +224,10 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
         state.scaler.load_state_dict(resume_state["scaler"])
         method.load_state_dict(resume_state["method"])
         account_start = {k: float(v) for k, v in resume_state.get("accounting_start", {}).items()}
+    # Every finished epoch's metrics travel in the checkpoint: the summary covers the whole
+    # run, and whatever MLflow missed (an outage) is sent again from here.
+    history: list[dict[str, float]] = [
+        {k: float(v) for k, v in m.items()} for m in (resume_state or {}).get("history", [])]
     del resume_state
 
     distributed = world > 1
@@ -251,7 +264,13 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
     first = context(start_epoch)
     method.on_fit_start(first)
     after_hook(first)
-    history: list[dict[str, float]] = []
+    if rank == 0 and start_epoch > 0:
+        discarded = logger.replace_from(start_epoch)
+        if discarded:
+            print(f"[we_dist] MLflow holds values for epochs {discarded[0] + 1}-{discarded[-1] + 1} from before "
+                  f"this resume; they are logged again from the resumed checkpoint (tag we_dist.discarded_epochs)",
+                  flush=True)
+        logger.log_history(history)
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, epochs):
         pos = phases.at(epoch)
@@ -349,15 +368,23 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
                 print(f"[we_dist] epoch {epoch + 1}/{epochs}{phase_note}: loss {metrics['train/loss']:.4f} "
                       f"val top1 {metrics['val/top1']:.4f} top5 {metrics['val/top5']:.4f} "
                       f"{metrics['throughput/train_images_per_s']:.0f} img/s {epoch_seconds:.1f}s", flush=True)
-                # Log before the checkpoint: a crash in between re-runs this epoch, and the
-                # logger skips steps already logged, so MLflow sees each epoch exactly once.
-                logger.log_metrics(metrics, step=epoch)
-                logger.log_histograms(method.pop_histograms())
                 if last:
                     _finish(cfg, state.model, input_shape, account_start, history, logger, tmp, epochs)
-            _report(session, cfg, rank, metrics, epoch, step, state, method, account_start, tmp)
+            _report(session, cfg, rank, metrics, epoch, step, state, method, account_start, tmp, history)
+            if rank == 0:
+                # Logged once the checkpoint holding this epoch is committed: MLflow never shows
+                # an epoch the run may discard; a crash before this line re-sends it on resume
+                # (from the checkpoint's history).
+                logger.log_metrics(metrics, step=epoch)
+                logger.log_histograms(method.pop_histograms())
 
     progress.close()
+    if rank == 0:
+        unsent = logger.drain(cfg.tracking.final_flush_s)
+        if unsent:
+            print(f"[we_dist] MLflow did not take {unsent} metric values within tracking.final_flush_s="
+                  f"{cfg.tracking.final_flush_s:g}s; they are in the last checkpoint: run the same command "
+                  f"again once the tracking server is back to send them", flush=True)
     return metrics
 
 
@@ -393,13 +420,15 @@ def _finish(cfg: Config, model: nn.Module, input_shape: tuple[int, int, int], ac
 
 
 def _report(session: Any, cfg: Config, rank: int, metrics: dict[str, float], epoch: int, step: int,
-            state: TrainState, method: Method, account_start: dict[str, float], tmp: str) -> None:
+            state: TrainState, method: Method, account_start: dict[str, float], tmp: str,
+            history: list[dict[str, float]]) -> None:
     name = checkpoint_name(epoch)
     if rank != 0:
         session.report(metrics, None, name)
         return
     save_state(tmp, {**state.state_dict(), "method": method.state_dict(), "epoch": epoch, "step": step,
-                     "accounting_start": account_start, "metrics": dict(metrics)},
+                     "accounting_start": account_start, "metrics": dict(metrics),
+                     "history": [dict(m) for m in history]},
                epoch=epoch, step=step, run=cfg.name, method=cfg.method.name)
     session.report(metrics, tmp, name)
 
@@ -412,4 +441,4 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     run_training(cfg, RaySession(), tracking_uri=loop_config.get("tracking_uri"),
                  mlflow_run_id=loop_config.get("mlflow_run_id"),
                  live_progress=bool(loop_config.get("live_progress", False)),
-                 resume_from=loop_config.get("resume_from"))
+                 resume_from=loop_config.get("resume_from"), run_dir=loop_config.get("run_dir"))

@@ -1,0 +1,114 @@
+"""A tracking outage at the end of a run loses nothing for good (issue 9, item 2), and MLflow
+holds only the resumed trajectory (item 4).
+
+Real `we-dist train` runs on a real local Ray with real digits `.beton` files; tracking goes
+to a real `mlflow server` on 127.0.0.1 that the test stops during the run and starts again.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from we_dist.tracking.server import LocalMLflowServer
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _cmd(tmp_path: Path, digits, uri: str, *extra: str) -> list[str]:
+    train_path, val_path = digits
+    return [str(Path(sys.executable).with_name("we-dist")), "train", str(ROOT / "recipes" / "demo.yaml"),
+            "name=outage", f"data.train_path={train_path}", f"data.val_path={val_path}",
+            f"checkpoint.storage_path={tmp_path / 'runs'}", f"tracking.uri={uri}", "tracking.final_flush_s=3",
+            "train.progress=false", "train.max_steps_per_epoch=2", "train.accounting_repeats=1",
+            "schedule.milestones=[]", "schedule.warmup_epochs=0", "schedule.epochs=4", *extra]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    return env
+
+
+def test_an_outage_in_the_last_epochs_is_repaired_by_running_the_command_again(tmp_path, digits_betons):
+    from mlflow.tracking import MlflowClient
+
+    server = LocalMLflowServer(tmp_path / "mlflow").start()
+    try:
+        uri = server.uri
+        log = open(tmp_path / "first.log", "w")
+        proc = subprocess.Popen(_cmd(tmp_path, digits_betons, uri), cwd=tmp_path, env=_env(), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        run_dir = tmp_path / "runs" / "outage"
+        deadline = time.monotonic() + 600
+        while not (run_dir / "epoch_0001" / "manifest.json").exists():
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no second checkpoint within 600 s"
+            time.sleep(0.2)
+        server.stop()          # epochs 3 and 4 (and the final weights) find no server
+        code = proc.wait(timeout=600)
+        first = (tmp_path / "first.log").read_text()
+        assert code == 0, first[-3000:]                      # training succeeded: not a failure
+        assert "run the same command again" in first
+
+        # Read the store behind the server directly: the run is incomplete.
+        store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+        (run,) = store.search_runs([store.get_experiment_by_name("we_dist_demo").experiment_id])
+        steps = {m.step for m in store.get_metric_history(run.info.run_id, "val/top1")}
+        assert 3 not in steps and run.info.status == "RUNNING"
+
+        server.start()         # same port, same store
+        again = subprocess.run(_cmd(tmp_path, digits_betons, uri), cwd=tmp_path, env=_env(), capture_output=True,
+                               text=True, timeout=600)
+        out = again.stdout + again.stderr
+        assert again.returncode == 0, out[-3000:]
+        assert "already completed" in out and "sent what was missing" in out
+        client = MlflowClient(uri)
+        run = client.get_run(run.info.run_id)
+        assert run.info.status == "FINISHED"
+        assert {m.step for m in client.get_metric_history(run.info.run_id, "val/top1")} == {0, 1, 2, 3}
+        assert "model/final_weights.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+        # A third time there is nothing to send.
+        third = subprocess.run(_cmd(tmp_path, digits_betons, uri), cwd=tmp_path, env=_env(), capture_output=True,
+                               text=True, timeout=600)
+        assert third.returncode == 0 and "nothing was missing" in third.stdout
+    finally:
+        server.stop()
+
+
+def test_a_resume_from_an_older_checkpoint_replaces_the_discarded_epochs_in_mlflow(tmp_path, digits_betons):
+    """Epochs 3-4 are logged, then their checkpoints are lost; the resume redoes them from
+    epoch 2's checkpoint and MLflow's latest values at those steps are the redone ones."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = subprocess.run(_cmd(tmp_path, digits_betons, uri, "checkpoint.num_to_keep=4"), cwd=tmp_path,
+                           env=_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    run_dir = tmp_path / "runs" / "outage"
+    for lost in ("epoch_0002", "epoch_0003"):
+        shutil.rmtree(run_dir / lost)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("we_dist_demo").experiment_id])
+    old = {m.step: m for m in client.get_metric_history(run.info.run_id, "train/loss")}
+
+    second = subprocess.run(_cmd(tmp_path, digits_betons, uri, "checkpoint.num_to_keep=4", "optim.lr=0.02"),
+                            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert "continuing at epoch 3" in out and "logged again from the resumed checkpoint" in out
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    for step in (2, 3):
+        values = sorted((m for m in history if m.step == step), key=lambda m: m.timestamp)
+        assert len(values) == 2 and values[0].value == old[step].value     # the discarded one, kept but older
+        assert values[-1].value != old[step].value                         # the redone one (another LR) is latest
+    assert len([m for m in history if m.step == 1]) == 1                   # kept epochs are not re-sent
+    assert "we_dist.discarded_epochs" in client.get_run(run.info.run_id).data.tags
