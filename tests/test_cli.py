@@ -24,6 +24,17 @@ def test_help_lists_every_command():
         assert command in out.stdout
 
 
+def test_help_and_version_import_nothing_heavy():
+    """`we-dist --help` and `--version` answer without importing torch, Ray or FFCV."""
+    code = ("import sys; from we_dist.cli import main; main(['--help']); main(['--version']); "
+            "heavy = [m for m in ('torch', 'ray', 'ffcv', 'mlflow') if m in sys.modules]; "
+            "print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+    from we_dist import __version__
+    assert f"we-dist {__version__}" in out.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", DEMO, "method.we.ratio_conv=2"], "method.we.ratio_conv must be in [0, 1)"),
     (["train", DEMO, "model.nam=x"], "unknown key model.nam"),

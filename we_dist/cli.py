@@ -54,18 +54,23 @@ def run(args: argparse.Namespace) -> int:
 def _usage() -> str:
     lines = ["usage: we-dist COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<9} {help_text}" for name, (_, help_text) in COMMANDS.items()]
-    lines += ["", "`we-dist COMMAND --help` describes one command."]
+    lines += ["", "`we-dist COMMAND --help` describes one command; `we-dist --version` prints the version.",
+              "Config keys: README.md (\"Overriding config keys\") and `we-dist methods` for method settings."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `we-dist` console script."""
-    from we_dist.config import ConfigError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
+        print(_usage())   # no heavy import: help must be instant
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from we_dist import __version__
+
+        print(f"we-dist {__version__}")
+        return 0
+    from we_dist.config import ConfigError
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"we-dist: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
