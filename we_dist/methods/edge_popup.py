@@ -21,8 +21,9 @@ A layer that is not masked stays a plain, trained layer.
 (nonzero in the forward pass): a layer of ``n`` weights keeps exactly
 ``round(density * n)`` (at least 1), counted per layer, not globally
 (:func:`~we_dist.methods.masked.kept_count`; a test counts the ones). Sparsity is
-``1 - density``: 70% sparsity is ``density: 0.3``. (The paper's "k%" is also the kept
-fraction; its code calls the same number ``prune_rate``.)
+``1 - density``: 70% sparsity is ``density: 0.3``. (The paper's "k%" is the kept fraction;
+its reference code mixes up kept and pruned fractions in places, so compare by this
+definition, not by a flag's name.)
 
 **Initialisations** (``init``): ``kaiming_normal``: N(0, gain^2 / fan); ``signed_constant``:
 ``sign(w) * gain / sqrt(fan)`` with ``w`` from that normal, i.e. every weight +-one constant
