@@ -171,11 +171,23 @@ def start_local_ray(num_cpus: float | None = None) -> None:
     metrics = os.environ.get(RAY_METRICS_ENV, "0").strip().lower() in ("1", "true", "yes")
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, dashboard_port=port,
              _node_ip_address=LOOPBACK, _system_config={"enable_metrics_collection": metrics},
-             log_to_driver=True, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://{LOOPBACK}:{port}"}})
+             log_to_driver=True,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://{LOOPBACK}:{port}", **worker_env()}})
     node_ip = ray.util.get_node_ip_address()
     if node_ip != LOOPBACK:
         print(f"[we_dist] warning: the local Ray node got address {node_ip}, not {LOOPBACK}: its services "
               f"may accept connections from the network (see README, Security)", file=sys.stderr, flush=True)
+
+
+VERBOSE_ENV = "WE_DIST_VERBOSE"
+
+
+def worker_env() -> dict[str, str]:
+    """Environment of every Ray worker we start. Ray Train (v2) turns each ``print`` of a
+    worker into a log record *and* (when Ray wraps stdout) the printed line, so every rank-0
+    line reached the console twice; its print patch is switched off, and ``--verbose``
+    (``WE_DIST_VERBOSE=1``) keeps Ray Train's per-rank report lines, hidden otherwise."""
+    return {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "0")}
 
 
 def connect_ray(address: str | None, num_cpus: float | None = None) -> None:
@@ -189,7 +201,7 @@ def connect_ray(address: str | None, num_cpus: float | None = None) -> None:
         start_local_ray(num_cpus)
         return
     try:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": worker_env()})
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise PreflightError(f"cannot reach the Ray cluster at {address!r}: {exc}. Start one with "
                              f"`ray start --head` or leave --address/RAY_ADDRESS unset for a local Ray") from None
@@ -516,9 +528,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.we.ratio_conv=0.1")
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray Train's per-rank report lines (hidden by default)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE_ENV] = "1"
     cfg = load_config(args.recipe, args.overrides)
     try:
         outcome = train(cfg, address=args.address)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from contextlib import nullcontext
@@ -433,9 +434,27 @@ def _report(session: Any, cfg: Config, rank: int, metrics: dict[str, float], epo
     session.report(metrics, tmp, name)
 
 
+class _HideReports:
+    """Logging filter: drops Ray Train's per-rank "Reporting training result ..." records."""
+
+    def filter(self, record: Any) -> bool:
+        return not str(record.getMessage()).startswith("Reporting training result")
+
+
+def _quiet_ray_reports() -> None:
+    import logging
+
+    if os.environ.get("WE_DIST_VERBOSE", "0") == "1":
+        return
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_HideReports())
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Entry point for Ray Train's ``train_loop_per_worker``."""
     from we_dist.train.session import RaySession
+
+    _quiet_ray_reports()
 
     cfg = config_from_dict(loop_config["config"])
     run_training(cfg, RaySession(), tracking_uri=loop_config.get("tracking_uri"),
