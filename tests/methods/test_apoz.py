@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from we_dist.config import load_config
@@ -94,6 +95,10 @@ def test_apoz_through_the_loop_on_2_ranks_in_two_rounds(gloo, tmp_path, digits_b
     assert second["method"]["rounds_done"] == 2 and len(second["method"]["done"]) == 4
     assert second["metrics"]["apoz/round"] == 1.0 and second["metrics"]["replicas/checksum_ok"] == 1.0
     assert second["metrics"]["apoz/calibration_images"] == 2 * 2 * 64
+    # The second round's removal happens at the end of epoch 0: the loop scored the network
+    # before it, and so did the method.
+    assert second["metrics"]["apoz/val_top1_before_prune"] == pytest.approx(second["metrics"]["val/top1_before_change"])
+    assert second["metrics"]["apoz/val_top1_after_prune"] == pytest.approx(second["metrics"]["val/top1"])
     assert second["model"]["features.0.0.weight"].shape[0] == 16
     assert second["model"]["features.4.0.weight"].shape == (64, 64, 3, 3)
     assert second["model"]["fc.weight"].shape == (10, 64)

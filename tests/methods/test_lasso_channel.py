@@ -78,6 +78,7 @@ def test_lasso_through_the_loop_on_2_ranks(gloo, tmp_path, digits_betons):
     m = first["metrics"]
     assert first["method"]["pruned"] is True and m["replicas/checksum_ok"] == 1.0
     assert m["lasso/recon_err_after"] < m["lasso/recon_err_before"]
+    assert m["lasso/val_top1_before_prune"] == pytest.approx(trained["metrics"]["val/top1"])
     assert first["model"]["features.0.0.weight"].shape[0] < trained["model"]["features.0.0.weight"].shape[0]
     assert first["model"]["fc.weight"].shape[1] < 128 and first["model"]["fc.weight"].shape[0] == 10
     assert "lasso/recon_err_after" not in r0

@@ -227,6 +227,9 @@ def test_thinet_through_the_loop_on_2_ranks_prunes_once_resumes_and_exports(gloo
     assert m["replicas/checksum_ok"] == 1.0                     # bit-identical after the pruning
     assert m["thinet/recon_err_after"] < m["thinet/recon_err_before"]
     assert m["thinet/calibration_images"] == 2 * 2 * 64         # 2 batches on each of 2 ranks
+    # Before the pruning the network is the base run's, scored on the whole validation set.
+    assert m["thinet/val_top1_before_prune"] == pytest.approx(trained["metrics"]["val/top1"])
+    assert 0 <= m["thinet/val_top1_after_prune"] <= 1
     assert first["model"]["layers.1.conv1.weight"].shape == (8, 16, 3, 3)
     assert first["model"]["layers.1.conv2.weight"].shape == (16, 8, 3, 3)
     assert first["model"]["layers.6.bn1.running_mean"].shape == (32,)

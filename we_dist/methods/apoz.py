@@ -41,7 +41,8 @@ and last conv layers, not MACs.
 **Metrics.** At each round: ``apoz/mean/<layer>`` (the mean APoZ of each candidate layer),
 ``apoz/round``, ``apoz/layers_trimmed``, ``apoz/pruned_apoz_mean`` (mean APoZ of the channels
 removed), ``apoz/kept_apoz_mean``, ``apoz/channels_before`` / ``_after``,
-``apoz/calibration_images``, ``apoz/ratio``.
+``apoz/calibration_images``, ``apoz/ratio``, ``apoz/val_top1_before_prune`` / ``_after_prune``
+(validation top-1 right before and right after the round's removal).
 
 Functional form: :func:`apoz_scores` and :func:`apoz_decision`.
 """
@@ -58,7 +59,7 @@ from pydantic import Field
 from we_dist import sync
 from we_dist.methods.base import FitContext, Method, Phase
 from we_dist.methods.calibration import (Pair, all_reduce_sum, cache_batches, collect, keep_counts, prunable_pairs,
-                                         remove_channels)
+                                         remove_channels, val_top1)
 from we_dist.methods.registry import Float, NonNegativeInt, PositiveInt, register_method, settings_dataclass
 
 
@@ -146,6 +147,7 @@ class APoZMethod(Method):
         """One round: count zeros on every rank, decide on rank 0, remove on every rank."""
         st = self.settings
         model = ctx.model
+        top1_before = val_top1(ctx)
         if not self.keep:
             plan = sync.decide_and_share(
                 lambda: dict(zip(("keep", "ratio"), keep_counts(model, self.input_shape, st.ratio,
@@ -183,6 +185,9 @@ class APoZMethod(Method):
             "apoz/channels_before": float(channels_before), "apoz/channels_after": float(channels_after),
             "apoz/calibration_images": float(n_images), "apoz/ratio": self.ratio,
         })
+        top1_after = val_top1(ctx)
+        if top1_before is not None and top1_after is not None:
+            self._metrics.update({"apoz/val_top1_before_prune": top1_before, "apoz/val_top1_after_prune": top1_after})
 
     def state_dict(self) -> dict[str, Any]:
         return {"rounds_done": self.rounds_done, "done": list(self.done), "keep": dict(self.keep),

@@ -434,6 +434,28 @@ def solve_ridge(a: torch.Tensor, b: torch.Tensor, ridge: float) -> torch.Tensor 
 # --- the one-shot, layer-by-layer pruning shared by ThiNet and LASSO ------------------------------
 
 
+@torch.no_grad()
+def val_top1(ctx: Any) -> float | None:
+    """Top-1 accuracy of ``ctx.model`` (eval mode) on the whole validation set, every rank's
+    shard counted once (sums over ranks); None when the context has no validation data.
+    For the accuracy right before and right after a pruning step that the loop does not
+    evaluate itself (one at ``on_fit_start``)."""
+    if "val" not in ctx.loaders:
+        return None
+    model = ctx.model
+    was = model.training
+    model.eval()
+    correct = seen = 0.0
+    try:
+        for images, labels in ctx.batches("val"):
+            correct += float((model(images).argmax(1) == labels).sum())
+            seen += float(labels.numel())
+    finally:
+        model.train(was)
+    total = all_reduce_sum({"correct": torch.tensor([correct]), "seen": torch.tensor([seen])})
+    return float(total["correct"]) / max(float(total["seen"]), 1.0)
+
+
 def finetune_phases(cfg: Any, epochs: int, lr: float, schedule: str, name: str = "finetune") -> list[Any]:
     """One fine-tuning phase of ``epochs`` (0: the recipe's ``schedule.epochs``) at peak ``lr``."""
     import dataclasses
@@ -477,6 +499,7 @@ class LayerwisePruning:
 
         st = self.settings
         model = ctx.model
+        top1_before = val_top1(ctx)
         images = cache_batches(ctx.batches(st.calibration_split, st.calibration_batches))
         n_images = all_reduce_sum({"n": torch.tensor([float(sum(len(b) for b in images))])})["n"]
         reference = copy.deepcopy(model).eval()
@@ -538,3 +561,7 @@ class LayerwisePruning:
             f"{self.name}/channels_after": float(channels_after),
             f"{self.name}/calibration_images": float(n_images),
         })
+        top1_after = val_top1(ctx)
+        if top1_before is not None and top1_after is not None:
+            self._metrics.update({f"{self.name}/val_top1_before_prune": top1_before,
+                                  f"{self.name}/val_top1_after_prune": top1_after})

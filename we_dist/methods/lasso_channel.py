@@ -51,7 +51,8 @@ layer ``i+1`` on the calibration rows, right after the channels go and after the
 squares), ``lasso/recon_err_unpruned/<layer>``, the means ``lasso/recon_err_before`` /
 ``_after``, ``lasso/lambda`` (mean of the final penalties, relative to ``max|b|``),
 ``lasso/solve_fallbacks``, ``lasso/ratio``, ``lasso/channels_before`` / ``_after``,
-``lasso/calibration_images``.
+``lasso/calibration_images``, ``lasso/val_top1_before_prune`` / ``_after_prune`` (validation
+top-1 right before and right after the pruning, before any fine-tuning).
 
 Functional form: :func:`lasso_path_select`.
 """

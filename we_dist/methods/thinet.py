@@ -53,7 +53,9 @@ about 1% top-5.
 layer ``i+1`` on the calibration rows, right after the channels go and after the least
 squares), ``thinet/recon_err_unpruned/<layer>`` (before this pair was touched), their means
 ``thinet/recon_err_before`` / ``_after``, ``thinet/solve_fallbacks``, ``thinet/ratio``,
-``thinet/channels_before`` / ``_after``, ``thinet/calibration_images``.
+``thinet/channels_before`` / ``_after``, ``thinet/calibration_images``, and the validation
+top-1 right before and right after the pruning, ``thinet/val_top1_before_prune`` / ``_after_prune``
+(before any fine-tuning).
 
 Functional form: :func:`thinet_select` and :func:`channel_scaling`.
 """
