@@ -83,6 +83,15 @@ def test_newer_checkpoint_prefers_the_later_epoch_that_verifies(tmp_path):
     assert newer_checkpoint(b, a) == a and newer_checkpoint(b, None) is None
 
 
+def test_config_changes_name_result_keys_only():
+    from we_dist.train.driver import config_changes
+
+    old = {"optim": {"lr": 0.1}, "tracking": {"uri": "a"}, "train": {"progress": True, "epochsx": 1}}
+    new = {"optim": {"lr": 0.2}, "tracking": {"uri": "b"}, "train": {"progress": False, "epochsx": 1}}
+    assert config_changes(old, new) == ["optim.lr: 0.1 -> 0.2"]
+    assert config_changes(None, new) == [] and config_changes(new, new) == []
+
+
 def _train(tmp_path: Path, digits, *extra: str) -> subprocess.CompletedProcess:
     train_path, val_path = digits
     cmd = [str(Path(sys.executable).with_name("we-dist")), "train", str(ROOT / "recipes" / "demo.yaml"),
@@ -115,6 +124,11 @@ def test_we_dist_train_resumes_past_a_corrupt_checkpoint_and_refuses_an_unreadab
     # epoch_0000 predates Ray's fresh list, so Ray never deletes it (nothing good is ever deleted).
     assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0000", "epoch_0001", "epoch_0002"]
     assert list(run_dir.glob(f"{RAY_SNAPSHOT}.set-aside-*"))
+
+    # The finished run again with another config: refused, not "already completed".
+    changed = _train(tmp_path, digits_betons, "schedule.epochs=3", "optim.lr=0.05")
+    assert changed.returncode == 2 and "optim.lr: 0.1 -> 0.05" in changed.stderr, changed.stderr[-2000:]
+    assert "another config" in changed.stderr
 
     for state in run_dir.glob("epoch_*/state.pt"):
         _truncate(state)

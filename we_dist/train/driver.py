@@ -440,6 +440,39 @@ def plan_resume_or_refuse(cfg: Config, run_dir: str) -> ResumePlan:
     return plan
 
 
+# Keys that change how a run is watched, not what it computes: a re-run may differ in them.
+NON_RESULT_KEYS = ("tracking.", "train.progress", "train.log_every_steps", "checkpoint.resume",
+                   "checkpoint.num_to_keep", "checkpoint.max_failures", "checkpoint.storage_path")
+
+
+def _trained_config(checkpoint: str) -> dict[str, Any] | None:
+    from we_dist.train.checkpoint import read_manifest
+
+    try:
+        return read_manifest(checkpoint).get("config")
+    except (OSError, ValueError):
+        return None
+
+
+def config_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every result-relevant dotted key that differs (empty when the
+    old config is unknown: checkpoints written before configs were recorded)."""
+    if old is None:
+        return []
+
+    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(tree, dict):
+            out: dict[str, Any] = {}
+            for k, v in tree.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: tree}
+
+    a, b = flat(old), flat(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not k.startswith(NON_RESULT_KEYS)]
+
+
 def repair_tracking(cfg: Config, tracking_uri: str, checkpoint: str) -> str | None:
     """A finished run's MLflow record, completed from its last checkpoint: epochs MLflow
     missed (an outage at the end), the final weights and the exported network if absent,
@@ -489,6 +522,13 @@ def _train_locked(cfg: Config, address: str | None, tracking_uri: str | None, do
     epochs = total_epochs(cfg)
     last_epoch = plan.epoch if plan.path else (epoch_of(done[-1]) if done else -1)
     if last_epoch + 1 >= epochs:
+        changed = config_changes(_trained_config(plan.path), cfg.to_dict()) if plan.path else []
+        if changed:
+            raise PreflightError(
+                f"run {cfg.name!r} already completed {epochs} epochs with another config ("
+                + "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+                + f"). Its result is in {plan.path}; to train this config choose another name=..., "
+                  f"or raise schedule.epochs to continue the finished run")
         # Nothing left to train: say so rather than start a cluster that reports nothing.
         print(f"[we_dist] run {cfg.name} already completed {epochs} epochs ({plan.path or run_dir}); "
               f"choose another name=... to train again, or raise schedule.epochs to continue it", flush=True)

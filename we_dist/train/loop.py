@@ -430,7 +430,7 @@ def _report(session: Any, cfg: Config, rank: int, metrics: dict[str, float], epo
     save_state(tmp, {**state.state_dict(), "method": method.state_dict(), "epoch": epoch, "step": step,
                      "accounting_start": account_start, "metrics": dict(metrics),
                      "history": [dict(m) for m in history]},
-               epoch=epoch, step=step, run=cfg.name, method=cfg.method.name)
+               epoch=epoch, step=step, run=cfg.name, method=cfg.method.name, config=cfg.to_dict())
     session.report(metrics, tmp, name)
 
 
