@@ -20,7 +20,8 @@ from we_dist.methods.sparse_binary import SparseBinaryMethod, SparseBinarySettin
 from we_dist.models import create_model
 
 # The loop helpers live in test_edge_popup.py; pytest's importlib mode has no sibling imports.
-_spec = importlib.util.spec_from_file_location("edge_popup_loop_helpers", Path(__file__).with_name("test_edge_popup.py"))
+_spec = importlib.util.spec_from_file_location("edge_popup_loop_helpers",
+                                               Path(__file__).with_name("test_edge_popup.py"))
 _helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_helpers)
 
@@ -42,7 +43,7 @@ def test_masks_are_binary_with_exactly_the_requested_density_per_layer(density):
         s = layer.scores.detach()
         assert 0 <= float(s.min()) and float(s.max()) <= 1  # the relaxed mask is in the box
         # Ranked by value (m >= 0), not by |m - something|: the kept ones are the largest m.
-        assert float(layer.scores[mask == 1].min()) >= float(layer.scores[mask == 0].max())
+        assert float(s[mask == 1].min()) >= float(s[mask == 0].max())
         kept_total += int(mask.sum())
     assert accounting.count_params(model)[1] == kept_total
 
@@ -94,12 +95,12 @@ def test_gradient_reaches_the_relaxed_mask_at_the_box_bounds():
 
 
 def test_sparse_binary_through_the_loop(gloo, tmp_path, digits_betons):
-    cfg, first, whole, resumed, final_dir = _helpers.crash_resume_and_compare(
+    cfg, _, whole, resumed, final_dir = _helpers.crash_resume_and_compare(
         gloo, tmp_path, digits_betons, ["method.name=sparse_binary", "method.sparse_binary.density=0.3",
                                         "method.sparse_binary.mask_lr_scale=10.0"])
     for key, value in whole["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
-    method, initial = prepared(density=0.3)
+    _, initial = prepared(density=0.3)
     init_state = initial.state_dict()
     for key, value in resumed["model"].items():
         if key.endswith(".weight") and key.replace(".weight", ".scores") in resumed["model"]:

@@ -19,7 +19,8 @@ from we_dist.methods.ternary import TernaryMethod, TernarySettings
 from we_dist.models import create_model
 
 # The loop helpers live in test_edge_popup.py; pytest's importlib mode has no sibling imports.
-_spec = importlib.util.spec_from_file_location("edge_popup_loop_helpers", Path(__file__).with_name("test_edge_popup.py"))
+_spec = importlib.util.spec_from_file_location("edge_popup_loop_helpers",
+                                               Path(__file__).with_name("test_edge_popup.py"))
 _helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_helpers)
 check_export_in_fresh_process, crash_resume_and_compare, rebuilt = (
@@ -123,7 +124,7 @@ def test_unpacked_2bit_network_gives_identical_outputs(tmp_path, granularity):
 
 
 def test_ternary_through_the_loop(gloo, tmp_path, digits_betons):
-    cfg, first, whole, resumed, final_dir = crash_resume_and_compare(
+    cfg, _, whole, resumed, final_dir = crash_resume_and_compare(
         gloo, tmp_path, digits_betons, ["method.name=ternary", "method.ternary.granularity=filter"])
     for key, value in whole["model"].items():
         assert torch.equal(value, resumed["model"][key]), key

@@ -11,10 +11,11 @@ forward pass uses ``weight * mask``, where the mask keeps the ``density`` fracti
 layer's weights with the largest ``|scores|``; the backward pass sends the gradient straight
 through the mask to ``|scores|``, so ``d loss / d |score| = d loss / d (weight * mask) * weight``
 for every weight, kept or not (and ``d loss / d score`` carries ``sign(score)``, as the
-paper's code gets by ranking ``scores.abs()`` inside autograd). Only the scores are trained: ``param_groups`` puts them in
-their own group (LR times ``score_lr_scale``, weight decay ``score_weight_decay``, 0 by
-default). BatchNorm layers lose their learnable scale and shift (``bn_affine: false``, as in
-the paper: a trained affine would be trained weights); their running statistics remain.
+paper's code gets by ranking ``scores.abs()`` inside autograd). Only the scores are
+trained: ``param_groups`` puts them in their own group (LR times ``score_lr_scale``, weight
+decay ``score_weight_decay``, 0 by default). BatchNorm layers lose their learnable scale
+and shift (``bn_affine: false``, as in the paper: a trained affine would be trained
+weights); their running statistics remain.
 A layer that is not masked stays a plain, trained layer.
 
 **Density: one meaning.** ``density`` is the fraction of each masked layer's weights KEPT

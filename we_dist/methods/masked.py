@@ -46,7 +46,7 @@ def kept_count(n: int, density: float) -> int:
     ``round(density * n)`` (halves up), at least 1 and at most ``n``."""
     if not 0 < density <= 1:
         raise ValueError(f"density (the fraction of weights kept) must be in (0, 1], got {density}")
-    return min(n, max(1, int(math.floor(density * n + 0.5))))
+    return min(n, max(1, math.floor(density * n + 0.5)))
 
 
 @torch.no_grad()
@@ -111,7 +111,8 @@ class _StraightThroughTernary(torch.autograd.Function):
     """Forward: the ternary weight; backward: the gradient unchanged, to the float weight."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, per_filter: bool, delta_factor: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, weight: torch.Tensor, per_filter: bool,  # type: ignore[override]
+                delta_factor: float) -> torch.Tensor:
         codes, alpha = ternary_codes(weight, per_filter, delta_factor)
         return ternary_weight(codes, alpha, weight.dtype)
 
@@ -158,7 +159,7 @@ class _Masked:
         """The weight the forward pass uses: ``weight * mask``."""
         return self.weight * self.mask()
 
-    def extra_repr(self) -> str:  # noqa: D401 - nn.Module's
+    def extra_repr(self) -> str:
         return super().extra_repr() + f", density={self.density}, by_abs={self.by_abs}"  # type: ignore[misc]
 
 
@@ -219,7 +220,7 @@ class _Ternary:
         codes, alpha = self.codes_and_scale()
         return ternary_weight(codes, alpha, self.weight.dtype)
 
-    def extra_repr(self) -> str:  # noqa: D401 - nn.Module's
+    def extra_repr(self) -> str:
         where = "per filter" if self.per_filter else "per layer"
         return super().extra_repr() + f", ternary {where}, delta={self.delta_factor}*mean|W|"  # type: ignore[misc]
 
