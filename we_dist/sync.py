@@ -1,6 +1,8 @@
 """Keeping DDP replicas identical: one rank decides, every rank applies.
 
-This is the only module outside the training loop that calls ``torch.distributed``.
+This is where methods share decisions over ``torch.distributed``; the one other caller
+beside the training loop is :func:`we_dist.methods.calibration.all_reduce_sum` (activation
+statistics summed over ranks).
 Without an initialised process group every function degrades to the single-process
 behaviour, so methods work the same in a notebook and under DDP.
 """
