@@ -413,7 +413,8 @@ def _finish(cfg: Config, model: nn.Module, input_shape: tuple[int, int, int], ac
               + accounting.summary_lines(account_start, account_end), flush=True)
     if cfg.train.export:
         path = export_model(model, input_shape, checkpoint_dir)
-        logger.log_files([path, Path(checkpoint_dir) / "exported.json"], "model")
+        packed = [p for p in [Path(checkpoint_dir) / "exported_2bit.pt"] if p.is_file()]   # ternary networks
+        logger.log_files([path, Path(checkpoint_dir) / "exported.json", *packed], "model")
     if cfg.tracking.log_model:
         # The state dict as it always was; the widths beside it rebuild a pruned network first.
         logger.log_state_dict(model.state_dict())
