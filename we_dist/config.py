@@ -216,7 +216,8 @@ class TrackingConfig:
     score_plots: Bool = True
     parent_run_id: Str = ""          # set by sweeps: the run becomes a child of this one
     # At the end of a run, how long rank 0 keeps trying to send what MLflow has not taken
-    # yet (a server that is down); then the run ends anyway and a re-run sends the rest.
+    # yet (a server that is down), and how long the driver then waits to confirm the last
+    # epoch and record FINISHED; then the command exits 3 and a re-run sends the rest.
     final_flush_s: Annotated[float, Strict(), Field(ge=0)] = 60.0
 
 

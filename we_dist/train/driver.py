@@ -366,11 +366,16 @@ def _mark_status(tracking_uri: str | None, run_id: str, status: str, timeout_s: 
     return bool(done)
 
 
-def fit_tracked(trainer: Any, tracking_uri: str | None, run_id: str | None) -> Any:
+def fit_tracked(trainer: Any, tracking_uri: str | None, run_id: str | None,
+                wait_s: float = END_STATUS_TIMEOUT_S, check_complete: bool = False) -> Any:
     """``trainer.fit()``, closing the MLflow run as FINISHED, FAILED or (Ctrl-C) KILLED.
 
     Ctrl-C (see :class:`_Interrupts`) ends in :class:`KeyboardInterrupt` once the MLflow
     run is marked KILLED (its ``killed_recorded`` attribute says whether the store took it).
+    With ``check_complete`` (``we-dist train``), a finished training whose last epoch or
+    status the store did not take (an outage at the end; asked within ``wait_s``) raises
+    :class:`TrackingIncomplete`. Sweep trials do not check: a trial stopped early by its
+    scheduler may end before its last epoch is logged.
     """
     interrupts = _Interrupts()
     interrupts.attach(trainer)
@@ -398,11 +403,52 @@ def fit_tracked(trainer: Any, tracking_uri: str | None, run_id: str | None) -> A
         stop = KeyboardInterrupt()
         stop.killed_recorded = _mark_killed(tracking_uri, run_id) if run_id else True
         raise stop
-    if run_id and not _mark_status(tracking_uri, run_id, "FINISHED", END_STATUS_TIMEOUT_S):
-        print(f"[we_dist] training finished, but MLflow could not be told; run the same command again once the "
-              f"tracking store answers: it sends what is missing and marks the run FINISHED", file=sys.stderr,
-              flush=True)
+    if run_id:
+        last = int((result.metrics or {}).get("epoch", -1)) if check_complete else -1
+        if not _has_epoch(tracking_uri, run_id, last, wait_s) or \
+                not _mark_status(tracking_uri, run_id, "FINISHED", wait_s):
+            if check_complete:
+                raise TrackingIncomplete(run_id)
+            print(f"[we_dist] MLflow run {run_id}: the tracking store did not record the end of the run",
+                  file=sys.stderr, flush=True)
     return result
+
+
+# Exit status of a training that finished while the tracking store was away: not 0 (the
+# record is incomplete), not 1 (nothing failed that a re-run of training would fix).
+TRACKING_INCOMPLETE_EXIT = 3
+
+
+class TrackingIncomplete(RuntimeError):
+    """Training finished and its checkpoints are complete, but MLflow lacks part of the run."""
+
+    def __init__(self, run_id: str):
+        super().__init__(
+            f"training finished and its checkpoints are complete, but the tracking store did not take all of "
+            f"MLflow run {run_id} (the last epoch, the final model or its status); run the same command again "
+            f"once the store answers: it sends what is missing and marks the run FINISHED")
+        self.run_id = run_id
+
+
+def _has_epoch(tracking_uri: str | None, run_id: str, epoch: int, wait_s: float) -> bool:
+    """Whether MLflow holds ``val/top1`` at step ``epoch`` (asked within ``wait_s``)."""
+    if epoch < 0:
+        return True
+    found: list[bool] = []
+
+    def ask() -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            history = MlflowClient(tracking_uri).get_metric_history(run_id, "val/top1")
+            found.append(any(m.step == epoch for m in history))
+        except Exception:
+            found.append(False)
+
+    asker = threading.Thread(target=ask, name="we_dist-check-tracking", daemon=True)
+    asker.start()
+    asker.join(wait_s)
+    return bool(found and found[0])
 
 
 def train(cfg: Config, address: str | None = None) -> TrainOutcome:
@@ -551,7 +597,8 @@ def _train_locked(cfg: Config, address: str | None, tracking_uri: str | None, do
               f"{'resuming' if done else 'starting'}; checkpoints in {cfg.checkpoint.storage_path}/{cfg.name}"
               + (f"; MLflow run {run_id} at {tracking_uri}" if run_id else ""), flush=True)
         result = fit_tracked(build_trainer(cfg, tracking_uri, run_id, resume_from=plan.path,
-                                           run_dir=None if "://" in run_dir else run_dir), tracking_uri, run_id)
+                                           run_dir=None if "://" in run_dir else run_dir), tracking_uri, run_id,
+                             wait_s=max(cfg.tracking.final_flush_s, 5.0), check_complete=True)
     except KeyboardInterrupt as exc:
         kept = completed_checkpoints(cfg.checkpoint.storage_path, cfg.name)
         # Interrupted before fit() (starting Ray, opening the MLflow run): nothing marked it.
@@ -585,6 +632,9 @@ def run(args: argparse.Namespace) -> int:
     except RunInterrupted as exc:
         print(f"we-dist train: {exc}", file=sys.stderr, flush=True)
         return 130   # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+    except TrackingIncomplete as exc:
+        print(f"we-dist train: {exc}", file=sys.stderr, flush=True)
+        return TRACKING_INCOMPLETE_EXIT
     m = outcome.metrics
     if not m:
         return 0
