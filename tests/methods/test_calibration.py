@@ -69,7 +69,7 @@ def test_two_workers_each_on_half_the_data_equal_one_process_on_all(gloo):
         assert set(one) == {"gram", "cross", "yy", "rows", "zeros", "seen"}
         for key in one:
             assert (r0[key] == r1[key]).all()                     # every rank holds the same sums
-            assert np.allclose(r0[key], one[key], rtol=1e-10, atol=1e-9), key
+            assert np.allclose(r0[key], one[key], rtol=1e-6, atol=1e-6), key   # float32 forwards
         assert one["rows"].sum() in (12 * 5, 12) and one["zeros"].sum() > 0   # 5 positions per image; 1 for fc
     assert d0 == d1 == single_dec                                 # the same channels chosen
     assert a0 == a1 == single_apoz

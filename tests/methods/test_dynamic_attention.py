@@ -94,7 +94,9 @@ def test_attention_summed_over_two_ranks_equals_one_process(gloo):
     assert set(a) == set(single)
     for root in single:
         assert torch.equal(a[root], b[root])                     # the same on every rank
-        assert torch.allclose(a[root], single[root], rtol=1e-12, atol=0)
+        # Sums are float64, but the activations are float32 forward passes, whose last bit can
+        # depend on the process's thread count (oneDNN blocking): float32 tolerance.
+        assert torch.allclose(a[root], single[root], rtol=1e-5, atol=0)
     assert all((v > 0).all() for v in single.values())
 
 
