@@ -481,11 +481,18 @@ class LayerwisePruning:
     """
 
     name: str
-    settings: Any
-    input_shape: tuple[int, ...]
-    seed: int
-    pruned: bool
-    _metrics: dict[str, float]
+    Settings: Any
+
+    @classmethod
+    def from_config(cls, settings: Any, cfg: Any) -> "LayerwisePruning":
+        return cls(settings, input_shape=(3, cfg.data.val_res, cfg.data.val_res), seed=cfg.seed)
+
+    def __init__(self, settings: Any = None, input_shape: tuple[int, ...] = (3, 32, 32), seed: int = 0) -> None:
+        self.settings = settings or type(self).Settings()
+        self.input_shape = tuple(input_shape)
+        self.seed = seed
+        self.pruned = False
+        self._metrics: dict[str, float] = {}
 
     def solve(self, pair: Pair, stats: dict[str, torch.Tensor], weight: torch.Tensor,
               keep: int) -> dict[str, Any]:

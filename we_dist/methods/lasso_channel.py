@@ -145,17 +145,9 @@ class LassoChannelMethod(LayerwisePruning, Method):
     summary = "channel pruning (He et al. 2017): LASSO channel selection + least squares against unpruned outputs"
     Settings = LassoSettings
 
-    @classmethod
-    def from_config(cls, settings: LassoSettings, cfg: Any) -> "LassoChannelMethod":
-        return cls(settings, input_shape=(3, cfg.data.val_res, cfg.data.val_res), seed=cfg.seed)
-
     def __init__(self, settings: LassoSettings | None = None, input_shape: tuple[int, ...] = (3, 32, 32),
                  seed: int = 0) -> None:
-        self.settings = settings or LassoSettings()
-        self.input_shape = tuple(input_shape)
-        self.seed = seed
-        self.pruned = False
-        self._metrics: dict[str, float] = {}
+        super().__init__(settings, input_shape, seed)
         self._lambdas: list[float] = []
 
     def phases(self, cfg: Any) -> list[Phase]:

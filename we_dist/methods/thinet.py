@@ -124,18 +124,6 @@ class ThiNetMethod(LayerwisePruning, Method):
     summary = "ThiNet (Luo et al. 2017): drop filters whose removal changes the next layer least, LS rescale, fine-tune"
     Settings = ThiNetSettings
 
-    @classmethod
-    def from_config(cls, settings: ThiNetSettings, cfg: Any) -> "ThiNetMethod":
-        return cls(settings, input_shape=(3, cfg.data.val_res, cfg.data.val_res), seed=cfg.seed)
-
-    def __init__(self, settings: ThiNetSettings | None = None, input_shape: tuple[int, ...] = (3, 32, 32),
-                 seed: int = 0) -> None:
-        self.settings = settings or ThiNetSettings()
-        self.input_shape = tuple(input_shape)
-        self.seed = seed
-        self.pruned = False
-        self._metrics: dict[str, float] = {}
-
     def phases(self, cfg: Any) -> list[Phase]:
         st = self.settings
         return finetune_phases(cfg, st.finetune_epochs, st.finetune_lr, st.finetune_schedule)
