@@ -213,6 +213,11 @@ class TrackingConfig:
     uri: Str = ""
     experiment: Str = "we_dist"
     log_model: Bool = True
+    # Which network becomes the run's MLflow model ("model/"): the epoch with the highest
+    # val/top1 (kept as its own checkpoint beside the last ones) or the last epoch.
+    model_epoch: Literal["best", "last"] = "best"
+    register_as: Str = ""            # non-empty: register the logged model under this name
+    system_metrics: Bool = True      # MLflow's own CPU/memory/GPU sampling during the run
     score_plots: Bool = True
     parent_run_id: Str = ""          # set by sweeps: the run becomes a child of this one
     # At the end of a run, how long rank 0 keeps trying to send what MLflow has not taken
@@ -241,6 +246,7 @@ class Config:
 
     name: Str = "run"
     seed: Int = 0
+    description: Str = ""            # the MLflow run's description; empty: the recipe's header comment
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

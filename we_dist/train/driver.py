@@ -487,7 +487,7 @@ def plan_resume_or_refuse(cfg: Config, run_dir: str) -> ResumePlan:
 
 
 # Keys that change how a run is watched, not what it computes: a re-run may differ in them.
-NON_RESULT_KEYS = ("tracking.", "train.progress", "train.log_every_steps", "checkpoint.resume",
+NON_RESULT_KEYS = ("tracking.", "description", "train.progress", "train.log_every_steps", "checkpoint.resume",
                    "checkpoint.num_to_keep", "checkpoint.max_failures", "checkpoint.storage_path")
 
 
