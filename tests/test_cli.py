@@ -24,6 +24,30 @@ def test_help_lists_every_command():
         assert command in out.stdout
 
 
+def test_every_command_help_shows_examples_that_parse():
+    """Each `we-dist COMMAND --help` ends with examples and where the keys are documented, and every
+    example is accepted by that command's own argument parser (so the examples cannot rot)."""
+    import argparse
+    import importlib
+    import shlex
+
+    from we_dist.cli import COMMANDS, EXAMPLES, epilog
+
+    assert not set(COMMANDS) - set(EXAMPLES), "commands without examples"
+    for command in ("train", "compare", "convert"):
+        out = we_dist(command, "--help")
+        assert out.returncode == 0
+        assert "examples:" in out.stdout and "Overriding config keys" in out.stdout, command
+    for command, text in EXAMPLES.items():
+        module = importlib.import_module(COMMANDS[command][0])
+        parser = argparse.ArgumentParser(prog=f"we-dist {command}", epilog=epilog(command), exit_on_error=False)
+        module.add_arguments(parser)
+        for line in text.splitlines():
+            words = shlex.split(line.replace("$HOME", "/home/u"))
+            assert words[:2] == ["we-dist", command], line
+            parser.parse_args(words[2:])   # raises (exit 2) on an example that no longer parses
+
+
 def test_help_and_version_import_nothing_heavy():
     """`we-dist --help` and `--version` answer without importing torch, Ray or FFCV."""
     code = ("import sys; from we_dist.cli import main; main(['--help']); main(['--version']); "

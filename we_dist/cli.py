@@ -36,6 +36,51 @@ COMMANDS = {
     "sensitivity": ("we_dist.sensitivity", "prune each layer alone at several ratios: accuracy table, plot, CSV"),
 }
 
+# Shown at the end of each command's --help. Recipe keys are documented in README.md
+# ("Overriding config keys"), method settings by `we-dist methods NAME`.
+KEYS_HINT = ("config keys: README.md, \"Overriding config keys\"; method settings: `we-dist methods NAME`; "
+             "the resolved config: `we-dist config RECIPE [key=value ...]`")
+EXAMPLES = {
+    "convert": """\
+  we-dist convert digits --out data/digits
+  we-dist convert fashion-mnist --out data/fashion_mnist --limit-train 6000 --limit-val 2000
+  we-dist convert folder --train /data/imagenet/train --val /data/imagenet/val --out data/imagenet""",
+    "train": """\
+  we-dist train recipes/demo.yaml
+  we-dist train recipes/demo.yaml name=demo_none method.name=none schedule.epochs=4
+  we-dist train recipes/cifar_resnet56.yaml method.we.lab=0.3 scaling.num_workers=4 --address auto""",
+    "tune": """\
+  we-dist tune tunes/demo_digits.yaml
+  we-dist tune tunes/demo_digits.yaml --resume""",
+    "submit": """\
+  we-dist submit recipes/demo.yaml --address http://127.0.0.1:8265 --follow
+  we-dist submit tunes/demo_digits.yaml --command tune --address http://127.0.0.1:8265""",
+    "jobs": """\
+  we-dist jobs list --address http://127.0.0.1:8265
+  we-dist jobs logs JOB_ID --follow --address http://127.0.0.1:8265""",
+    "cluster": """\
+  we-dist cluster up
+  we-dist cluster status
+  we-dist cluster down""",
+    "config": """\
+  we-dist config recipes/demo.yaml
+  we-dist config recipes/demo.yaml method.name=l1 'method.l1.ratios=[0.3]'""",
+    "compare": """\
+  we-dist compare recipes/demo.yaml --methods none,we --seeds 3
+  we-dist compare recipes/demo.yaml --methods 'none,we,we:lab=0.3,repr:ratio=0.3' --seeds 3 --out compare.md""",
+    "methods": """\
+  we-dist methods
+  we-dist methods we l1""",
+    "sensitivity": """\
+  we-dist sensitivity recipes/demo.yaml model.init_from=$HOME/we_dist_runs/base --ratios 0.1,0.3,0.5""",
+}
+
+
+def epilog(command: str) -> str:
+    """The examples and where the keys are documented, for `we-dist COMMAND --help`."""
+    examples = EXAMPLES.get(command)
+    return (f"examples:\n{examples}\n\n" if examples else "") + KEYS_HINT
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `we-dist config`."""
@@ -77,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, help_text = COMMANDS[command]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"we-dist {command}", description=help_text)
+    parser = argparse.ArgumentParser(prog=f"we-dist {command}", description=help_text, epilog=epilog(command),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     args.command = command
