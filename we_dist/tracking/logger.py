@@ -242,6 +242,31 @@ class RunLogger:
                 self._attempt(f"log the score plot {path.name}",
                               lambda p=path: self._client.log_artifact(self.run_id, str(p), "we_scores"))
 
+    def log_figures(self, figures: Iterable[Any]) -> None:
+        """Log each figure as the PNG artifact at its ``artifact_file`` (a relative path such
+        as ``we_plots/call_0007_epoch_0006.png``); each item renders itself with
+        ``write_png(path)`` (:class:`~we_dist.methods.we_plots.WECallPlot` does). A figure that
+        fails to render or upload is reported like any logging failure: training goes on."""
+        if not self.enabled:
+            return
+        figures = list(figures)
+        if not figures:
+            return
+        with tempfile.TemporaryDirectory(prefix="we_dist_figures_") as tmp:
+            for i, item in enumerate(figures):
+                target = Path(str(item.artifact_file))
+                if target.is_absolute() or ".." in target.parts or target.suffix != ".png":
+                    raise ValueError(f"figure artifact_file must be a relative .png path, got {str(target)!r}")
+                folder = Path(tmp) / str(i)
+                folder.mkdir()
+                path = folder / _file_name(target.name)
+                if not self._attempt(f"render the plot {target}", lambda it=item, p=path: it.write_png(p)):
+                    continue
+                parent = target.parent.as_posix()
+                self._attempt(f"log the plot {target}",
+                              lambda p=path, d=parent: self._client.log_artifact(
+                                  self.run_id, str(p), None if d == "." else d))
+
     def log_state_dict(self, state_dict: dict, name: str = "final_weights.pt") -> None:
         """Save ``state_dict`` (moved to CPU) with ``torch.save`` and log it as ``model/<name>``.
 
