@@ -194,3 +194,22 @@ def test_a_job_uses_both_nodes_with_its_working_dir_intact(local_cluster, tmp_pa
     assert str(conn.client.get_job_status(job_id)) == "SUCCEEDED", logs[-2000:]
     assert "tasks 2 nodes, marker everywhere: True" in logs
     assert "driver still in its working dir: True" in logs
+
+
+def test_plain_ray_job_submit_with_a_relative_storage_path_is_refused_by_name(local_cluster, project):
+    """`ray job submit --working-dir . -- we-dist train ...` (here through Ray's own job client, as
+    the `ray` CLI does): a relative checkpoint path would land in the job's temporary copy, so the
+    command refuses it before training, naming the key and what to do."""
+    conn = connect(local_cluster.dashboard_url, local_cluster.token_path)
+    job_id = conn.client.submit_job(
+        entrypoint=f"{sys.executable} -m we_dist.cli train recipes/tiny.yaml checkpoint.storage_path=runs",
+        runtime_env={"working_dir": str(project)}, submission_id=f"plain-{os.getpid()}")
+    deadline = time.monotonic() + 150
+    while str(conn.client.get_job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, "the job did not finish"
+        time.sleep(1)
+    logs = conn.client.get_job_logs(job_id)
+    assert str(conn.client.get_job_status(job_id)) == "FAILED", logs[-2000:]
+    assert "checkpoint.storage_path=runs is relative" in logs
+    assert "we-dist submit" in logs
+    assert "Started training worker group" not in logs

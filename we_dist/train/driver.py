@@ -546,6 +546,10 @@ def repair_tracking(cfg: Config, tracking_uri: str, checkpoint: str) -> str | No
             logger.log_state_dict(state["model"])
             logger.log_text(json.dumps(state.get("architecture", {}), indent=1), "model/architecture.json")
             repaired.append("the final weights")
+        from we_dist.tracking import model as mlflow_model
+
+        if mlflow_model.repair(cfg, logger, state):   # the MLflow model (runs:/<id>/model), if absent
+            repaired.append("the MLflow model")
         logger.finish("FINISHED")
     except (TrackingError, OSError) as exc:
         print(f"[we_dist] MLflow could not be completed now ({exc}); run the same command again later",
@@ -624,6 +628,10 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "verbose", False):
         os.environ[VERBOSE_ENV] = "1"
     cfg = load_config(args.recipe, args.overrides)
+    # Under plain `ray job submit --working-dir .`, relative paths point into a copy Ray deletes.
+    from we_dist.cluster.plain_ray import check_job_paths
+
+    check_job_paths(cfg)
     try:
         outcome = train(cfg, address=args.address)
     except PreflightError as exc:
