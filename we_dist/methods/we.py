@@ -14,9 +14,10 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from we_dist import sync
-from we_dist.evolution import EvolutionPlan, WEConfig, WeightEvolution, collect_scores
-from we_dist.methods.base import FitContext, Method, ScoreHistogram
+from we_dist.evolution import EvolutionPlan, WEConfig, WeightEvolution
+from we_dist.methods.base import FitContext, Method
 from we_dist.methods.registry import Float, Int, PositiveInt, register_method, settings_dataclass
+from we_dist.methods.we_plots import WECallPlot, call_plot, conv_layer_scores, layer_order
 
 
 def _doc(text: str) -> Any:
@@ -67,13 +68,18 @@ class WeightEvolutionMethod(Method):
                "are rebuilt from strong ones")
     Settings = WEMethodConfig
 
-    def __init__(self, cfg: WEMethodConfig, record_histograms: bool = True) -> None:
+    def __init__(self, cfg: WEMethodConfig, record_plots: bool = True) -> None:
         self.cfg = cfg
         self.evolution = WeightEvolution(cfg.evolution_config())
-        self.record_histograms = record_histograms
+        self.record_plots = record_plots
         self.calls = 0
         self._metrics: dict[str, float] = {}
-        self._histograms: list[ScoreHistogram] = []
+        self._figures: list[WECallPlot] = []
+
+    @classmethod
+    def from_config(cls, settings: WEMethodConfig, cfg: Any) -> "WeightEvolutionMethod":
+        """``tracking.score_plots`` switches the per-call plots (``we_plots/``) on or off."""
+        return cls(settings, record_plots=bool(cfg.tracking.score_plots))
 
     # -- hooks -------------------------------------------------------------------------
 
@@ -89,7 +95,7 @@ class WeightEvolutionMethod(Method):
 
     def _evolve(self, ctx: FitContext) -> None:
         start = time.perf_counter()
-        before = collect_scores(ctx.model)["conv"] if self._want_histogram(ctx) else None
+        before = conv_layer_scores(ctx.model) if self._want_plot(ctx) else None
         plan = sync.decide_and_share(lambda: self.evolution.plan(ctx.model, ctx.epoch),
                                      encode=EvolutionPlan.to_tensor, decode=EvolutionPlan.from_tensor)
         if ctx.rank != 0:
@@ -100,15 +106,23 @@ class WeightEvolutionMethod(Method):
         if ctx.rank == 0:
             self._metrics = {**plan.stats, "we/calls": float(self.calls), "we/plan_bytes": float(plan.nbytes),
                              "we/seconds": time.perf_counter() - start}
-            if before is not None:
-                after = collect_scores(ctx.model)["conv"]
-                self._histograms.append(ScoreHistogram("conv_filter_scores", ctx.epoch,
-                                                       before.float().cpu().numpy(),
-                                                       after.float().cpu().numpy()))
+            if before is not None and plan.n_pairs:
+                # Only rank 0 decided, so only its plan carries layer names; read-only here.
+                figure = call_plot(plan, before, conv_layer_scores(ctx.model), layer_order(ctx.model),
+                                   call=self.calls, lab=self.cfg.lab)
+                if figure is not None:
+                    self._figures.append(figure)
 
-    def _want_histogram(self, ctx: FitContext) -> bool:
+    def _want_plot(self, ctx: FitContext) -> bool:
         # Epoch-interval calls are few; step-interval calls could be thousands per run.
-        return self.record_histograms and ctx.rank == 0 and self.cfg.interval_unit == "epoch"
+        return self.record_plots and ctx.rank == 0 and self.cfg.interval_unit == "epoch"
+
+    def pop_figures(self) -> list[WECallPlot]:
+        """The plots of the calls since the last pop (rank 0, calls that changed something),
+        each with ``artifact_file`` (``we_plots/call_0007_epoch_0006.png``) and ``write_png``;
+        the training loop hands them to ``RunLogger.log_figures``."""
+        out, self._figures = self._figures, []
+        return out
 
     # -- state ---------------------------------------------------------------------------
 
