@@ -10,6 +10,8 @@ Subcommands (each area of the package owns its arguments and its `run`):
     we-dist cluster up|down|status      a two-node Ray cluster on this machine (we_dist.cluster.local)
     we-dist config RECIPE [key=value]   print the resolved config, validated
     we-dist methods [NAME...]           list the training methods and their settings (we_dist.methods.registry)
+    we-dist evaluate SOURCE --data PATH top-1/top-5 of a run's network on a .beton or image folder (we_dist.predict)
+    we-dist predict SOURCE IMAGE...     top-k classes of image files (we_dist.predict)
 
 User errors (bad config, bad data, unreachable services) print one line to stderr and
 exit with status 2; nothing starts.
@@ -34,6 +36,8 @@ COMMANDS = {
     "compare": ("we_dist.tune.compare", "run a recipe under several methods and seeds; report the paired comparison"),
     "methods": ("we_dist.methods.registry", "list the training methods, their settings and defaults"),
     "sensitivity": ("we_dist.sensitivity", "prune each layer alone at several ratios: accuracy table, plot, CSV"),
+    "evaluate": ("we_dist.predict", "top-1/top-5 of a trained network (MLflow run id or checkpoint) on a .beton or image folder"),
+    "predict": ("we_dist.predict", "top-k classes of image files from a trained network (MLflow run id or checkpoint)"),
 }
 
 # Shown at the end of each command's --help. Recipe keys are documented in README.md

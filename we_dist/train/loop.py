@@ -25,6 +25,7 @@ step 0 for the start and at step = number of epochs for the end.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -143,6 +144,68 @@ def _restore_network(model: nn.Module, state: dict[str, Any], weights: bool = Tr
         model.load_state_dict(state["model"])
 
 
+class BestEpoch:
+    """Rank 0's copy of the network of the epoch with the highest ``val/top1`` so far: the
+    network that becomes the run's MLflow model unless ``tracking.model_epoch=last``.
+
+    Why not Ray Train's checkpoint scoring (``CheckpointConfig(checkpoint_score_attribute=
+    "val/top1", checkpoint_score_order="max")``): with a score, Ray keeps the ``num_to_keep``
+    best-scoring checkpoints plus the latest one, and deletes the others, among them the
+    epochs just before the latest. Resuming still takes the latest (it is never deleted), but
+    when the latest does not verify, :func:`~we_dist.train.checkpoint.plan_resume` falls back
+    newest first, and would land on an old best epoch instead of the previous one, losing
+    every epoch in between; ``num_to_keep`` would also stop meaning "the last N". So Ray keeps
+    the last N by time, and the best network travels inside every checkpoint (key ``"best"``:
+    epoch, val/top1, its state dict and architecture, on CPU): it is written, verified and
+    persisted (local or remote storage) with the checkpoint, and a resumed run keeps it.
+
+    The snapshot is the network that was scored: taken after validation and before
+    ``on_epoch_end`` (which may change weights, as WE does), or after the hook when the hook
+    changed the network's shape and the epoch was scored again. Ties go to the later epoch.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.epoch = -1
+        self.top1 = -math.inf
+        self.model: dict[str, torch.Tensor] | None = None
+        self.architecture: dict[str, Any] | None = None
+
+    def improves(self, top1: float) -> bool:
+        """Whether an epoch scoring ``top1`` would replace the best so far."""
+        return self.enabled and top1 >= self.top1
+
+    @staticmethod
+    def snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A CPU copy of ``model``'s state dict and its architecture."""
+        return ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+                architecture.describe(model))
+
+    def set(self, epoch: int, top1: float, snap: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> None:
+        """Record ``snap`` (from :meth:`snapshot`) as the network of ``epoch``, scoring ``top1``."""
+        self.epoch, self.top1 = epoch, float(top1)
+        self.model, self.architecture = snap
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What the checkpoint keeps (None when there is nothing to keep)."""
+        if not self.enabled or self.model is None:
+            return None
+        return {"epoch": self.epoch, "val/top1": self.top1, "model": self.model, "architecture": self.architecture}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Take the best network a checkpoint kept (None: nothing kept, keep the current one)."""
+        if self.enabled and state:
+            self.set(int(state["epoch"]), float(state["val/top1"]),
+                     ({k: v.detach().cpu() for k, v in state["model"].items()}, state["architecture"]))
+
+    def network(self, like: nn.Module) -> nn.Module:
+        """The best network, rebuilt from a copy of ``like`` (the run's current network, so the
+        method's layers are there) with the best epoch's architecture, then its weights."""
+        net = copy.deepcopy(like)
+        _restore_network(net, {"model": self.model, "architecture": self.architecture})
+        return net
+
+
 def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
                  mlflow_run_id: str | None = None, live_progress: bool = False,
                  resume_from: str | None = None, run_dir: str | None = None) -> dict[str, float]:
@@ -229,6 +292,8 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
     # run, and whatever MLflow missed (an outage) is sent again from here.
     history: list[dict[str, float]] = [
         {k: float(v) for k, v in m.items()} for m in (resume_state or {}).get("history", [])]
+    best = BestEpoch(enabled=rank == 0 and cfg.tracking.model_epoch == "best")
+    best.load_state_dict((resume_state or {}).get("best"))
     del resume_state
 
     distributed = world > 1
@@ -326,6 +391,8 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
 
         _broadcast_buffers(state.model)
         metrics = evaluate(state.model, val_loader, device, autocast)
+        # The scored network, kept if it is the best so far (a hook below may change it).
+        scored = BestEpoch.snapshot(state.model) if best.improves(metrics["val/top1"]) else None
         last = epoch == epochs - 1
         t0 = time.perf_counter()
         ctx = context(epoch)
@@ -342,6 +409,10 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
             # The network changed shape: what it scores now is what the checkpoint holds.
             metrics = {**evaluate(state.model, val_loader, device, autocast),
                        **{f"{k}_before_change": v for k, v in metrics.items()}}
+            scored = BestEpoch.snapshot(state.model) if best.improves(metrics["val/top1"]) else None
+        if scored is not None:
+            best.set(epoch, metrics["val/top1"], scored)
+            scored = None
         if cfg.train.check_replicas:
             sync.check_replicas(state.model, where=f"epoch {epoch}")  # raises if the ranks differ
             metrics["replicas/checksum_ok"] = 1.0
@@ -370,8 +441,8 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
                       f"val top1 {metrics['val/top1']:.4f} top5 {metrics['val/top5']:.4f} "
                       f"{metrics['throughput/train_images_per_s']:.0f} img/s {epoch_seconds:.1f}s", flush=True)
                 if last:
-                    _finish(cfg, state.model, input_shape, account_start, history, logger, tmp, epochs)
-            _report(session, cfg, rank, metrics, epoch, step, state, method, account_start, tmp, history)
+                    _finish(cfg, state.model, input_shape, account_start, history, logger, tmp, epochs, best)
+            _report(session, cfg, rank, metrics, epoch, step, state, method, account_start, tmp, history, best)
             if rank == 0:
                 # Logged once the checkpoint holding this epoch is committed: MLflow never shows
                 # an epoch the run may discard; a crash before this line re-sends it on resume
@@ -403,8 +474,10 @@ def _log_start(logger: Any, model: nn.Module, images: torch.Tensor, labels: torc
 
 
 def _finish(cfg: Config, model: nn.Module, input_shape: tuple[int, int, int], account_start: dict[str, float],
-            history: list[dict[str, float]], logger: Any, checkpoint_dir: str, epochs: int) -> None:
-    """Rank 0 after the last epoch: accounting, summary, exported network, final weights."""
+            history: list[dict[str, float]], logger: Any, checkpoint_dir: str, epochs: int,
+            best: BestEpoch | None = None) -> None:
+    """Rank 0 after the last epoch: accounting, summary, exported network, final weights, and
+    the run's MLflow model (the best epoch's network, or the last: ``tracking.model_epoch``)."""
     account_end = accounting.account(model, input_shape, cfg.train.accounting_repeats)
     logger.log_metrics(account_end, step=epochs)
     print("[we_dist] summary\n" + _summary_table(history), flush=True)
@@ -419,18 +492,43 @@ def _finish(cfg: Config, model: nn.Module, input_shape: tuple[int, int, int], ac
         # The state dict as it always was; the widths beside it rebuild a pruned network first.
         logger.log_state_dict(model.state_dict())
         logger.log_text(json.dumps(architecture.describe(model), indent=1), "model/architecture.json")
+        if logger.enabled:
+            _log_mlflow_model(cfg, model, history, logger, best)
+
+
+def _log_mlflow_model(cfg: Config, model: nn.Module, history: list[dict[str, float]], logger: Any,
+                      best: BestEpoch | None) -> None:
+    """Log the selected network as the run's MLflow model (``runs:/<id>/model``), registered
+    under ``tracking.register_as`` if set (see :mod:`we_dist.tracking.model`)."""
+    from we_dist.tracking import model as mlflow_model
+
+    last = history[-1] if history else {}
+    network, epoch, top1, which = model, int(last.get("epoch", -1)), last.get("val/top1"), "last"
+    if best is not None and best.enabled and best.model is not None:
+        try:
+            network, epoch, top1, which = best.network(model), best.epoch, best.top1, "best"
+        except Exception as exc:   # noqa: BLE001 - e.g. a method that swapped layer types later on
+            print(f"[we_dist] warning: the best epoch's network (epoch {best.epoch + 1}) could not be rebuilt "
+                  f"({type(exc).__name__}: {exc}); the MLflow model is the last epoch's", flush=True)
+    deployed = mlflow_model.for_logging(network)
+    info = mlflow_model.network_info(cfg, deployed, epoch=epoch, val_top1=top1, selected=which,
+                                     pruned=mlflow_model.is_pruned(cfg, deployed))
+    if mlflow_model.log_selected(logger, deployed, info, cfg.tracking.register_as):
+        print(f"[we_dist] MLflow model: the {which} epoch's network (epoch {epoch + 1}, val top1 "
+              f"{float('nan') if top1 is None else top1:.4f}) at runs:/{logger.run_id}/model", flush=True)
 
 
 def _report(session: Any, cfg: Config, rank: int, metrics: dict[str, float], epoch: int, step: int,
             state: TrainState, method: Method, account_start: dict[str, float], tmp: str,
-            history: list[dict[str, float]]) -> None:
+            history: list[dict[str, float]], best: BestEpoch | None = None) -> None:
     name = checkpoint_name(epoch)
     if rank != 0:
         session.report(metrics, None, name)
         return
     save_state(tmp, {**state.state_dict(), "method": method.state_dict(), "epoch": epoch, "step": step,
                      "accounting_start": account_start, "metrics": dict(metrics),
-                     "history": [dict(m) for m in history]},
+                     "history": [dict(m) for m in history],
+                     **({"best": kept} if best is not None and (kept := best.state_dict()) else {})},
                epoch=epoch, step=step, run=cfg.name, method=cfg.method.name, config=cfg.to_dict())
     session.report(metrics, tmp, name)
 
