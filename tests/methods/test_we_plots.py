@@ -147,3 +147,27 @@ def test_plot_refuses_a_plan_without_layer_names():
     assert isinstance(call_plot(plan, scores, scores, layer_order(model), call=1, lab=0.3), WECallPlot)
     with pytest.raises(ValueError, match="layer names"):
         call_plot(rebuilt, scores, scores, layer_order(model), call=1, lab=0.3)
+
+
+def test_receivers_from_the_patience_rule_are_named():
+    # Healthy random filters and a tiny lab: no layer has a filter under lab x max, so only
+    # the patience rule (limit 5 conv layers / ln_c 10 = 0.5: it fires at once) rewrites.
+    torch.manual_seed(4)
+    model = SmallCNN(num_classes=10, width=8)
+    method = WeightEvolutionMethod(WEMethodConfig(ratio_conv=0.2, ratio_bn=0.0, ratio_bias=0.0, milestones=(0,),
+                                                  stage_divisors=(1.0,), ramp_tau=1.0, lab=1e-3, ln_c=10.0))
+    method.on_epoch_end(ctx(model, 2))
+    (plot,) = method.pop_figures()
+    conv_receivers = [name for name, kinds in plot.receivers.items() if "conv" in kinds]
+    assert conv_receivers and list(plot.patience_layers) == conv_receivers
+    assert all(kinds == {"conv": 1} for kinds in plot.receivers.values())
+    # The receivers sit above their layers' lab thresholds: the figure must not pretend otherwise.
+    assert plot.receiver_before.min() > max(plot.layer_thresholds.values())
+
+
+def test_local_rule_receivers_are_not_attributed_to_patience():
+    model = weak_tailed_model()
+    method = WeightEvolutionMethod(CFG)
+    method.on_epoch_end(ctx(model, 3))
+    (plot,) = method.pop_figures()
+    assert plot.patience_layers == ()

@@ -66,7 +66,8 @@ class WECallPlot:
 
     ``layer_thresholds`` holds ``lab x max score`` of every conv layer in which the global
     cut marked at least one filter, the layers where the local rule of section 3 was
-    consulted; ``receivers`` maps each layer that had channels rewritten (module order)
+    consulted; ``patience_layers`` are the conv layers that had a filter rewritten although
+    none was at most ``lab x max`` (the patience counter fired there); ``receivers`` maps each layer that had channels rewritten (module order)
     to ``{"conv": n}`` or ``{"gamma": n, "beta": n}`` (kinds with no receivers left out).
     """
 
@@ -78,6 +79,7 @@ class WECallPlot:
     patience_conv: int                     # the conv counter after the call
     lab: float
     layer_thresholds: dict[str, float]
+    patience_layers: tuple[str, ...]       # conv layers whose receiver came from the patience rule
     before: np.ndarray                     # every conv filter's score, module order
     after: np.ndarray
     receiver_before: np.ndarray            # the rewritten conv filters' scores
@@ -109,9 +111,9 @@ class WECallPlot:
         FigureCanvasAgg(fig)
         ax_scores, ax_bars = fig.subplots(2, 1, height_ratios=[5.4, bar_height])
         t = self.totals
-        fig.suptitle(f"WE call {self.call} after epoch {self.epoch}: rewrote {t['conv']} conv filters, "
-                     f"{t['gamma']} BN gammas, {t['beta']} BN betas in {len(self.receivers)} layers",
-                     fontsize=11)
+        fig.suptitle(f"WE call {self.call} after epoch {self.epoch}: rewrote {_count(t['conv'], 'conv filter')}, "
+                     f"{_count(t['gamma'], 'BN gamma')}, {_count(t['beta'], 'BN beta')} "
+                     f"in {_count(len(self.receivers), 'layer')}", fontsize=11)
         self._draw_scores(ax_scores)
         self._draw_receivers(ax_bars, rows)
         return fig
@@ -177,6 +179,10 @@ class WECallPlot:
                     transform=trans, linestyle="none", label=f"rewritten filters, before ({rec_b.size})")
             ax.plot(shown_a, np.full(shown_a.size, 0.08), "^", color="tab:orange", markersize=5, alpha=0.7,
                     transform=trans, linestyle="none", label="rewritten filters, after")
+        if self.patience_layers:
+            names = ", ".join(self.patience_layers[:3]) + (", ..." if len(self.patience_layers) > 3 else "")
+            ax.plot([], [], linestyle="none",
+                    label=f"patience rule fired in {_count(len(self.patience_layers), 'layer')} ({names})")
         ax.set_xlabel("conv filter score: sum|W| / input channels per group" + (" (log scale)" if log_x else ""))
         ax.set_ylabel("filters" + (" (log scale)" if most >= 20 else ""))
         ax.set_title(f"(a) conv filter scores; a filter is rewritten if it is under the global cut and "
@@ -201,8 +207,7 @@ class WECallPlot:
             h = 0.8 / len(present)
             for i, kind in enumerate(present):
                 yy = y - 0.4 + h * (i + 0.5)
-                ax.barh(yy, kinds[kind], height=h * 0.95, color=KIND_COLOURS[kind],
-                        label=None if kind in seen else KIND_LABELS[kind])
+                ax.barh(yy, kinds[kind], height=h * 0.95, color=KIND_COLOURS[kind])
                 ax.annotate(str(kinds[kind]), (kinds[kind], yy), xytext=(3, 0), textcoords="offset points",
                             va="center", fontsize=7)
                 seen.add(kind)
@@ -211,7 +216,10 @@ class WECallPlot:
         most = max((n for _, kinds in rows for n in kinds.values()), default=1)
         ax.set_xlim(0, most * 1.12 + 0.5)
         ax.set_xlabel("channels rewritten")
-        ax.legend(loc="lower right", fontsize=7.5)
+        from matplotlib.patches import Patch
+
+        ax.legend(handles=[Patch(color=KIND_COLOURS[k], label=KIND_LABELS[k]) for k in KIND_COLOURS if k in seen],
+                  loc="lower right", fontsize=7.5)
 
 
 def _bar_rows(receivers: dict[str, dict[str, int]]) -> list[tuple[str, dict[str, int]]]:
@@ -220,6 +228,10 @@ def _bar_rows(receivers: dict[str, dict[str, int]]) -> list[tuple[str, dict[str,
         return rows
     keep = set(sorted(range(len(rows)), key=lambda i: -sum(rows[i][1].values()))[:MAX_BAR_ROWS])
     return [row for i, row in enumerate(rows) if i in keep]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _finite(values: Any) -> np.ndarray:
@@ -246,12 +258,15 @@ def call_plot(plan: EvolutionPlan, before: dict[str, np.ndarray], after: dict[st
     # The local rule (section 3) is consulted only where the global cut marked filters.
     layer_thresholds = {name: lab * float(s.max()) for name, s in before.items()
                         if s.size and int(np.sum(s < cut)) > 0}
-    rec_before, rec_after = [], []
+    rec_before, rec_after, patience_layers = [], [], []
     for lp in plan.layers:
         if lp.kind == "conv":
             idx = lp.receivers.cpu().numpy()
             rec_before.append(before[lp.name][idx])
             rec_after.append(after[lp.name][idx])
+            scores = before[lp.name]
+            if not np.any(scores <= lab * scores.max()):      # k was 0: only the patience rule rewrites
+                patience_layers.append(lp.name)
     per_layer = plan.receivers_per_layer
     receivers = {name: {k: per_layer[name][k] for k in KIND_COLOURS if per_layer[name].get(k)}
                  for name in order if name in per_layer}
@@ -259,5 +274,5 @@ def call_plot(plan: EvolutionPlan, before: dict[str, np.ndarray], after: dict[st
     return WECallPlot(
         call=int(call), epoch=int(plan.epoch), ratio_conv=plan.ratios["conv"], global_threshold=cut,
         inferior_conv=plan.inferior["conv"], patience_conv=plan.patience["conv"], lab=float(lab),
-        layer_thresholds=layer_thresholds, before=flat(list(before.values())), after=flat(list(after.values())),
+        layer_thresholds=layer_thresholds, patience_layers=tuple(patience_layers), before=flat(list(before.values())), after=flat(list(after.values())),
         receiver_before=flat(rec_before), receiver_after=flat(rec_after), receivers=receivers)
