@@ -49,8 +49,8 @@ def test_method_matches_the_core_and_respects_its_interval():
     assert not all(torch.equal(before[k], v) for k, v in a.state_dict().items())
     metrics = method.pop_metrics()
     assert metrics["we/receivers_conv"] > 0 and metrics["we/calls"] == 1 and method.pop_metrics() == {}
-    hists = method.pop_histograms()
-    assert len(hists) == 1 and hists[0].before.shape == hists[0].after.shape
+    assert method.pop_histograms() == []
+    assert len(method.pop_figures()) == 1
 
 
 def test_state_round_trip_continues_identically():

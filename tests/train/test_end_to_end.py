@@ -45,9 +45,9 @@ def test_train_command_logs_everything_to_a_real_mlflow_server(tmp_path, digits_
         def paths(path=None):
             return {a.path for a in client.list_artifacts(run.info.run_id, path)}
 
-        assert {"config", "model", "we_scores"} <= paths()
+        assert {"config", "model", "we_plots"} <= paths()
         assert "config/resolved.yaml" in paths("config")
-        assert any(p.endswith(".png") for p in paths("we_scores"))
+        assert any(p.endswith(".png") for p in paths("we_plots"))
         local = client.download_artifacts(run.info.run_id, "model/final_weights.pt", str(tmp_path))
         weights = torch.load(local, weights_only=True)
         assert "fc.weight" in weights and torch.isfinite(weights["fc.weight"]).all()

@@ -227,6 +227,15 @@ class Method:
         self._metrics = {}
         return out
 
+    def pop_figures(self) -> list[Any]:
+        """Figures gathered since the last call, each with ``artifact_file`` (a relative
+        ``.png`` path among the run's artifacts) and ``write_png(path)``; logged by rank 0
+        with ``RunLogger.log_figures``. By default: the list a method keeps in ``self._figures``.
+        """
+        out = getattr(self, "_figures", None) or []
+        self._figures = []
+        return out
+
     def pop_histograms(self) -> list[ScoreHistogram]:
         """Score distributions gathered since the last call, for plots.
 

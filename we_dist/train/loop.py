@@ -449,6 +449,7 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
                 # (from the checkpoint's history).
                 logger.log_metrics(metrics, step=epoch)
                 logger.log_histograms(method.pop_histograms())
+                logger.log_figures(method.pop_figures())
 
     progress.close()
     if rank == 0:
