@@ -30,6 +30,10 @@ PARENT_TAG = "mlflow.parentRunId"          # MLflow's own nesting tag
 RESUMES_TAG = "we_dist.resumes"            # how many times the run was resumed
 CONFIG_NOTE_TAG = "we_dist.config_note"    # set when a resume brought a different config
 TRUNCATED_TAG = "we_dist.truncated_params"
+NOTE_TAG = "mlflow.note.content"           # MLflow's run description
+# Experiments we create are marked as model development: MLflow 3's UI then shows its
+# model-training pages for them, not its GenAI ones.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 CONFIG_ARTIFACT = "config/resolved.yaml"
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -108,7 +112,7 @@ def experiment_id(client, name: str, uri: str) -> str:
             # experiment; keep them next to the database instead, where `mlflow ui` finds them.
             location = (store_dir / "mlruns").as_uri()
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -130,6 +134,9 @@ def open_run(
     run_name: str,
     config_dict: Mapping[str, Any] | None = None,
     resume: bool = True,
+    tags: Mapping[str, str] | None = None,
+    description: str = "",
+    replace_description: bool = False,
 ) -> str:
     """Create the run ``run_name`` in ``cfg.experiment``, or resume it; return its run id.
 
@@ -143,6 +150,11 @@ def open_run(
       (dotted keys) and as the artifact ``config/resolved.yaml``. MLflow params cannot
       change, so on resume a different config is recorded in the tag
       ``we_dist.config_note`` and the new YAML as ``config/resume_<n>.yaml``.
+    * ``tags`` (e.g. :func:`~we_dist.tracking.provenance.provenance_tags`): set on the run,
+      at creation and again on resume (they describe the latest launch).
+    * ``description``: the run's description (``mlflow.note.content``), set at creation; on
+      resume only where the run has none, or with ``replace_description`` (the user gave a
+      new one), so that a note edited in the MLflow UI is kept.
 
     Raises :class:`TrackingError` when the store cannot be used.
     """
@@ -167,10 +179,24 @@ def open_run(
         if found:
             run = found[0]
             _resume(client, run, config)
-            return run.info.run_id
-        return _create(client, exp_id, run_name, cfg.parent_run_id, config)
+            run_id = run.info.run_id
+            if description and (replace_description or not run.data.tags.get(NOTE_TAG)):
+                tags = {**(tags or {}), NOTE_TAG: description}
+        else:
+            run_id = _create(client, exp_id, run_name, cfg.parent_run_id, config)
+            if description:
+                tags = {**(tags or {}), NOTE_TAG: description}
+        _set_tags(client, run_id, tags or {})
+        return run_id
     except MlflowException as exc:
         raise TrackingError(f"MLflow tracking store {redact(uri)!r}: {exc.message}") from exc
+
+
+def _set_tags(client, run_id: str, tags: Mapping[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    if tags:
+        client.log_batch(run_id, tags=[RunTag(str(k), str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()])
 
 
 def _check_parent(client, parent_run_id: str, uri: str) -> None:
