@@ -85,7 +85,7 @@ def test_an_image_folder_scores_like_the_beton_made_from_it(tmp_path, capsys):
     for data in (tree, beton):
         assert main(["evaluate", str(ckpt), "--data", str(data)]) == 0
         out = capsys.readouterr().out
-        assert "the last epoch's network (epoch 1, logged val top1 0.2500)" in out   # no best kept: the last
+        assert "the last epoch's network (epoch 0, logged val top1 0.2500)" in out   # no best kept: the last
         found = re.search(r"top1 ([0-9.]+)  top5 ([0-9.]+)  loss ([0-9.]+)  images (\d+)", out)
         assert found, out
         results[data] = found.groups()

@@ -330,7 +330,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _describe(net: LoadedNetwork) -> str:
     top1 = "" if net.val_top1 is None else f", logged val top1 {net.val_top1:.4f}"
-    return f"{net.source}: the {net.selected} epoch's network (epoch {net.epoch + 1}{top1})"
+    # Epochs are 0-based, as MLflow's steps and the training log show them.
+    return f"{net.source}: the {net.selected} epoch's network (epoch {net.epoch}{top1})"
 
 
 def run(args: argparse.Namespace) -> int:

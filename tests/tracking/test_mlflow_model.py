@@ -220,7 +220,7 @@ def test_the_logged_model_is_the_best_epochs_network_and_loads_with_mlflow(train
     best_epoch = max(e for e, v in top1.items() if v == max(top1.values()))   # ties: the later epoch
     assert meta["selected"] == "best" and meta["val_top1"] == max(top1.values()) and meta["epoch"] == best_epoch
     assert meta["preprocessing"]["mean"] == [78.0] * 3 and meta["preprocessing"]["resolution"] == 32
-    assert f"MLflow model: the best epoch's network (epoch {best_epoch + 1}" in trained["stdout"]
+    assert f"MLflow model: the best epoch's network (epoch {best_epoch}," in trained["stdout"]
     # The same network as the run's last checkpoint keeps under "best".
     from_checkpoint = load_network(str(trained["run_dir"]))
     assert from_checkpoint.epoch == best_epoch and from_checkpoint.selected == "best"
