@@ -174,6 +174,34 @@ def test_model_epoch_last_and_the_repair_of_a_run_without_a_model(tmp_path, digi
     assert not mlflow_model.repair(cfg, RunLogger(store_uri, run_id, enabled=True, strict=True), load_state(last))
 
 
+def test_the_best_network_rides_in_every_checkpoint_and_survives_a_resume(tmp_path, digits_betons, store_uri,
+                                                                         client, monkeypatch):
+    from mlflow.models import get_model_info
+
+    from we_dist.train.checkpoint import load_state, plan_resume
+
+    cfg, run_id = _in_process_run(tmp_path, digits_betons, store_uri, "mm_best", "schedule.epochs=2",
+                                  "schedule.milestones=[1]", "tracking.log_model=false")
+    first = load_state(tmp_path / cfg.name / "epoch_0001")
+    top1 = [h["val/top1"] for h in first["history"]]
+    assert first["best"]["val/top1"] == max(top1)
+    assert first["best"]["epoch"] == max(e for e, v in enumerate(top1) if v == max(top1))
+    assert set(first["best"]["model"]) == set(first["model"])
+    # Resume to 3 epochs: the latest checkpoint is what the run resumes from, not the best.
+    assert plan_resume(str(tmp_path / cfg.name)).path.endswith("epoch_0001")
+    cfg2, run_id2 = _in_process_run(tmp_path, digits_betons, store_uri, "mm_best", "schedule.epochs=3",
+                                    "schedule.milestones=[2]")
+    assert run_id2 == run_id
+    last = load_state(tmp_path / cfg.name / "epoch_0002")
+    top1 = [h["val/top1"] for h in last["history"]]
+    assert len(top1) == 3
+    best_epoch = max(e for e, v in enumerate(top1) if v == max(top1))
+    assert (last["best"]["epoch"], last["best"]["val/top1"]) == (best_epoch, max(top1))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)
+    meta = get_model_info(f"runs:/{run_id}/model").metadata
+    assert (meta["selected"], meta["epoch"], meta["val_top1"]) == ("best", best_epoch, max(top1))
+
+
 # --- slow: one real `we-dist train` (2 Ray workers) against a real `mlflow server` ------------------
 
 REGISTERED = "digits_small_cnn"
