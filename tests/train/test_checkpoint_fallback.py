@@ -120,7 +120,7 @@ def test_we_dist_train_resumes_past_a_corrupt_checkpoint_and_refuses_an_unreadab
     assert second.returncode == 0, out[-3000:]
     assert "skipped checkpoint" in out and "epoch_0001 is corrupt" in out
     assert f"resuming from {run_dir / 'epoch_0000'}" in out
-    assert "continuing at epoch 2" in out                                   # epoch 1 redone
+    assert "continuing at epoch 1" in out                                   # epoch 1 redone
     # epoch_0000 predates Ray's fresh list, so Ray never deletes it (nothing good is ever deleted).
     assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0000", "epoch_0001", "epoch_0002"]
     assert list(run_dir.glob(f"{RAY_SNAPSHOT}.set-aside-*"))

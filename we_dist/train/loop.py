@@ -253,7 +253,7 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
             _restore_network(model, resume_state)
             start_epoch, step = int(resume_state["epoch"]) + 1, int(resume_state["step"])
             if rank == 0:
-                print(f"[we_dist] resumed from {resume_dir}: continuing at epoch {start_epoch + 1}", flush=True)
+                print(f"[we_dist] resumed from {resume_dir}: continuing at epoch {start_epoch}", flush=True)
     if resume_state is None and cfg.model.init_from:
         source = load_network(cfg.model.init_from, tracking_uri, map_location=device)
         _restore_network(model, source, weights=not cfg.model.init_architecture_only)
@@ -333,7 +333,7 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
     if rank == 0 and start_epoch > 0:
         discarded = logger.replace_from(start_epoch)
         if discarded:
-            print(f"[we_dist] MLflow holds values for epochs {discarded[0] + 1}-{discarded[-1] + 1} from before "
+            print(f"[we_dist] MLflow holds values for epochs {discarded[0]}-{discarded[-1]} from before "
                   f"this resume; they are logged again from the resumed checkpoint (tag we_dist.discarded_epochs)",
                   flush=True)
         logger.log_history(history)
@@ -342,7 +342,7 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
         pos = phases.at(epoch)
         if rank == 0 and (epoch == start_epoch or pos.start == epoch) and len(phases.phases) > 1:
             print(f"[we_dist] phase {pos.index + 1}/{len(phases.phases)} '{pos.phase.name}': epochs "
-                  f"{pos.start + 1}-{pos.start + pos.phase.epochs}, peak LR {pos.phase.lr:g}, "
+                  f"{pos.start}-{pos.start + pos.phase.epochs - 1}, peak LR {pos.phase.lr:g}, "
                   f"{pos.phase.schedule.name} schedule", flush=True)
             logger.set_tags({"we_dist.phase": pos.phase.name})
         train_loader.set_epoch(epoch)
@@ -383,7 +383,8 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
             method_seconds += time.perf_counter() - t0
             if (i + 1) % cfg.train.log_every_steps == 0 or i + 1 == steps_per_epoch:
                 rate = seen * world / (time.perf_counter() - epoch_start)
-                progress.update(i + 1 - shown, f"epoch {epoch + 1}/{epochs} loss {float(loss_sum) / max(seen, 1):.3f} "
+                progress.update(i + 1 - shown, f"epoch {epoch} ({epoch + 1} of {epochs}) loss "
+                                f"{float(loss_sum) / max(seen, 1):.3f} "
                                 f"acc {float(correct) / max(seen, 1):.3f} {rate:.0f} img/s")
                 shown = i + 1
         train_seconds = time.perf_counter() - epoch_start
@@ -437,7 +438,8 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
         with tempfile.TemporaryDirectory(prefix="we_dist_ckpt_") as tmp:
             if rank == 0:
                 phase_note = f" [{pos.phase.name}]" if len(phases.phases) > 1 else ""
-                print(f"[we_dist] epoch {epoch + 1}/{epochs}{phase_note}: loss {metrics['train/loss']:.4f} "
+                print(f"[we_dist] epoch {epoch} ({epoch + 1} of {epochs}){phase_note}: "
+                      f"loss {metrics['train/loss']:.4f} "
                       f"val top1 {metrics['val/top1']:.4f} top5 {metrics['val/top5']:.4f} "
                       f"{metrics['throughput/train_images_per_s']:.0f} img/s {epoch_seconds:.1f}s", flush=True)
                 if last:
