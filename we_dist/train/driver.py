@@ -43,6 +43,7 @@ class TrainOutcome:
     run_dir: str
     mlflow_run_id: str | None
     tracking_uri: str | None
+    mlflow_experiment_id: str | None = None
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -451,8 +452,12 @@ def _has_epoch(tracking_uri: str | None, run_id: str, epoch: int, wait_s: float)
     return bool(found and found[0])
 
 
-def train(cfg: Config, address: str | None = None) -> TrainOutcome:
-    """Check, then train ``cfg`` to the end. Raises PreflightError/ConfigError on bad input."""
+def train(cfg: Config, address: str | None = None, recipe: str | None = None) -> TrainOutcome:
+    """Check, then train ``cfg`` to the end. Raises PreflightError/ConfigError on bad input.
+
+    ``recipe``: the YAML file ``cfg`` came from; its leading comment block is the MLflow run's
+    description unless the config sets ``description``.
+    """
     cfg = resolve_paths(cfg)
     tracking_uri, done = preflight(cfg)
     run_dir = checkpoint_run_dir(cfg.checkpoint.storage_path, cfg.name)
@@ -464,7 +469,7 @@ def train(cfg: Config, address: str | None = None) -> TrainOutcome:
     except RunLocked as exc:
         raise PreflightError(str(exc)) from None
     try:
-        return _train_locked(cfg, address, tracking_uri, done, run_dir)
+        return _train_locked(cfg, address, tracking_uri, done, run_dir, recipe)
     finally:
         lock.release()
 
@@ -565,8 +570,46 @@ def repair_tracking(cfg: Config, tracking_uri: str, checkpoint: str) -> str | No
     return run_id
 
 
+def _open_tracked_run(cfg: Config, tracking_uri: str, run_dir: str, recipe: str | None) -> str:
+    """Open (or resume) the run's MLflow run with its provenance tags and description, and log
+    its datasets (once per run). Returns the run id."""
+    from we_dist.tracking import open_run
+    from we_dist.tracking.provenance import log_datasets, provenance_tags, run_description
+
+    run_id = open_run(cfg.tracking, run_name=cfg.name, config_dict=cfg.to_dict(),
+                      resume=cfg.checkpoint.resume != "never", tags=provenance_tags(cfg, checkpoint_dir=run_dir),
+                      description=run_description(cfg, recipe), replace_description=bool(cfg.description.strip()))
+    try:
+        log_datasets(tracking_uri, run_id, cfg.data.train_path, cfg.data.val_path)
+    except Exception as exc:   # the record of the inputs must not stop a training the store just accepted
+        print(f"[we_dist] warning: MLflow run {run_id}: the datasets could not be logged ({type(exc).__name__}: "
+              f"{exc}); the next run of this command logs them", file=sys.stderr, flush=True)
+    return run_id
+
+
+def _experiment_of(tracking_uri: str | None, run_id: str | None, wait_s: float = 10.0) -> str | None:
+    """The experiment id of ``run_id`` (for the UI address), or None if the store does not say
+    within ``wait_s`` (then the run id and URI are printed without the address)."""
+    if not tracking_uri or not run_id:
+        return None
+    found: list[str] = []
+
+    def ask() -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            found.append(MlflowClient(tracking_uri).get_run(run_id).info.experiment_id)
+        except Exception:   # the store went away at the end
+            pass
+
+    asker = threading.Thread(target=ask, name="we_dist-experiment-of", daemon=True)
+    asker.start()
+    asker.join(wait_s)
+    return found[0] if found else None
+
+
 def _train_locked(cfg: Config, address: str | None, tracking_uri: str | None, done: list[str],
-                  run_dir: str) -> TrainOutcome:
+                  run_dir: str, recipe: str | None = None) -> TrainOutcome:
     from we_dist.train.phases import total_epochs
 
     plan = plan_resume_or_refuse(cfg, run_dir)
@@ -586,17 +629,15 @@ def _train_locked(cfg: Config, address: str | None, tracking_uri: str | None, do
         run_id = None
         if tracking_uri is not None and plan.path:
             run_id = repair_tracking(cfg, tracking_uri, plan.path)
-        return TrainOutcome(metrics={}, run_dir=run_dir, mlflow_run_id=run_id, tracking_uri=tracking_uri)
+        return TrainOutcome(metrics={}, run_dir=run_dir, mlflow_run_id=run_id, tracking_uri=tracking_uri,
+                            mlflow_experiment_id=_experiment_of(tracking_uri, run_id))
     connect_ray(address)
     check_resources(cfg)
 
     run_id = None
     try:
         if tracking_uri is not None:
-            from we_dist.tracking import open_run
-
-            run_id = open_run(cfg.tracking, run_name=cfg.name, config_dict=cfg.to_dict(),
-                              resume=cfg.checkpoint.resume != "never")
+            run_id = _open_tracked_run(cfg, tracking_uri, run_dir, recipe)
         print(f"[we_dist] run {cfg.name}: {cfg.scaling.num_workers} workers, method {cfg.method.name}, "
               f"{'resuming' if done else 'starting'}; checkpoints in {cfg.checkpoint.storage_path}/{cfg.name}"
               + (f"; MLflow run {run_id} at {tracking_uri}" if run_id else ""), flush=True)
@@ -611,8 +652,8 @@ def _train_locked(cfg: Config, address: str | None, tracking_uri: str | None, do
             recorded = _mark_killed(tracking_uri, run_id) if run_id else True
         raise RunInterrupted(cfg.name, run_dir, f"{run_dir}/{kept[-1]}" if kept else None, run_id,
                              recorded) from None
-    return TrainOutcome(metrics=dict(result.metrics or {}), run_dir=run_dir,
-                        mlflow_run_id=run_id, tracking_uri=tracking_uri)
+    return TrainOutcome(metrics=dict(result.metrics or {}), run_dir=run_dir, mlflow_run_id=run_id,
+                        tracking_uri=tracking_uri, mlflow_experiment_id=_experiment_of(tracking_uri, run_id))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -633,7 +674,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_job_paths(cfg)
     try:
-        outcome = train(cfg, address=args.address)
+        outcome = train(cfg, address=args.address, recipe=args.recipe)
     except PreflightError as exc:
         print(f"we-dist train: {exc}", file=sys.stderr)
         return 2
@@ -644,11 +685,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"we-dist train: {exc}", file=sys.stderr, flush=True)
         return TRACKING_INCOMPLETE_EXIT
     m = outcome.metrics
-    if not m:
-        return 0
-    print(f"[we_dist] done: val top1 {m.get('val/top1', float('nan')):.4f}, top5 {m.get('val/top5', float('nan')):.4f} "
-          f"after {int(m.get('epoch', -1)) + 1} epochs; checkpoints: {outcome.run_dir}")
-    if outcome.mlflow_run_id:
-        print(f"[we_dist] MLflow: run {outcome.mlflow_run_id} in {outcome.tracking_uri} "
-              f"(view: mlflow ui --backend-store-uri {outcome.tracking_uri} --host 127.0.0.1)")
+    if m:
+        last = int(m.get("epoch", -1))
+        print(f"[we_dist] done: val top1 {m.get('val/top1', float('nan')):.4f}, top5 "
+              f"{m.get('val/top5', float('nan')):.4f} after {last + 1} epochs (epochs 0-{last}); "
+              f"checkpoints: {outcome.run_dir}", flush=True)
+    _print_mlflow_address(outcome)
     return 0
+
+
+def _print_mlflow_address(outcome: TrainOutcome) -> None:
+    """The run's last lines: how to open its MLflow run (``mlflow ui`` for a local store, the URL)."""
+    if not (outcome.mlflow_run_id and outcome.tracking_uri):
+        return
+    from we_dist.tracking.provenance import ui_lines
+    from we_dist.tracking.store import redact
+
+    if outcome.mlflow_experiment_id is None:
+        print(f"[we_dist] MLflow: run {outcome.mlflow_run_id} in {redact(outcome.tracking_uri)}", flush=True)
+        return
+    print(f"[we_dist] MLflow: run {outcome.mlflow_run_id}", flush=True)
+    for line in ui_lines(outcome.tracking_uri, outcome.mlflow_experiment_id, outcome.mlflow_run_id):
+        print(f"[we_dist]   {line}", flush=True)
