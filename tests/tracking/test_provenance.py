@@ -195,3 +195,20 @@ def test_ui_lines():
                      "run page: http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"]
     server = pv.ui_lines("http://user:secret@10.0.0.5:5000/", "7", "def")
     assert server == ["run page: http://user:***@10.0.0.5:5000/#/experiments/7/runs/def?workflowType=machine_learning"]
+
+
+def test_the_drivers_open_tracked_run_sets_everything_once(tracking_cfg, client, digits_betons, tmp_path):
+    """What `we-dist train` does before starting Ray, twice (a resume): one run, its tags and
+    description, the two datasets once."""
+    from we_dist.train.driver import open_tracked_run
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("# Two words.\nname: prov\n")
+    cfg = _cfg(digits_betons, tracking_cfg)
+    first = open_tracked_run(cfg, tracking_cfg.uri, str(tmp_path / "runs" / "prov"), str(recipe))
+    assert open_tracked_run(cfg, tracking_cfg.uri, str(tmp_path / "runs" / "prov"), str(recipe)) == first
+    run = client.get_run(first)
+    assert run.data.tags[NOTE_TAG] == "Two words."
+    assert run.data.tags[pv.METHOD_TAG] == "we" and run.data.tags[pv.CHECKPOINT_DIR_TAG].endswith("prov")
+    assert run.data.tags["we_dist.resumes"] == "1"
+    assert len(run.inputs.dataset_inputs) == 2

@@ -570,9 +570,11 @@ def repair_tracking(cfg: Config, tracking_uri: str, checkpoint: str) -> str | No
     return run_id
 
 
-def _open_tracked_run(cfg: Config, tracking_uri: str, run_dir: str, recipe: str | None) -> str:
-    """Open (or resume) the run's MLflow run with its provenance tags and description, and log
-    its datasets (once per run). Returns the run id."""
+def open_tracked_run(cfg: Config, tracking_uri: str, run_dir: str, recipe: str | None = None) -> str:
+    """Open (or resume) the MLflow run of a training of ``cfg`` with its provenance tags
+    (:mod:`we_dist.tracking.provenance`) and description (``description``, else ``recipe``'s
+    header comment), and log its datasets (once per run). Returns the run id. Raises
+    :class:`~we_dist.tracking.TrackingError` when the store refuses the run."""
     from we_dist.tracking import open_run
     from we_dist.tracking.provenance import log_datasets, provenance_tags, run_description
 
@@ -637,7 +639,7 @@ def _train_locked(cfg: Config, address: str | None, tracking_uri: str | None, do
     run_id = None
     try:
         if tracking_uri is not None:
-            run_id = _open_tracked_run(cfg, tracking_uri, run_dir, recipe)
+            run_id = open_tracked_run(cfg, tracking_uri, run_dir, recipe)
         print(f"[we_dist] run {cfg.name}: {cfg.scaling.num_workers} workers, method {cfg.method.name}, "
               f"{'resuming' if done else 'starting'}; checkpoints in {cfg.checkpoint.storage_path}/{cfg.name}"
               + (f"; MLflow run {run_id} at {tracking_uri}" if run_id else ""), flush=True)
