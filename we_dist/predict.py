@@ -291,13 +291,16 @@ def evaluate_folder(net: LoadedNetwork, root: str, classes: Sequence[str] | None
 
 
 @torch.no_grad()
-def predict(net: LoadedNetwork, images: Sequence[str], top_k: int = 5) -> list[list[tuple[int, float]]]:
+def predict(net: LoadedNetwork, images: Sequence[str], top_k: int = 5,
+            batch_size: int = 64) -> list[list[tuple[int, float]]]:
     """For each image file, its ``top_k`` (class index, probability) pairs, most likely first."""
-    x = torch.stack([preprocess(read_image(p), net.cfg.data) for p in images])
-    probs = torch.softmax(net.module(x).float(), dim=1)
-    k = min(top_k, probs.shape[1])
-    values, indices = probs.topk(k, dim=1)
-    return [[(int(i), float(v)) for i, v in zip(ri, rv)] for ri, rv in zip(indices, values)]
+    out: list[list[tuple[int, float]]] = []
+    for start in range(0, len(images), batch_size):
+        x = torch.stack([preprocess(read_image(p), net.cfg.data) for p in images[start:start + batch_size]])
+        probs = torch.softmax(net.module(x).float(), dim=1)
+        values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        out += [[(int(i), float(v)) for i, v in zip(ri, rv)] for ri, rv in zip(indices, values)]
+    return out
 
 
 # --- command line ----------------------------------------------------------------------------

@@ -160,14 +160,23 @@ def save(network: nn.Module, info: dict[str, Any], directory: str | Path) -> Pat
     with torch.no_grad():
         out = net(torch.from_numpy(example)).numpy()
     directory = Path(directory)
-    mlflow.pytorch.save_model(
-        net, str(directory), signature=infer_signature(example, out), input_example=example,
-        metadata=metadata(info), serialization_format="pickle",
-        # Pinned rather than inferred: inference loads the model in a subprocess (slow, and
-        # it would list the whole training environment).
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-                          "cloudpickle"],
-    )
+    # "pickle", not MLflow's default "pt2": a pt2 program traced from a batch-of-one example
+    # accepts batches of one only. MLflow warns about pickles on every save; the warning is
+    # for loaders of untrusted files, and this one is ours, so it is not repeated in every run.
+    quiet = logging.getLogger("mlflow.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        mlflow.pytorch.save_model(
+            net, str(directory), signature=infer_signature(example, out), input_example=example,
+            metadata=metadata(info), serialization_format="pickle",
+            # Pinned rather than inferred: inference loads the model in a subprocess (slow, and
+            # it would list the whole training environment).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                              "cloudpickle"],
+        )
+    finally:
+        quiet.setLevel(level)
     torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, directory / NETWORK_FILE)
     (directory / NETWORK_INFO).write_text(json.dumps(info, indent=1))
     return directory
