@@ -511,13 +511,20 @@ def _log_mlflow_model(cfg: Config, model: nn.Module, history: list[dict[str, flo
         try:
             network, epoch, top1, which = best.network(model), best.epoch, best.top1, "best"
         except Exception as exc:   # noqa: BLE001 - e.g. a method that swapped layer types later on
-            print(f"[we_dist] warning: the best epoch's network (epoch {best.epoch + 1}) could not be rebuilt "
+            print(f"[we_dist] warning: the best epoch's network (epoch {best.epoch}) could not be rebuilt "
                   f"({type(exc).__name__}: {exc}); the MLflow model is the last epoch's", flush=True)
-    deployed = mlflow_model.for_logging(network)
-    info = mlflow_model.network_info(cfg, deployed, epoch=epoch, val_top1=top1, selected=which,
-                                     pruned=mlflow_model.is_pruned(cfg, deployed))
+    try:
+        deployed = mlflow_model.for_logging(network)
+        info = mlflow_model.network_info(cfg, deployed, epoch=epoch, val_top1=top1, selected=which,
+                                         pruned=mlflow_model.is_pruned(cfg, deployed))
+    except Exception as exc:   # noqa: BLE001 - the checkpoints hold the network; training is done
+        if logger.strict:
+            raise
+        print(f"[we_dist] warning: the MLflow model could not be prepared ({type(exc).__name__}: {exc}); "
+              f"the checkpoints hold the network", flush=True)
+        return
     if mlflow_model.log_selected(logger, deployed, info, cfg.tracking.register_as):
-        print(f"[we_dist] MLflow model: the {which} epoch's network (epoch {epoch + 1}, val top1 "
+        print(f"[we_dist] MLflow model: the {which} epoch's network (epoch {epoch}, val top1 "
               f"{float('nan') if top1 is None else top1:.4f}) at runs:/{logger.run_id}/model", flush=True)
 
 
