@@ -80,23 +80,23 @@ DIGEST_CHUNK = 1 << 20
 
 
 def package_versions(names: tuple[str, ...] = VERSIONED) -> dict[str, str]:
-    """Version of each package: the imported module's ``__version__`` where it is imported
-    (torch's names its build, e.g. ``2.14.1+cu130``, which its metadata may not), else the
-    installed metadata (nothing is imported here); "unknown" when it is not installed."""
+    """Version of each installed package, from its metadata (nothing is imported here);
+    "unknown" when it is not installed. Where the module is imported and its ``__version__``
+    extends that version with a build tag (torch's ``2.14.1+cu130``), the longer one is kept;
+    a ``__version__`` that disagrees (FFCV 1.0.2 still says 0.0.3rc1) is ignored."""
     out = {}
     for name in names:
-        module = sys.modules.get(name)
-        if isinstance(getattr(module, "__version__", None), str):
-            out[name] = module.__version__
-            continue
-        dist = _DISTRIBUTIONS.get(name, name)
-        try:
-            out[name] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
+        version = "unknown"
+        for dist in dict.fromkeys((_DISTRIBUTIONS.get(name, name), name)):
             try:
-                out[name] = metadata.version(name)
+                version = metadata.version(dist)
+                break
             except metadata.PackageNotFoundError:
-                out[name] = "unknown"
+                continue
+        imported = getattr(sys.modules.get(name), "__version__", None)
+        if isinstance(imported, str) and version != "unknown" and imported.startswith(version + "+"):
+            version = imported
+        out[name] = version
     return out
 
 
@@ -290,7 +290,7 @@ def system_metrics(tracking_uri: str | None, run_id: str | None, enabled: bool,
             monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval_s, resume_logging=True,
                                            tracking_uri=tracking_uri)
             monitor.start()
-        except Exception as exc:   # e.g. psutil missing, or the store unreachable right now
+        except Exception as exc:   # noqa: BLE001 - e.g. psutil missing, or the store unreachable right now
             log.warning("MLflow system metrics are off for run %s: %s", run_id, exc)
             monitor = None
     try:
