@@ -37,6 +37,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from importlib import metadata
@@ -268,7 +269,7 @@ def log_datasets(tracking_uri: str, run_id: str, train_path: str, val_path: str)
 
 @contextlib.contextmanager
 def system_metrics(tracking_uri: str | None, run_id: str | None, enabled: bool,
-                   sampling_interval_s: float = 10.0) -> Iterator[Any]:
+                   sampling_interval_s: float = 10.0, stop_timeout_s: float = 15.0) -> Iterator[Any]:
     """Sample this machine's CPU, memory, disk, network (and NVIDIA GPUs when ``pynvml`` is
     installed) into run ``run_id`` with MLflow's own :class:`SystemMetricsMonitor` while the
     block runs (metrics ``system/...``, one step per sample), and stop it when the block ends,
@@ -297,7 +298,15 @@ def system_metrics(tracking_uri: str | None, run_id: str | None, enabled: bool,
         yield monitor
     finally:
         if monitor is not None:
-            monitor.finish()
+            # MLflow's finish() joins the sampler and sends its last batch with no time limit; with
+            # the server down that would hold the end of training for MLflow's whole retry budget
+            # (minutes), past tracking.final_flush_s. Wait a bounded time; the samples are expendable.
+            stopper = threading.Thread(target=monitor.finish, name="we-dist-system-metrics-stop", daemon=True)
+            stopper.start()
+            stopper.join(stop_timeout_s)
+            if stopper.is_alive():
+                log.warning("MLflow system metrics for run %s did not stop within %.0f s (tracking server "
+                            "unreachable?); their last samples are dropped", run_id, stop_timeout_s)
 
 
 # --- the run in the UI ---------------------------------------------------------------------

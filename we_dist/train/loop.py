@@ -561,12 +561,18 @@ def _quiet_ray_reports() -> None:
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Entry point for Ray Train's ``train_loop_per_worker``."""
+    from we_dist.tracking.provenance import system_metrics
     from we_dist.train.session import RaySession
 
     _quiet_ray_reports()
 
     cfg = config_from_dict(loop_config["config"])
-    run_training(cfg, RaySession(), tracking_uri=loop_config.get("tracking_uri"),
-                 mlflow_run_id=loop_config.get("mlflow_run_id"),
-                 live_progress=bool(loop_config.get("live_progress", False)),
-                 resume_from=loop_config.get("resume_from"), run_dir=loop_config.get("run_dir"))
+    session = RaySession()
+    uri, run_id = loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")
+    # Rank 0 samples its machine (CPU, memory, GPUs) into the run while it trains: on a cluster
+    # that is a training node, while the driver may sit on the head node or a laptop.
+    sample = session.rank == 0 and cfg.tracking.enabled and cfg.tracking.system_metrics and bool(run_id)
+    with system_metrics(uri, run_id, enabled=sample):
+        run_training(cfg, session, tracking_uri=uri, mlflow_run_id=run_id,
+                     live_progress=bool(loop_config.get("live_progress", False)),
+                     resume_from=loop_config.get("resume_from"), run_dir=loop_config.get("run_dir"))

@@ -416,7 +416,7 @@ def render_markdown(title: str, summaries: Sequence[VariantSummary], records: Se
     for r in sorted(records, key=lambda r: (list(x.label for x in summaries).index(r.variant)
                                             if r.variant in [x.label for x in summaries] else 99, r.seed)):
         per_seed_rows.append([f"`{r.variant}`", str(r.seed), f"{len(r.curve)}/{r.epochs}", _pct(r.final),
-                              f"{_pct(r.best)} (epoch {r.best_epoch + 1})" if r.curve else "-",
+                              f"{_pct(r.best)} (epoch {r.best_epoch})" if r.curve else "-",
                               f"{r.time_s:.1f}" if not math.isnan(r.time_s) else "-",
                               f"{r.method_s:.2f}" if not math.isnan(r.method_s) else "-", r.run_id or "-"])
     parts = [f"# {title}", "",
@@ -448,7 +448,7 @@ def runs_csv(records: Sequence[RunRecord]) -> str:
     w.writerow(["variant", "seed", "epochs_done", "final_top1", "best_top1", "best_epoch", "train_time_s",
                 "method_time_s", "params", "macs", "mlflow_run_id", "val_top1_by_epoch"])
     for r in records:
-        w.writerow([r.variant, r.seed, len(r.curve), r.final, r.best, r.best_epoch + 1, r.time_s, r.method_s,
+        w.writerow([r.variant, r.seed, len(r.curve), r.final, r.best, r.best_epoch, r.time_s, r.method_s,
                     "" if r.params is None else r.params, "" if r.macs is None else r.macs, r.run_id,
                     " ".join(f"{v:.6g}" for v in r.curve)])
     return out.getvalue()

@@ -140,9 +140,12 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
 
     run_id = None
     if tracking_uri is not None:
-        from we_dist.tracking import RunLogger, open_run
+        from we_dist.tracking import RunLogger
+        from we_dist.train.checkpoint import run_dir
+        from we_dist.train.driver import open_tracked_run
 
-        run_id = open_run(cfg.tracking, run_name=cfg.name, config_dict=cfg.to_dict(), resume=True)
+        # The same provenance tags, description and dataset inputs as a `we-dist train` run.
+        run_id = open_tracked_run(cfg, tracking_uri, run_dir(cfg.checkpoint.storage_path, cfg.name))
         tags = {TRIAL_ID_TAG: trial_id, SWEEP_TAG: context["sweep_name"]}
         if VARIANT_KEY in config:
             tags.update({VARIANT_TAG: str(config[VARIANT_KEY]), SEED_TAG: str(config.get("seed"))})
