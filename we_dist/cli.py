@@ -77,6 +77,12 @@ EXAMPLES = {
   we-dist methods we l1""",
     "sensitivity": """\
   we-dist sensitivity recipes/demo.yaml model.init_from=$HOME/we_dist_runs/base --ratios 0.1,0.3,0.5""",
+    "evaluate": """\
+  we-dist evaluate RUN_ID --data data/digits/val.beton --tracking-uri http://127.0.0.1:5000
+  we-dist evaluate $HOME/we_dist_runs/demo --data photos/val""",
+    "predict": """\
+  we-dist predict $HOME/we_dist_runs/demo three.png seven.png --top-k 3
+  we-dist predict RUN_ID photo.jpg --classes classes.txt --tracking-uri http://127.0.0.1:5000""",
 }
 
 

@@ -308,22 +308,15 @@ def predict(net: LoadedNetwork, images: Sequence[str], top_k: int = 5,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `we-dist evaluate` / `we-dist predict` (the parser's prog says which)."""
-    command = parser.prog.split()[-1]
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    command = parser.prog.split()[-1]   # examples: the epilog `we-dist COMMAND --help` gets (cli.EXAMPLES)
     parser.add_argument("source", help="MLflow run id, checkpoint directory (…/epoch_0011) or run directory")
     if command == "evaluate":
         parser.add_argument("--data", required=True,
                             help="a .beton file, or an ImageFolder tree (root/<class>/<image>)")
         parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
-        parser.epilog = ("examples:\n"
-                         "  we-dist evaluate 3f2a...c9 --data data/digits/val.beton --tracking-uri http://127.0.0.1:5000\n"
-                         "  we-dist evaluate ~/we_dist_runs/demo --data photos/val")
     else:
         parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
         parser.add_argument("--top-k", type=int, default=5, help="classes to print per image (default 5)")
-        parser.epilog = ("examples:\n"
-                         "  we-dist predict ~/we_dist_runs/demo three.png seven.png --top-k 3\n"
-                         "  we-dist predict 3f2a...c9 photo.jpg --tracking-uri http://127.0.0.1:5000 --classes names.txt")
     parser.add_argument("--classes", default=None,
                         help="class names: a file with one per line (label order) or an ImageFolder root; "
                              f"default: {CLASSES_FILE} beside the run's training .beton, if any")
