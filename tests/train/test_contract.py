@@ -195,3 +195,30 @@ def test_slimming_prunes_identically_and_a_crash_after_it_resumes_into_the_prune
     assert losses[1] < losses[0], losses
     assert sum(v.numel() for v in final["model"].values()) == sum(v.numel() for v in pruned["model"].values())
     assert (Path(root) / "epoch_0004" / "exported.pt2").is_file()
+    # The run's model (tracking.model_epoch=best) is chosen among the pruned networks only.
+    kept = final["best"]
+    assert kept["epoch"] >= 1 and kept["architecture"] == pruned["architecture"]
+
+
+def _train_only(rank, world, cfg, root):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    return run_training(cfg, TorchrunSession(root))
+
+
+def test_the_runs_model_is_the_best_pruned_network_even_when_the_wider_one_scored_higher(gloo, tmp_path,
+                                                                                       digits_betons):
+    """tracking.model_epoch=best chooses among the networks of the shape the run ends with: a
+    pruning that costs accuracy (and a fine-tuning too short to win it back) must still leave the
+    pruned network as the run's model, not the wider network of an earlier epoch."""
+    cfg = digits_config(tmp_path, digits_betons, "slimbest", "method.name=slim", "schedule.epochs=3",
+                        "schedule.name=constant", "optim.lr=0.05", "method.slim.percent=0.8",
+                        "method.slim.s=0.0001", "method.slim.finetune_epochs=1", "method.slim.finetune_lr=0.000001")
+    root = str(tmp_path / "runs" / "slimbest")
+    gloo(_train_only, 2, cfg, root)
+    history = load_state(Path(root) / "epoch_0003")["history"]
+    top1 = [h["val/top1"] for h in history]
+    change = next(i for i, h in enumerate(history) if "val/top1_before_change" in h)
+    assert max(top1[:change]) > max(top1[change:]), top1      # the wider network scored higher ...
+    kept = load_state(Path(root) / "epoch_0003")["best"]
+    assert kept["epoch"] >= change                              # ... and the pruned one is the model
+    assert kept["architecture"] == load_state(Path(root) / "epoch_0003")["architecture"]

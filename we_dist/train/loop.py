@@ -171,6 +171,10 @@ class BestEpoch:
         self.model: dict[str, torch.Tensor] | None = None
         self.architecture: dict[str, Any] | None = None
 
+    def reset(self) -> None:
+        """Forget the best so far (the network changed shape: older epochs are not candidates)."""
+        self.epoch, self.top1, self.model, self.architecture = -1, -math.inf, None, None
+
     def improves(self, top1: float) -> bool:
         """Whether an epoch scoring ``top1`` would replace the best so far."""
         return self.enabled and top1 >= self.top1
@@ -407,9 +411,12 @@ def run_training(cfg: Config, session: Any, *, tracking_uri: str | None = None,
             changed = changed or ctx.changed
         method_seconds += time.perf_counter() - t0
         if changed:
-            # The network changed shape: what it scores now is what the checkpoint holds.
+            # The network changed shape: what it scores now is what the checkpoint holds. The
+            # best network is chosen among the networks of the shape the run ends with, so a
+            # pruning run's model is pruned: the wider networks before the change no longer count.
             metrics = {**evaluate(state.model, val_loader, device, autocast),
                        **{f"{k}_before_change": v for k, v in metrics.items()}}
+            best.reset()
             scored = BestEpoch.snapshot(state.model) if best.improves(metrics["val/top1"]) else None
         if scored is not None:
             best.set(epoch, metrics["val/top1"], scored)
