@@ -283,6 +283,8 @@ def system_metrics(tracking_uri: str | None, run_id: str | None, enabled: bool,
     """
     monitor = None
     if enabled and run_id:
+        # MLflow announces the monitor's start and stop at INFO on every run: console noise.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         try:
             from mlflow.system_metrics.system_metrics_monitor import (
                 SystemMetricsMonitor,
