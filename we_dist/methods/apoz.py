@@ -34,9 +34,9 @@ recipe's ``schedule.epochs`` split evenly over the rounds, at least 1 each];
 **Paper.** Hu, Peng, Tai, Tang, "Network Trimming: A Data-Driven Neuron Pruning Approach
 towards Efficient Deep Architectures", arXiv:1607.03250, 2016. LeNet on MNIST and VGG-16 on
 ImageNet: a high compression of parameters without losing (or even with higher) accuracy
-after retraining (the abstract); the paper's tables report about 3.85x fewer parameters for
-LeNet and 2.59x for VGG-16 (CONV5_3 and FC6 trimmed). The numbers are for fully connected
-and last conv layers, not MACs.
+after retraining (its abstract). Its trimming targets the fully connected and last conv layers
+(LeNet; VGG-16's CONV5_3 and FC layers), so its compression is of parameters, not MACs; see its
+tables for the per-setting figures.
 
 **Metrics.** At each round: ``apoz/mean/<layer>`` (the mean APoZ of each candidate layer),
 ``apoz/round``, ``apoz/layers_trimmed``, ``apoz/pruned_apoz_mean`` (mean APoZ of the channels
