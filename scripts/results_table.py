@@ -77,7 +77,7 @@ def main() -> None:
         name = run.info.run_name or ""
         if args.match not in name or run.info.status != "FINISHED":
             continue
-        rows.setdefault(re.sub(r"-s\d+$", "", name), []).append(run)
+        rows.setdefault(SEED.sub("", name), []).append(run)
     base: dict[int, float] = {}
     if args.baseline_experiment:
         base_exp = client.get_experiment_by_name(args.baseline_experiment)
