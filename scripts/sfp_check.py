@@ -6,7 +6,8 @@ distributed service. Prints (mean train loss, val top-1) per epoch.
 
     .venv/bin/python scripts/sfp_check.py
 """
-import torch, torch.nn.functional as F, numpy as np
+import torch
+import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from we_dist.models import create_model
 from we_dist.methods.soft_pruning import soft_prune
