@@ -107,3 +107,26 @@ def test_resume_must_without_checkpoint_is_refused(tmp_path, digits_betons):
                   "tracking.enabled=false", "checkpoint.resume=must", f"checkpoint.storage_path={tmp_path}",
                   cwd=tmp_path)
     assert out.returncode == 2 and "checkpoint.resume=must" in out.stderr
+
+
+def test_mlflow_telemetry_is_off_for_the_cli_and_every_worker():
+    """MLflow 3's telemetry thread sets and unsets an environment variable while numba (FFCV's
+    loader threads) iterates os.environ: a KeyError there killed a loader and hung a trial. The
+    CLI turns telemetry off before MLflow loads, and the workers' environment says so too."""
+    from we_dist.train.driver import worker_env
+
+    assert worker_env()["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    code = ("import os; os.environ.pop('MLFLOW_DISABLE_TELEMETRY', None); from we_dist.cli import main; "
+            "main(['methods', 'none']); from mlflow.telemetry.utils import is_telemetry_disabled; "
+            "print('disabled', is_telemetry_disabled())")
+    # MLflow keeps telemetry off by itself under pytest and CI: take those markers away, as on a
+    # user's machine, so the test sees what the CLI does.
+    markers = {"MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "GITLAB_CI",
+               "JENKINS_URL", "BUILDKITE", "TF_BUILD", "CIRCLECI", "TRAVIS"}
+    env = {k: v for k, v in __import__("os").environ.items() if k not in markers}
+    probe = ("from mlflow.telemetry.utils import is_telemetry_disabled; print('disabled', is_telemetry_disabled())")
+    without_cli = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+    assert "disabled False" in without_cli.stdout, without_cli.stderr[-2000:]   # on by default, as for users
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "disabled True" in out.stdout

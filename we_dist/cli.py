@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> (module, help). Modules are imported only when their command runs,
@@ -117,6 +118,10 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `we-dist` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Before MLflow is imported: its usage telemetry edits os.environ from a background thread,
+    # which races with numba (FFCV's loaders) reading it; a local Ray's workers inherit this too.
+    # See worker_env in we_dist/train/driver.py.
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())   # no heavy import: help must be instant
         return 0 if argv else 2

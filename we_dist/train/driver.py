@@ -188,7 +188,12 @@ def worker_env() -> dict[str, str]:
     worker into a log record *and* (when Ray wraps stdout) the printed line, so every rank-0
     line reached the console twice; its print patch is switched off, and ``--verbose``
     (``WE_DIST_VERBOSE=1``) keeps Ray Train's per-rank report lines, hidden otherwise."""
-    return {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "0")}
+    return {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "0"),
+            # MLflow 3's usage telemetry sets and unsets an environment variable from a background
+            # thread. Numba (FFCV's loader threads compile their pipelines with it) iterates
+            # os.environ while compiling; the two raced once in a trial: KeyError in the loader
+            # thread, no more batches, a training that hung. Workers never send telemetry.
+            "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 def connect_ray(address: str | None, num_cpus: float | None = None) -> None:
