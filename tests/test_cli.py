@@ -122,7 +122,9 @@ def test_mlflow_telemetry_is_off_for_the_cli_and_every_worker():
     # MLflow keeps telemetry off by itself under pytest and CI: take those markers away, as on a
     # user's machine, so the test sees what the CLI does.
     markers = {"MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "GITLAB_CI",
-               "JENKINS_URL", "BUILDKITE", "TF_BUILD", "CIRCLECI", "TRAVIS"}
+               "JENKINS_URL", "BUILDKITE", "TF_BUILD", "CIRCLECI", "TRAVIS", "BITBUCKET_BUILD_NUMBER",
+               "CODEBUILD_BUILD_ARN", "TEAMCITY_VERSION", "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL",
+               "RUNBOT_BUILD_NAME", "RUNBOT_WORKER_ID"}
     env = {k: v for k, v in __import__("os").environ.items() if k not in markers}
     probe = ("from mlflow.telemetry.utils import is_telemetry_disabled; print('disabled', is_telemetry_disabled())")
     without_cli = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
