@@ -102,3 +102,28 @@ def local_ray():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+def _shrink_first_conv(model):
+    """Remove every other filter of a small_cnn's first conv by hand, with its BatchNorm entries
+    and the next conv's matching input channels (what a pruner does), in place; returns it."""
+    import torch
+
+    conv, bn, nxt = model.features[0][0], model.features[0][1], model.features[1][0]
+    keep = torch.arange(0, conv.out_channels, 2)
+    with torch.no_grad():
+        conv.weight = torch.nn.Parameter(conv.weight[keep].clone())
+        conv.out_channels = len(keep)
+        for name in ("weight", "bias"):
+            setattr(bn, name, torch.nn.Parameter(getattr(bn, name)[keep].clone()))
+        bn.running_mean, bn.running_var = bn.running_mean[keep].clone(), bn.running_var[keep].clone()
+        bn.num_features = len(keep)
+        nxt.weight = torch.nn.Parameter(nxt.weight[:, keep].clone())
+        nxt.in_channels = len(keep)
+    return model
+
+
+@pytest.fixture
+def shrink_first_conv():
+    """A hand-made pruning of a small_cnn (see :func:`_shrink_first_conv`), for shape tests."""
+    return _shrink_first_conv

@@ -158,6 +158,15 @@ def test_cluster_status_and_refusal_to_start_twice(local_cluster, capsys):
     assert "already running" in capsys.readouterr().err
 
 
+def _finished_job_logs(conn, job_id: str, timeout_s: float = 150) -> str:
+    """Wait until the job ends (SUCCEEDED, FAILED or STOPPED) and return its logs."""
+    deadline = time.monotonic() + timeout_s
+    while str(conn.client.get_job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, "the job did not finish"
+        time.sleep(1)
+    return conn.client.get_job_logs(job_id)
+
+
 SPREAD = """\
 import os, ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -186,11 +195,7 @@ def test_a_job_uses_both_nodes_with_its_working_dir_intact(local_cluster, tmp_pa
     conn = connect(local_cluster.dashboard_url, local_cluster.token_path)
     job_id = conn.client.submit_job(entrypoint="python spread.py", runtime_env={"working_dir": str(tmp_path)},
                                     submission_id=f"spread-{os.getpid()}")
-    deadline = time.monotonic() + 150
-    while str(conn.client.get_job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-        assert time.monotonic() < deadline, "the job did not finish"
-        time.sleep(1)
-    logs = conn.client.get_job_logs(job_id)
+    logs = _finished_job_logs(conn, job_id)
     assert str(conn.client.get_job_status(job_id)) == "SUCCEEDED", logs[-2000:]
     assert "tasks 2 nodes, marker everywhere: True" in logs
     assert "driver still in its working dir: True" in logs
@@ -204,11 +209,7 @@ def test_plain_ray_job_submit_with_a_relative_storage_path_is_refused_by_name(lo
     job_id = conn.client.submit_job(
         entrypoint=f"{sys.executable} -m we_dist.cli train recipes/tiny.yaml checkpoint.storage_path=runs",
         runtime_env={"working_dir": str(project)}, submission_id=f"plain-{os.getpid()}")
-    deadline = time.monotonic() + 150
-    while str(conn.client.get_job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-        assert time.monotonic() < deadline, "the job did not finish"
-        time.sleep(1)
-    logs = conn.client.get_job_logs(job_id)
+    logs = _finished_job_logs(conn, job_id)
     assert str(conn.client.get_job_status(job_id)) == "FAILED", logs[-2000:]
     assert "checkpoint.storage_path=runs is relative" in logs
     assert "we-dist submit" in logs

@@ -9,26 +9,10 @@ from we_dist.models import create_model
 from we_dist.models.architecture import ArchitectureError, describe, differs, rebuild
 
 
-def _shrink(model):
-    """Remove channels by hand: conv out, BN, next conv in (what a pruner does)."""
-    conv, bn = model.features[0][0], model.features[0][1]
-    nxt = model.features[1][0]
-    keep = torch.arange(0, conv.out_channels, 2)
-    with torch.no_grad():
-        conv.weight = torch.nn.Parameter(conv.weight[keep].clone())
-        conv.out_channels = len(keep)
-        for name in ("weight", "bias"):
-            setattr(bn, name, torch.nn.Parameter(getattr(bn, name)[keep].clone()))
-        bn.running_mean, bn.running_var = bn.running_mean[keep].clone(), bn.running_var[keep].clone()
-        bn.num_features = len(keep)
-        nxt.weight = torch.nn.Parameter(nxt.weight[:, keep].clone())
-        nxt.in_channels = len(keep)
-    return model
 
-
-def test_rebuild_then_load_reproduces_a_pruned_network():
+def test_rebuild_then_load_reproduces_a_pruned_network(shrink_first_conv):
     torch.manual_seed(0)
-    pruned = _shrink(create_model("small_cnn", 10)).eval()
+    pruned = shrink_first_conv(create_model("small_cnn", 10)).eval()
     arch = describe(pruned)
     buf = io.BytesIO()
     torch.save({"architecture": arch, "model": pruned.state_dict()}, buf)
@@ -46,8 +30,8 @@ def test_rebuild_then_load_reproduces_a_pruned_network():
     assert not differs(fresh, arch)
 
 
-def test_a_rebuilt_network_is_initialised_and_usable_without_loading_weights():
-    pruned = _shrink(create_model("small_cnn", 10))
+def test_a_rebuilt_network_is_initialised_and_usable_without_loading_weights(shrink_first_conv):
+    pruned = shrink_first_conv(create_model("small_cnn", 10))
     fresh = rebuild(create_model("small_cnn", 10), describe(pruned))
     conv = fresh.features[0][0]
     assert conv.weight.shape == pruned.features[0][0].weight.shape

@@ -30,26 +30,11 @@ ROOT = Path(__file__).resolve().parents[2]
 WE_DIST = str(Path(sys.executable).with_name("we-dist"))
 
 
-def _shrink(model):
-    """Remove every other filter of the first conv (what a pruner does), in place."""
-    conv, bn, nxt = model.features[0][0], model.features[0][1], model.features[1][0]
-    keep = torch.arange(0, conv.out_channels, 2)
-    with torch.no_grad():
-        conv.weight = torch.nn.Parameter(conv.weight[keep].clone())
-        conv.out_channels = len(keep)
-        for name in ("weight", "bias"):
-            setattr(bn, name, torch.nn.Parameter(getattr(bn, name)[keep].clone()))
-        bn.running_mean, bn.running_var = bn.running_mean[keep].clone(), bn.running_var[keep].clone()
-        bn.num_features = len(keep)
-        nxt.weight = torch.nn.Parameter(nxt.weight[:, keep].clone())
-        nxt.in_channels = len(keep)
-    return model
-
 
 # --- fast ---------------------------------------------------------------------------------------
 
 
-def test_the_best_network_survives_a_later_pruning_and_a_checkpoint_round_trip():
+def test_the_best_network_survives_a_later_pruning_and_a_checkpoint_round_trip(shrink_first_conv):
     torch.manual_seed(0)
     model = create_model("small_cnn", 10).eval()
     x = torch.randn(4, 3, 32, 32)
@@ -57,7 +42,7 @@ def test_the_best_network_survives_a_later_pruning_and_a_checkpoint_round_trip()
     best = BestEpoch(enabled=True)
     assert best.improves(0.5)
     best.set(3, 0.5, BestEpoch.snapshot(model))
-    _shrink(model)                      # later epochs prune the network: another shape
+    shrink_first_conv(model)                      # later epochs prune the network: another shape
     with torch.no_grad():
         model.fc.weight.add_(1.0)       # ... and other weights
     # Through a checkpoint: plain data, read with the safe loader.
@@ -84,13 +69,13 @@ def test_ties_go_to_the_later_epoch_and_a_disabled_keeper_keeps_nothing():
     assert off.model is None
 
 
-def test_the_saved_model_loads_with_mlflow_and_states_its_preprocessing(tmp_path):
+def test_the_saved_model_loads_with_mlflow_and_states_its_preprocessing(tmp_path, shrink_first_conv):
     import mlflow.pytorch
     from mlflow.models import Model
 
     torch.manual_seed(0)
     cfg = Config().override(["data.val_res=32", "data.mean=[78.0, 78.0, 78.0]", "data.std=[96.0, 96.0, 96.0]"])
-    net = mlflow_model.for_logging(_shrink(create_model("small_cnn", 10)))
+    net = mlflow_model.for_logging(shrink_first_conv(create_model("small_cnn", 10)))
     info = mlflow_model.network_info(cfg, net, epoch=4, val_top1=0.75, selected="best",
                                      pruned=mlflow_model.is_pruned(cfg, net))
     path = mlflow_model.save(net, info, tmp_path / "model")
