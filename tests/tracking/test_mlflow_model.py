@@ -69,6 +69,24 @@ def test_ties_go_to_the_later_epoch_and_a_disabled_keeper_keeps_nothing():
     assert off.model is None
 
 
+class _DataDependent(torch.nn.Module):
+    """A network torch.fx cannot trace: its control flow depends on the input's values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+def test_a_network_fx_cannot_trace_is_logged_as_the_module_itself():
+    net = _DataDependent()
+    assert mlflow_model._traced(net, torch.ones(1, 4)) is net
+    traceable = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    assert isinstance(mlflow_model._traced(traceable, torch.ones(1, 4)), torch.fx.GraphModule)
+
+
 def test_the_saved_model_loads_with_mlflow_and_states_its_preprocessing(tmp_path, shrink_first_conv):
     import mlflow.pytorch
     from mlflow.models import Model

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)  # not `log`: that name is the function below
 
 MODEL_DIR = "model"
 MLMODEL_FILE = "MLmodel"
@@ -140,7 +140,7 @@ def _traced(net: nn.Module, example: torch.Tensor) -> nn.Module:
             same = torch.allclose(traced(example), net(example), rtol=0, atol=0)
         return traced.eval() if same else net
     except Exception as exc:   # noqa: BLE001 - any tracing failure just keeps the module
-        log.info("torch.fx could not trace the network (%s); the MLflow model pickles the module", exc)
+        _log.info("torch.fx could not trace the network (%s); the MLflow model pickles the module", exc)
         return net
 
 
