@@ -65,6 +65,27 @@ def gloo() -> Callable[..., list[Any]]:
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def _start_autograd_before_any_export() -> None:
+    """Run one backward pass in the pytest process now, before any test runs.
+
+    Autograd starts its engine once per process, at the first backward. If that first
+    backward comes after a ``torch.export.export`` (which registers more device types),
+    the engine also starts device threads and marks every later ``fork`` as unsafe: the
+    forked gloo ranks of ``run_gloo`` then fail at their first backward ("Unable to handle
+    autograd's threading in combination with fork-based multiprocessing"). Whether that
+    happened depended on which tests ran first (``pytest tests/methods`` failed, the whole
+    suite passed); starting the engine here, while only the CPU is known, removes the
+    dependence on order.
+    """
+    import torch
+
+    x = torch.ones(1, requires_grad=True)
+    x.sum().backward()
+
+
+_start_autograd_before_any_export()
+
+
 @pytest.fixture(scope="session")
 def digits_betons(tmp_path_factory):
     """scikit-learn's real digits as train/val .beton files (32 px RGB), once per session."""
