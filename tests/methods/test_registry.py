@@ -155,6 +155,37 @@ def test_settings_without_defaults_are_refused(unregister):
         register_method(bad)
 
 
+def test_every_builtin_methods_settings_are_declared_torch_free_and_are_the_ones_it_uses():
+    declared = registry.declared_settings()
+    builtins = {name: cls for name, cls in registered_methods().items() if cls.__module__.startswith("we_dist.")}
+    assert set(declared) == set(builtins)     # no method without its declaration, no orphan declaration
+    for name, cls in builtins.items():
+        assert cls.Settings is declared[name], name
+        if cls.Settings is not None:
+            assert cls.Settings.__module__.startswith("we_dist.methods.settings."), name
+    # The config's method sections come from the declarations alone.
+    assert registry.config_sections() == {name: s for name, s in sorted(declared.items()) if s is not None}
+
+
+def test_a_builtin_method_must_use_its_declared_settings_and_be_declared(unregister):
+    unregister.extend(["test_declared", "test_undeclared"])
+    registry.declare_method("test_declared", ToySettings)
+    try:
+        other = type("Other", (), {"name": "test_declared", "summary": "x", "Settings": None,
+                                   "__module__": "we_dist.methods.other"})
+        with pytest.raises(RegistryError, match="declares .*ToySettings.* use that class"):
+            register_method(other)
+        with pytest.raises(RegistryError, match="already declares"):
+            registry.declare_method("test_declared", None)
+    finally:
+        registry._DECLARED.pop("test_declared")
+    undeclared = type("Undeclared", (), {"name": "test_undeclared", "summary": "x", "Settings": None,
+                                         "__module__": "we_dist.methods.undeclared"})
+    with pytest.raises(RegistryError, match="has no module in we_dist.methods.settings"):
+        register_method(undeclared)
+    assert "test_declared" not in registered_methods() and "test_undeclared" not in registered_methods()
+
+
 def test_a_method_section_is_validated_by_the_methods_settings():
     toy = type("Toy", (), {"name": "toy", "summary": "toy", "Settings": ToySettings})
     section = make_method_config({"toy": toy.Settings})

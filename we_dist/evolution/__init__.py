@@ -14,10 +14,37 @@ Example::
     >>> plan.stats["we/receivers_conv"], plan.patience
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from we_dist.evolution.config import WEConfig
-from we_dist.evolution.evolution import WeightEvolution
-from we_dist.evolution.plan import EvolutionPlan, LayerPlan
-from we_dist.evolution.schedule import KINDS, ratio_at
-from we_dist.evolution.scores import collect_scores
+
+# The names below are imported on first use (PEP 562), not here: `we_dist.evolution.config`
+# must stay importable without torch, because `we-dist config` validates WE's settings
+# (`method.we`) with `WEConfig` and must not pay for importing torch.
+_LAZY = {
+    "WeightEvolution": "we_dist.evolution.evolution",
+    "EvolutionPlan": "we_dist.evolution.plan",
+    "LayerPlan": "we_dist.evolution.plan",
+    "KINDS": "we_dist.evolution.schedule",
+    "ratio_at": "we_dist.evolution.schedule",
+    "collect_scores": "we_dist.evolution.scores",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = ["WEConfig", "WeightEvolution", "EvolutionPlan", "LayerPlan", "KINDS", "ratio_at", "collect_scores"]

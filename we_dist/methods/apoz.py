@@ -51,33 +51,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
 from we_dist import sync
 from we_dist.methods.base import FitContext, Method, Phase
 from we_dist.methods.calibration import (Pair, all_reduce_sum, cache_batches, collect, keep_counts, prunable_pairs,
                                          remove_channels, val_top1)
-from we_dist.methods.registry import Float, NonNegativeInt, PositiveInt, register_method, settings_dataclass
-
-
-@settings_dataclass
-class APoZSettings:
-    """APoZ's settings (see the method card)."""
-
-    ratio: Annotated[Float, Field(ge=0, lt=1, description="fraction of each pair's channels removed")] = 0.5
-    mac_reduction: Annotated[Float, Field(ge=0, lt=1, description="if > 0: fraction of MACs removed (a uniform "
-                                                                  "ratio found to match; overrides ratio)")] = 0.0
-    max_ratio: Annotated[Float, Field(gt=0, lt=1, description="the most of a pair's channels that may go")] = 0.9
-    rounds: Annotated[PositiveInt, Field(description="prune-then-retrain rounds")] = 2
-    round_epochs: Annotated[NonNegativeInt, Field(description="epochs per round; 0: schedule.epochs split evenly")] = 0
-    calibration_batches: Annotated[PositiveInt, Field(description="calibration batches per worker")] = 8
-    calibration_split: Annotated[Literal["train", "val"], Field(description="data the counts come from")] = "train"
-    finetune_lr: Annotated[Float, Field(gt=0, description="peak LR of each round's retraining")] = 0.01
-    finetune_schedule: Annotated[Literal["constant", "cosine"], Field(description="LR shape within a round")] = \
-        "cosine"
+from we_dist.methods.registry import register_method
+from we_dist.methods.settings.apoz import APoZSettings
 
 
 def apoz_scores(stats: dict[str, torch.Tensor]) -> torch.Tensor:

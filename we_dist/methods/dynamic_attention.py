@@ -73,40 +73,21 @@ Functional form: :func:`attention_scores`, :func:`importance`, :func:`mask_macs`
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from we_dist import sync
 from we_dist.accounting import count_macs
 from we_dist.methods.base import FitContext, Method
 from we_dist.methods.calibration import all_reduce_sum
-from we_dist.methods.registry import Float, NonNegativeInt, PositiveInt, register_method, settings_dataclass
+from we_dist.methods.registry import register_method
+from we_dist.methods.settings.dynamic_attention import DynamicAttentionSettings
 from we_dist.methods.slimming import _BN, _IMPORTANCE, _groups, add_l1_subgradient, apply_decision
 from we_dist.methods.soft_pruning import harden
 
 _EPS = 1e-12
-
-
-@settings_dataclass
-class DynamicAttentionSettings:
-    """Dynamic attention + BN-scale pruning (see the method card)."""
-
-    target_mac_reduction: Annotated[Float, Field(ge=0, lt=1, description=(
-        "fraction of MACs removed once the ramp is complete"))] = 0.4
-    ramp_epochs: Annotated[NonNegativeInt, Field(description=(
-        "epochs over which the target ramps from 0; 0: half the run (at least 1)"))] = 0
-    alpha: Annotated[Float, Field(ge=0, le=1, description="weight of filter attention against |BN gamma|")] = 0.5
-    combine: Annotated[Literal["geometric", "arithmetic"], Field(description=(
-        "weighted geometric or arithmetic mean of the two normalised signals"))] = "geometric"
-    s: Annotated[Float, Field(ge=0, description="L1 strength on BN scales (subgradient s*sign(gamma)); 0: off")] = 1e-5
-    calibration_batches: Annotated[PositiveInt, Field(description="attention batches per worker per epoch")] = 4
-    calibration_split: Annotated[Literal["train", "val"], Field(description="data the attention comes from")] = \
-        "train"
-    max_layer_prune: Annotated[Float, Field(ge=0, lt=1, description=(
-        "at most this fraction of a group's channels is masked; one always stays"))] = 0.9
 
 
 # --- the pieces ------------------------------------------------------------------------------

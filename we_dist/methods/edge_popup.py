@@ -63,34 +63,16 @@ end in this process), ``edge_popup/score_abs_mean``.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from we_dist.methods.base import FitContext, Method
 from we_dist.methods.masked import (MaskedConv2d, MaskedLinear, conv_or_linear_like, first_conv_and_classifier,
                                     masked_layers, non_affine_batchnorm, swap_layers)
-from we_dist.methods.registry import Bool, Float, register_method, settings_dataclass
-
-Density = Annotated[Float, Field(gt=0, le=1, description="fraction of each masked layer's weights KEPT "
-                                                         "(1 - sparsity); exactly round(density*n) per layer")]
-
-
-@settings_dataclass
-class EdgePopupSettings:
-    """edge-popup's settings (see the method card)."""
-
-    density: Density = 0.5
-    init: Annotated[Literal["signed_constant", "kaiming_normal"], Field(
-        description="frozen weights: sign(w)*gain/sqrt(fan) or N(0, gain^2/fan)")] = "signed_constant"
-    scale_fan: Annotated[Bool, Field(description="fan multiplied by density in the init")] = False
-    mask_first_conv: Annotated[Bool, Field(description="mask the first conv (false: plain, trained)")] = True
-    mask_classifier: Annotated[Bool, Field(description="mask the last linear (false: plain, trained)")] = True
-    bn_affine: Annotated[Bool, Field(description="keep BatchNorm's learnable scale and shift")] = False
-    score_lr_scale: Annotated[Float, Field(gt=0, description="LR of the scores = schedule LR x this")] = 1.0
-    score_weight_decay: Annotated[Float, Field(ge=0, description="weight decay on the scores")] = 0.0
+from we_dist.methods.registry import register_method
+from we_dist.methods.settings.edge_popup import EdgePopupSettings
 
 
 def fan_in(weight: torch.Tensor) -> int:

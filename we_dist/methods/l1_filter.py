@@ -47,28 +47,17 @@ Functional form: :func:`l1_decision` and :func:`we_dist.methods.slimming.apply_d
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Sequence
+from typing import Any, Sequence
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from we_dist import sync
 from we_dist.accounting import count_macs
 from we_dist.methods.base import FitContext, Method, Phase
-from we_dist.methods.registry import Float, Int, register_method, settings_dataclass
+from we_dist.methods.registry import register_method
+from we_dist.methods.settings.l1_filter import L1FilterSettings
 from we_dist.methods.slimming import _groups, apply_decision
-
-
-@settings_dataclass
-class L1FilterSettings:
-    """L1-norm filter pruning's settings (see the method card)."""
-
-    ratios: Annotated[tuple[Annotated[Float, Field(ge=0, lt=1)], ...], Field(
-        min_length=1, description="fraction of filters removed per stage (one value: all stages)")] = (0.1,)
-    skip: Annotated[tuple[Annotated[Int, Field(ge=1)], ...], Field(
-        description="paper layer numbers (convs in module order, from 1) never pruned")] = ()
-
 
 # --- the paper's layer numbering ------------------------------------------------------------
 

@@ -59,35 +59,15 @@ Functional form: :func:`lasso_path_select`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
 from we_dist.methods.base import FitContext, Method, Phase
-from we_dist.methods.calibration import (LayerwisePruning, Pair, channel_cross, channel_gram, expand,
-                                         finetune_phases, least_squares)
-from we_dist.methods.registry import Float, NonNegativeInt, PositiveInt, register_method, settings_dataclass
-
-
-@settings_dataclass
-class LassoSettings:
-    """LASSO channel selection's settings (see the method card)."""
-
-    ratio: Annotated[Float, Field(ge=0, lt=1, description="fraction of each pair's channels removed")] = 0.5
-    mac_reduction: Annotated[Float, Field(ge=0, lt=1, description="if > 0: fraction of MACs removed (a uniform "
-                                                                  "ratio found to match; overrides ratio)")] = 0.0
-    max_ratio: Annotated[Float, Field(gt=0, lt=1, description="the most of a pair's channels that may go")] = 0.9
-    calibration_batches: Annotated[PositiveInt, Field(description="calibration batches per worker")] = 8
-    calibration_split: Annotated[Literal["train", "val"], Field(description="data the statistics come from")] = \
-        "train"
-    locations: Annotated[NonNegativeInt, Field(description="sampled output positions per image (0: all)")] = 10
-    lasso_steps: Annotated[PositiveInt, Field(description="proximal-gradient iterations per penalty")] = 300
-    lambda_search: Annotated[PositiveInt, Field(description="bisection steps on the penalty")] = 30
-    finetune_epochs: Annotated[NonNegativeInt, Field(description="0: the recipe's schedule.epochs")] = 0
-    finetune_lr: Annotated[Float, Field(gt=0, description="peak LR of the fine-tuning phase")] = 0.01
-    finetune_schedule: Annotated[Literal["constant", "cosine"], Field(description="LR shape while fine-tuning")] = \
-        "cosine"
+from we_dist.methods.calibration import (LayerwisePruning, Pair, channel_cross, channel_gram, expand, finetune_phases,
+                                         least_squares)
+from we_dist.methods.registry import register_method
+from we_dist.methods.settings.lasso_channel import LassoSettings
 
 
 def _fista(a: torch.Tensor, b: torch.Tensor, lam: float, start: torch.Tensor, steps: int,

@@ -12,25 +12,14 @@ Functional form: :func:`reactivate_filters`.
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import torch
-from pydantic import Field, Strict
 from torch import nn
 
 from we_dist import sync
 from we_dist.evolution.scores import conv_filter_scores, unwrap
 from we_dist.methods.base import FitContext, Method
-from we_dist.methods.registry import PositiveInt, register_method, settings_dataclass
-
-
-@settings_dataclass
-class ReactivateConfig:
-    """Whole-filter reactivation: the weakest conv filters are re-drawn at random."""
-
-    ratio: Annotated[float, Strict(), Field(ge=0, lt=1, description=(
-        "fraction of all conv filters (globally, by WE's score) re-drawn per call"))] = 0.02
-    interval: Annotated[PositiveInt, Field(description="epochs between calls")] = 1
+from we_dist.methods.registry import register_method
+from we_dist.methods.settings.reactivation import ReactivateConfig
 
 
 def _convs(model: nn.Module) -> list[nn.Conv2d]:

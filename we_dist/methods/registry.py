@@ -1,10 +1,13 @@
 """The open registry of training methods, and the ``we-dist methods`` command.
 
-A method registers itself next to its class, with its settings::
+A built-in method has two halves. Its settings, in a torch-free module of
+:mod:`we_dist.methods.settings`::
 
-    @settings_dataclass
+    @method_settings("soft_prune")
     class SoftPruneConfig:
         rate: Annotated[float, Strict(), Field(ge=0, lt=1, description="...")] = 0.3
+
+and the method, which registers itself next to its class::
 
     @register_method
     class SoftFilterPruningMethod(Method):
@@ -12,10 +15,11 @@ A method registers itself next to its class, with its settings::
         summary = "soft filter pruning (He et al. 2018): ..."
         Settings = SoftPruneConfig
 
-The config (:mod:`we_dist.config`) gets one section ``method.<name>`` per registered
-method with a ``Settings`` class, filled with its defaults and validated by it, and
-:func:`create_method` builds the method named by ``method.name`` with
-``cls.from_config(cfg.method.<name>, cfg)``.
+The config (:mod:`we_dist.config`) gets one section ``method.<name>`` per declared
+settings class (and per method registered with ``Settings`` before the config is
+built), filled with its defaults and validated by it; this needs only the settings
+modules, so validating a recipe does not import torch. :func:`create_method` builds the
+method named by ``method.name`` with ``cls.from_config(cfg.method.<name>, cfg)``.
 
 What the registry relies on, and nothing else: a class attribute ``name`` (the
 ``method.name`` value, a Python identifier), ``summary`` (one line), ``Settings``
@@ -27,8 +31,9 @@ has no settings).
 The built-in methods are the modules of the :mod:`we_dist.methods` package (all but
 :data:`NOT_METHOD_MODULES` and ``_private`` ones): the first look-up imports every one,
 so a new method module is registered, and has its config section, without being listed
-anywhere. A method module must not import :mod:`we_dist.config` at module level (the
-config is built from this registry).
+anywhere. A built-in method's ``Settings`` must be the class declared for its name in
+:mod:`we_dist.methods.settings` (registration checks it). Neither half may import
+:mod:`we_dist.config` at module level (the config is built from this registry).
 
 A method registered later, from another package or a test, can be selected with
 ``method.name``; it cannot have a ``Settings`` section unless it registers before
@@ -53,7 +58,7 @@ if TYPE_CHECKING:  # annotations only: the config imports this module, not the o
     from we_dist.config import Config
 
 # Modules of this package that hold no method: never imported by the discovery below.
-NOT_METHOD_MODULES = frozenset({"base", "registry"})
+NOT_METHOD_MODULES = frozenset({"base", "registry", "settings"})
 
 # --- the settings vocabulary shared by the run config and every method's settings -------
 
@@ -83,6 +88,51 @@ T = TypeVar("T")
 def settings_dataclass(cls: type[T]) -> type[T]:
     """Make ``cls`` a frozen pydantic dataclass with the config's rules (unknown keys refused)."""
     return _pydantic_dataclass(cls, frozen=True, config=SECTION_CONFIG)  # type: ignore[return-value]
+
+
+# --- the declared settings of the built-in methods (torch-free) ---------------------------
+
+_DECLARED: dict[str, type | None] = {}   # method name -> its settings class (None: no settings)
+_declared_loaded = False
+
+
+def declare_method(name: str, settings: type | None = None) -> None:
+    """Declare a built-in method's name and settings class, before (and without) its module.
+
+    Called by the modules of :mod:`we_dist.methods.settings`; a second, different
+    declaration of one name is refused.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise RegistryError(f"a method name must be a Python identifier, got {name!r}")
+    existing = _DECLARED.get(name, settings)
+    if existing is not settings and (getattr(existing, "__module__", None), getattr(existing, "__qualname__", None)) \
+            != (getattr(settings, "__module__", None), getattr(settings, "__qualname__", None)):
+        raise RegistryError(f"method {name!r} already declares settings {existing!r}")
+    _DECLARED[name] = settings
+
+
+def method_settings(name: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator: ``cls`` (made a :func:`settings_dataclass`) is method ``name``'s settings."""
+    def decorate(cls: type[T]) -> type[T]:
+        settings = settings_dataclass(cls)
+        declare_method(name, settings)
+        return settings
+    return decorate
+
+
+def declared_settings() -> Mapping[str, type | None]:
+    """``name -> settings class or None`` of every built-in method, importing no method.
+
+    Imports the modules of :mod:`we_dist.methods.settings` (pydantic only, no torch).
+    """
+    global _declared_loaded
+    if not _declared_loaded:
+        package = importlib.import_module("we_dist.methods.settings")
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{package.__name__}.{info.name}")
+        _declared_loaded = True
+    return MappingProxyType(_DECLARED)
 
 
 # --- the registry -------------------------------------------------------------------------
@@ -122,14 +172,21 @@ def register_method(cls: type[T]) -> type[T]:
             settings()
         except Exception as exc:  # noqa: BLE001 - reported with the class named
             raise RegistryError(f"{cls.__qualname__}.Settings() must build from its defaults: {exc}") from exc
-    if settings is not None and _sections is not None and _sections.get(name) is not settings:
-        raise RegistryError(f"method {name!r} has Settings but registers after we_dist.config built the "
-                            f"method.* sections ({', '.join(_sections) or 'none'}); put its module in the "
-                            "we_dist.methods package or import it before we_dist.config")
     existing = _REGISTRY.get(name)
     if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
         raise RegistryError(f"method name {name!r} is already registered by {existing.__module__}."
                             f"{existing.__qualname__}")
+    declared = declared_settings()
+    if name in declared and declared[name] is not settings:
+        raise RegistryError(f"{cls.__qualname__}.Settings is {settings!r}, but method {name!r} declares "
+                            f"{declared[name]!r} in we_dist.methods.settings; use that class")
+    if name not in declared and cls.__module__.startswith("we_dist.methods."):
+        raise RegistryError(f"built-in method {name!r} ({cls.__module__}) has no module in we_dist.methods.settings "
+                            f"declaring its settings (or declare_method({name!r}) if it has none)")
+    if settings is not None and _sections is not None and _sections.get(name) is not settings:
+        raise RegistryError(f"method {name!r} has Settings but registers after we_dist.config built the "
+                            f"method.* sections ({', '.join(_sections) or 'none'}); declare its settings in a "
+                            "module of we_dist.methods.settings or register it before we_dist.config is imported")
     _REGISTRY[name] = cls
     return cls
 
@@ -163,20 +220,26 @@ def registered_methods() -> Mapping[str, type]:
 
 
 def config_sections() -> dict[str, type]:
-    """``name -> Settings`` of every registered method with settings, sorted by name.
+    """``name -> Settings`` of every method with settings, sorted by name: the declared
+    built-ins and any method registered so far, without importing the methods (no torch).
 
     Called by :mod:`we_dist.config` to build its ``method`` section; from then on a new
     method with settings cannot register (its section could not be added).
     """
     global _sections
-    _sections = {name: cls.Settings for name, cls in sorted(registered_methods().items())
-                 if getattr(cls, "Settings", None) is not None}
+    sections = {name: settings for name, settings in declared_settings().items() if settings is not None}
+    sections.update({name: cls.Settings for name, cls in _REGISTRY.items()
+                     if getattr(cls, "Settings", None) is not None})
+    _sections = dict(sorted(sections.items()))
     return dict(_sections)
 
 
 def check_method_name(value: str) -> str:
-    """``value`` if a method is registered under it; otherwise ``ValueError`` with the choices."""
-    methods = registered_methods()
+    """``value`` if a method is declared or registered under it; otherwise ``ValueError`` with
+    the choices. A known name is checked without importing the methods."""
+    if value in declared_settings() or value in _REGISTRY:
+        return value
+    methods = registered_methods()  # perhaps a method module outside the declared ones
     if value not in methods:
         raise ValueError(f"must be one of {sorted(methods)}, got {value!r}{did_you_mean(value, methods)}")
     return value

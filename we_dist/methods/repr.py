@@ -74,33 +74,18 @@ Functional form: :func:`overlap_scores`, :func:`choose_dropped`, :func:`zero_fil
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, Strict
 from torch import nn
 
 from we_dist import sync
 from we_dist.evolution.scores import unwrap
 from we_dist.methods.base import FitContext, Method
-from we_dist.methods.registry import NonNegativeInt, PositiveInt, register_method, settings_dataclass
+from we_dist.methods.registry import register_method
+from we_dist.methods.settings.repr import RePrConfig
 
 TRAIN, DROP = 0, 1
-
-
-@settings_dataclass
-class RePrConfig:
-    """RePr: train ``s1``, drop the most overlapping filters for ``s2``, re-initialise them
-    orthogonally to the kept ones; repeat ``cycles`` times (0: until training ends)."""
-
-    s1: Annotated[PositiveInt, Field(description="length of each full-training period, in `unit`s")] = 20
-    s2: Annotated[PositiveInt, Field(description="length of each drop period, in `unit`s")] = 10
-    ratio: Annotated[float, Strict(), Field(gt=0, lt=1, description=(
-        "fraction of all (ungrouped) conv filters dropped per cycle, ranked over the network"))] = 0.3
-    cycles: Annotated[NonNegativeInt, Field(description="drop/re-initialise cycles; 0: as many as fit")] = 3
-    unit: Annotated[Literal["epoch", "step"], Field(description="unit of s1 and s2: epoch or step")] = "epoch"
-    scope: Annotated[Literal["network", "layer"], Field(description=(
-        "rank filters over the whole network, or drop `ratio` of each layer's own filters"))] = "network"
 
 
 def convs(model: nn.Module) -> list[nn.Conv2d]:

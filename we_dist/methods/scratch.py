@@ -36,21 +36,13 @@ pruned weights; the value of such pruning lies in the architecture, not the kept
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
 from we_dist.methods.base import FitContext, Method, Phase
-from we_dist.methods.registry import register_method, settings_dataclass
-
-
-@settings_dataclass
-class ScratchSettings:
-    """Scratch-E / Scratch-B (see the method card)."""
-
-    budget: Annotated[Literal["E", "B"], Field(description=(
-        "E: the recipe's epochs; B: epochs x MACs_full / MACs_pruned (same compute)"))] = "E"
+from we_dist.methods.registry import register_method
+from we_dist.methods.settings.scratch import ScratchSettings
 
 
 def architecture_macs(cfg: Any, tracking_uri: str | None = None) -> tuple[int, int]:

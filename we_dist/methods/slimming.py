@@ -46,33 +46,18 @@ Functional form: :func:`slimming_decision` and :func:`apply_decision`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
 import torch_pruning as tp
-from pydantic import Field
 from torch import nn
 
 from we_dist import sync
 from we_dist.methods.base import FitContext, Method, Phase, ScoreHistogram
-from we_dist.methods.registry import Float, NonNegativeInt, register_method, settings_dataclass
+from we_dist.methods.registry import register_method
+from we_dist.methods.settings.slimming import SlimmingSettings
 
 _BN = nn.modules.batchnorm._BatchNorm
-
-
-@settings_dataclass
-class SlimmingSettings:
-    """Network Slimming's settings (see the method card)."""
-
-    s: Annotated[Float, Field(ge=0, description="L1 strength on BatchNorm scales (subgradient s*sign(gamma))")] = 1e-4
-    percent: Annotated[Float, Field(ge=0, lt=1, description="fraction of channels removed, one global threshold")] = 0.5
-    max_layer_prune: Annotated[Float, Field(ge=0, lt=1, description="at most this fraction of a channel group "
-                                                                    "is removed; one channel always stays")] = 0.9
-    sparsity_epochs: Annotated[NonNegativeInt, Field(description="0: the recipe's schedule.epochs")] = 0
-    finetune_epochs: Annotated[NonNegativeInt, Field(description="epochs after pruning; 0: end at the pruning")] = 10
-    finetune_lr: Annotated[Float, Field(gt=0, description="peak LR of the fine-tuning phase")] = 0.01
-    finetune_schedule: Annotated[Literal["constant", "cosine"], Field(description="LR shape while fine-tuning")] = \
-        "constant"
 
 
 def _bns(model: nn.Module) -> list[_BN]:

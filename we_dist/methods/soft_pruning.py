@@ -37,28 +37,17 @@ Functional form: :func:`soft_prune`, :func:`removal_decision`, :func:`harden`, :
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Sequence
+from typing import Any, Sequence
 
 import torch
-from pydantic import Field, Strict
 from torch import nn
 
 from we_dist import sync
 from we_dist.evolution.scores import unwrap
 from we_dist.methods.base import FitContext, Method
-from we_dist.methods.registry import Bool, PositiveInt, register_method, settings_dataclass
+from we_dist.methods.registry import register_method
+from we_dist.methods.settings.soft_pruning import SoftPruneConfig
 from we_dist.methods.slimming import _BN, _groups, apply_decision
-
-
-@settings_dataclass
-class SoftPruneConfig:
-    """Soft filter pruning: each call zeroes the smallest-L2 filters of every conv layer."""
-
-    rate: Annotated[float, Strict(), Field(ge=0, lt=1, description=(
-        "fraction of each layer's filters zeroed per call"))] = 0.3
-    interval: Annotated[PositiveInt, Field(description="epochs between calls")] = 1
-    remove_at_end: Annotated[Bool, Field(description=(
-        "at the end of training remove the zeroed filters physically (a smaller network)"))] = True
 
 
 def _convs(model: nn.Module) -> list[nn.Conv2d]:

@@ -75,34 +75,16 @@ the relaxation is binary), ``sparse_binary/rho``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from we_dist.methods.base import FitContext
-from we_dist.methods.edge_popup import Density, EdgePopupMethod, mask_network, score_groups
+from we_dist.methods.edge_popup import EdgePopupMethod, mask_network, score_groups
 from we_dist.methods.masked import masked_layers
-from we_dist.methods.registry import Bool, Float, register_method, settings_dataclass
-
-
-@settings_dataclass
-class SparseBinarySettings:
-    """Sparse binary programming's settings (see the method card)."""
-
-    density: Density = 0.5
-    init: Annotated[Literal["signed_constant", "kaiming_normal"], Field(
-        description="frozen weights: sign(w)*gain/sqrt(fan) or N(0, gain^2/fan)")] = "signed_constant"
-    scale_fan: Annotated[Bool, Field(description="fan multiplied by density in the init")] = False
-    mask_first_conv: Annotated[Bool, Field(description="mask the first conv (false: plain, trained)")] = True
-    mask_classifier: Annotated[Bool, Field(description="mask the last linear (false: plain, trained)")] = True
-    bn_affine: Annotated[Bool, Field(description="keep BatchNorm's learnable scale and shift")] = False
-    mask_lr_scale: Annotated[Float, Field(gt=0, description="LR of the relaxed mask = schedule LR x this")] = 1.0
-    mask_weight_decay: Annotated[Float, Field(ge=0, description="weight decay on the relaxed mask")] = 0.0
-    rho: Annotated[Float, Field(gt=0, description="penalty weight (gradient rho*(m - z)) in the first epoch")] = 1e-5
-    rho_final: Annotated[Float, Field(gt=0, description="penalty weight in the last epoch (geometric in "
-                                                        "between)")] = 1e-2
+from we_dist.methods.registry import register_method
+from we_dist.methods.settings.sparse_binary import SparseBinarySettings
 
 
 def rho_at(settings: SparseBinarySettings, epoch: int, epochs: int) -> float:

@@ -49,31 +49,19 @@ ImageNet ResNet-18 61.8% top-1 (65.4%). About 16x smaller weights than float32.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from we_dist.export import pack_2bit
 from we_dist.methods.base import FitContext, Method
 from we_dist.methods.masked import (TernaryConv2d, TernaryLinear, conv_or_linear_like, first_conv_and_classifier,
                                     swap_layers, ternary_layers)
-from we_dist.methods.registry import Bool, Float, register_method, settings_dataclass
+from we_dist.methods.registry import register_method
+from we_dist.methods.settings.ternary import TernarySettings
 
 DEFAULT_DELTA = {"layer": 0.7, "filter": 0.75}
-
-
-@settings_dataclass
-class TernarySettings:
-    """TWN's settings (see the method card)."""
-
-    granularity: Annotated[Literal["layer", "filter"], Field(
-        description="threshold and alpha per layer or per output filter")] = "layer"
-    delta_factor: Annotated[Float, Field(ge=0, lt=10, description=(
-        "delta = factor x mean|W|; 0: 0.7 per layer, 0.75 per filter"))] = 0.0
-    quantize_first_conv: Annotated[Bool, Field(description="ternarise the first conv too")] = False
-    quantize_classifier: Annotated[Bool, Field(description="ternarise the classifier (last linear) too")] = False
 
 
 def ternarize_network(model: nn.Module, settings: TernarySettings) -> list[str]:

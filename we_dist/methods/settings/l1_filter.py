@@ -1,0 +1,23 @@
+"""``method.l1``: the settings of :mod:`we_dist.methods.l1_filter`.
+
+Kept apart from the method, free of torch, so that ``we-dist config`` validates a recipe
+without importing torch (see :mod:`we_dist.methods.settings`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from we_dist.methods.registry import Float, Int, method_settings
+
+
+@method_settings("l1")
+class L1FilterSettings:
+    """L1-norm filter pruning's settings (see the method card)."""
+
+    ratios: Annotated[tuple[Annotated[Float, Field(ge=0, lt=1)], ...], Field(
+        min_length=1, description="fraction of filters removed per stage (one value: all stages)")] = (0.1,)
+    skip: Annotated[tuple[Annotated[Int, Field(ge=1)], ...], Field(
+        description="paper layer numbers (convs in module order, from 1) never pruned")] = ()

@@ -1,0 +1,21 @@
+"""``method.scratch``: the settings of :mod:`we_dist.methods.scratch`.
+
+Kept apart from the method, free of torch, so that ``we-dist config`` validates a recipe
+without importing torch (see :mod:`we_dist.methods.settings`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from we_dist.methods.registry import method_settings
+
+
+@method_settings("scratch")
+class ScratchSettings:
+    """Scratch-E / Scratch-B (see the method card)."""
+
+    budget: Annotated[Literal["E", "B"], Field(description=(
+        "E: the recipe's epochs; B: epochs x MACs_full / MACs_pruned (same compute)"))] = "E"

@@ -1,0 +1,28 @@
+"""``method.slim``: the settings of :mod:`we_dist.methods.slimming`.
+
+Kept apart from the method, free of torch, so that ``we-dist config`` validates a recipe
+without importing torch (see :mod:`we_dist.methods.settings`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from we_dist.methods.registry import Float, NonNegativeInt, method_settings
+
+
+@method_settings("slim")
+class SlimmingSettings:
+    """Network Slimming's settings (see the method card)."""
+
+    s: Annotated[Float, Field(ge=0, description="L1 strength on BatchNorm scales (subgradient s*sign(gamma))")] = 1e-4
+    percent: Annotated[Float, Field(ge=0, lt=1, description="fraction of channels removed, one global threshold")] = 0.5
+    max_layer_prune: Annotated[Float, Field(ge=0, lt=1, description="at most this fraction of a channel group "
+                                                                    "is removed; one channel always stays")] = 0.9
+    sparsity_epochs: Annotated[NonNegativeInt, Field(description="0: the recipe's schedule.epochs")] = 0
+    finetune_epochs: Annotated[NonNegativeInt, Field(description="epochs after pruning; 0: end at the pruning")] = 10
+    finetune_lr: Annotated[Float, Field(gt=0, description="peak LR of the fine-tuning phase")] = 0.01
+    finetune_schedule: Annotated[Literal["constant", "cosine"], Field(description="LR shape while fine-tuning")] = \
+        "constant"

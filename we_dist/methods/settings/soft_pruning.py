@@ -1,0 +1,24 @@
+"""``method.soft_prune``: the settings of :mod:`we_dist.methods.soft_pruning`.
+
+Kept apart from the method, free of torch, so that ``we-dist config`` validates a recipe
+without importing torch (see :mod:`we_dist.methods.settings`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, Strict
+
+from we_dist.methods.registry import Bool, PositiveInt, method_settings
+
+
+@method_settings("soft_prune")
+class SoftPruneConfig:
+    """Soft filter pruning: each call zeroes the smallest-L2 filters of every conv layer."""
+
+    rate: Annotated[float, Strict(), Field(ge=0, lt=1, description=(
+        "fraction of each layer's filters zeroed per call"))] = 0.3
+    interval: Annotated[PositiveInt, Field(description="epochs between calls")] = 1
+    remove_at_end: Annotated[Bool, Field(description=(
+        "at the end of training remove the zeroed filters physically (a smaller network)"))] = True
