@@ -187,33 +187,14 @@ def parse_seeds(text: str, base_seed: int) -> list[int]:
     return seeds
 
 
-def _known_methods() -> list[str] | None:
-    """Registered method names (None if the registry cannot be read)."""
-    try:
-        from we_dist.methods import registry  # type: ignore[attr-defined]
-
-        for attr in ("registered_methods", "method_names", "names"):
-            if callable(getattr(registry, attr, None)):
-                return sorted(getattr(registry, attr)())
-        for attr in ("METHODS", "REGISTRY"):
-            if isinstance(getattr(registry, attr, None), Mapping):
-                return sorted(getattr(registry, attr))
-    except ImportError:
-        pass
-    try:
-        from we_dist.methods import METHODS
-
-        return sorted(METHODS)
-    except ImportError:
-        return None
-
-
 def variant_configs(base: Config, variants: Sequence[Variant], seeds: Sequence[int]) -> dict[str, Config]:
     """Each variant's config (first seed), validated; :class:`CompareError` names the variant."""
-    known = _known_methods()
+    from we_dist.methods.registry import registered_methods
+
+    known = sorted(registered_methods())
     out = {}
     for v in variants:
-        if known is not None and v.method not in known:
+        if v.method not in known:
             raise CompareError(f"--methods {v.label!r}: unknown method {v.method!r}; known: {', '.join(known)}")
         try:
             cfg = base.override({**v.overrides(), "seed": seeds[0]})
