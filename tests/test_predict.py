@@ -45,12 +45,12 @@ def test_preprocessing_matches_the_validation_loader(tmp_path):
     assert float(((ours - batch) * std).abs().max()) <= 1.0
 
 
-def _checkpoint(tmp_path: Path) -> tuple[Path, Config]:
+def _checkpoint(tmp_path: Path, *overrides: str) -> tuple[Path, Config]:
     """A real checkpoint (state, manifest with the config) of a small CNN."""
     from we_dist.models import architecture, create_model
     from we_dist.train.checkpoint import save_state
 
-    cfg = Config().override(DIGITS_DATA)
+    cfg = Config().override([*DIGITS_DATA, *overrides])
     torch.manual_seed(0)
     net = create_model("small_cnn", 10)
     directory = tmp_path / "runs" / "pred" / "epoch_0000"
@@ -113,6 +113,18 @@ def test_predict_prints_the_top_k_classes_with_names(tmp_path, capsys):
         probs = torch.softmax(net.module(x), dim=1)[0]
     top = int(probs.argmax())
     assert lines[0].startswith(f"{files[0]}: digit-{top} {float(probs[top]):.4f}")
+
+
+def test_predict_names_classes_from_the_classes_txt_that_convert_wrote(tmp_path, capsys):
+    from we_dist.data.convert import write_class_names
+
+    data = tmp_path / "data"
+    write_class_names(data, [f"kind {i}" for i in range(10)])   # as `we-dist convert` leaves it
+    ckpt, _ = _checkpoint(tmp_path, f"data.train_path={data / 'train.beton'}")
+    tree = _digit_tree(tmp_path / "tree", per_class=1)
+    assert main(["predict", str(ckpt.parent), str(tree / "c3" / "0.png"), "--top-k", "1"]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if not x.startswith("[we_dist]")][0]
+    assert re.fullmatch(re.escape(str(tree / "c3" / "0.png")) + r": kind \d [0-9.]+", line), line
 
 
 def test_bad_input_is_one_line_on_stderr_and_exit_2(tmp_path, capsys):

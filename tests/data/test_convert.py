@@ -63,6 +63,7 @@ def test_digits_split_is_stratified_and_deterministic(digits_betons):
     assert len(yt) + len(yv) == 1797 and xv.shape[1:] == (32, 32, 3)
     per_class_val = np.bincount(yv, minlength=10) / np.bincount(np.concatenate([yt, yv]))
     assert np.all(np.abs(per_class_val - 0.2) < 0.02)
+    assert (digits_betons[0].parent / "classes.txt").read_text() == "".join(f"{d}\n" for d in range(10))
 
     # The file holds exactly these pixels and labels, in this order (raw storage).
     images, labels = _read_all(digits_betons[1], val_res=32, batch_size=100)
@@ -146,6 +147,8 @@ def test_cli_folder(colour_tree, tmp_path, capsys):
     assert check_beton(out / "train.beton").max_resolution == 24
     assert check_beton(out / "val.beton").num_samples == 12
     assert "wrote" in capsys.readouterr().out
+    # Labels follow the sorted folder names; classes.txt names them for `we-dist predict`.
+    assert (out / "classes.txt").read_text().splitlines() == sorted(p.name for p in colour_tree.iterdir())
 
 
 def test_cli_user_errors_are_one_line(tmp_path, capsys):

@@ -16,6 +16,7 @@ import torch
 from we_dist.config import DataConfig
 from we_dist.data import DatasetError, check_beton, make_val_loader
 from we_dist.data.convert import (
+    FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     FASHION_MNIST_FILES,
     add_arguments,
@@ -98,7 +99,8 @@ def test_idx_files_round_trip_to_beton(tmp_path, capsys, gz):
     assert convert("--source", str(tmp_path / "idx"), "--out", str(out)) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out / 'train.beton'}: 30 images, 10 classes, longest side 32 px" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["train.beton", "val.beton"]  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == ["classes.txt", "train.beton", "val.beton"]  # no temp files
+    assert (out / "classes.txt").read_text().splitlines() == list(FASHION_MNIST_CLASSES)
 
     for split, n in (("train", 30), ("val", 10)):
         info = check_beton(out / f"{split}.beton")

@@ -271,13 +271,32 @@ def write_imagefolder(src_dir: str | os.PathLike[str], out_path: str | os.PathLi
                        compress_probability=compress_probability, workers=workers)
 
 
+CLASSES_FILE = "classes.txt"
+
+
+def write_class_names(out_dir: str | os.PathLike[str], names: Sequence[str]) -> Path:
+    """Write ``out_dir/classes.txt``: one class name per line, in label order.
+
+    ``we-dist predict`` and ``evaluate`` read it beside a run's training .beton to print
+    class names instead of label numbers.
+    """
+    if any("\n" in name or not name.strip() for name in names):
+        raise DatasetError(f"class names must be non-empty single lines, got {list(names)!r}")
+    path = Path(out_dir) / CLASSES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{name}\n" for name in names))
+    return path
+
+
 def write_imagefolder_splits(train_dir, val_dir, out_dir, **options) -> tuple[Path, Path]:
-    """Convert a train and a val ImageFolder tree with one class list: ``(train, val)`` paths."""
+    """Convert a train and a val ImageFolder tree with one class list: ``(train, val)`` paths
+    (and ``classes.txt``, the sorted class-folder names)."""
     classes, _ = scan_imagefolder(train_dir)
     scan_imagefolder(val_dir, classes)  # fail fast, before the long training split is written
     out = Path(out_dir)
     write_imagefolder(train_dir, out / "train.beton", classes=classes, **options)
     write_imagefolder(val_dir, out / "val.beton", classes=classes, **options)
+    write_class_names(out, classes)
     return out / "train.beton", out / "val.beton"
 
 
@@ -308,7 +327,8 @@ def write_digits(out_dir: str | os.PathLike[str], *, size: int = 32, val_fractio
     """Write scikit-learn's digits as ``out_dir/train.beton`` and ``out_dir/val.beton``.
 
     The 8x8 gray images are scaled to ``size`` px RGB (raw pixels, no JPEG) so the normal
-    image pipeline applies; 20% of each class goes to validation by default.
+    image pipeline applies; 20% of each class goes to validation by default. ``classes.txt``
+    names the labels 0-9.
     """
     if not 8 <= size <= 1024:
         raise DatasetError(f"digits image size must be in [8, 1024], got {size}")
@@ -317,6 +337,7 @@ def write_digits(out_dir: str | os.PathLike[str], *, size: int = 32, val_fractio
     options = dict(max_resolution=size, compress_probability=0.0, workers=workers)
     write_beton(ArraySource(xt, yt), out / "train.beton", **options)
     write_beton(ArraySource(xv, yv), out / "val.beton", **options)
+    write_class_names(out, [str(d) for d in range(10)])
     return out / "train.beton", out / "val.beton"
 
 
@@ -491,7 +512,8 @@ def write_fashion_mnist(out_dir: str | os.PathLike[str], *, source: str | os.Pat
     zero-pads the 28x28 originals by 2 px per side: no pixel is resampled, and 32 px is
     the input size of the CIFAR-style networks (see :func:`gray_to_rgb`). ``source``
     defaults to :data:`FASHION_MNIST_DIR`; ``limit_*`` as in :func:`fashion_mnist_arrays`.
-    Every input file is read and checked before the first output file is written.
+    Every input file is read and checked before the first output file is written;
+    ``classes.txt`` gets the ten class names (:data:`FASHION_MNIST_CLASSES`).
     """
     xt, yt, xv, yv = fashion_mnist_arrays(source, limit_train=limit_train, limit_val=limit_val,
                                           resolution=resolution)
@@ -499,6 +521,7 @@ def write_fashion_mnist(out_dir: str | os.PathLike[str], *, source: str | os.Pat
     options = dict(max_resolution=resolution, compress_probability=0.0, workers=workers)
     write_beton(ArraySource(xt, yt), out / "train.beton", **options)
     write_beton(ArraySource(xv, yv), out / "val.beton", **options)
+    write_class_names(out, FASHION_MNIST_CLASSES)
     return out / "train.beton", out / "val.beton"
 
 
