@@ -16,10 +16,8 @@ Example::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from we_dist.evolution.config import WEConfig
+from we_dist.lazy import lazy_exports
 
 # The names below are imported on first use (PEP 562), not here: `we_dist.evolution.config`
 # must stay importable without torch, because `we-dist config` validates WE's settings
@@ -32,19 +30,7 @@ _LAZY = {
     "ratio_at": "we_dist.evolution.schedule",
     "collect_scores": "we_dist.evolution.scores",
 }
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = ["WEConfig", "WeightEvolution", "EvolutionPlan", "LayerPlan", "KINDS", "ratio_at", "collect_scores"]

@@ -30,9 +30,9 @@ Adding a method, in one module of this package (say ``we_dist/methods/mine.py``)
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from we_dist.lazy import lazy_exports
 from we_dist.methods.registry import create_method, register_method, registered_methods
 
 # Everything else is imported on first use (PEP 562): the registry and the settings must be
@@ -46,22 +46,18 @@ _LAZY = {
     "FilterReactivationMethod": "we_dist.methods.reactivation",
     "SoftFilterPruningMethod": "we_dist.methods.soft_pruning",
 }
+_lazy_getattr, _lazy_dir = lazy_exports(__name__, _LAZY)
 
 
 def __getattr__(name: str) -> Any:
     if name == "METHODS":
         # Read-only ``name -> method class`` view of the registry, built-in methods loaded.
         return registered_methods()
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
+    return _lazy_getattr(name)
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY) | {"METHODS"})
+    return sorted(set(_lazy_dir()) | {"METHODS"})
 
 
 __all__ = ["METHODS", "create_method", "register_method", "registered_methods", "Method", "FitContext",

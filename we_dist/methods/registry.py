@@ -105,8 +105,7 @@ def declare_method(name: str, settings: type | None = None) -> None:
     if not isinstance(name, str) or not name.isidentifier():
         raise RegistryError(f"a method name must be a Python identifier, got {name!r}")
     existing = _DECLARED.get(name, settings)
-    if existing is not settings and (getattr(existing, "__module__", None), getattr(existing, "__qualname__", None)) \
-            != (getattr(settings, "__module__", None), getattr(settings, "__qualname__", None)):
+    if not _same_class(existing, settings):
         raise RegistryError(f"method {name!r} already declares settings {existing!r}")
     _DECLARED[name] = settings
 
@@ -127,10 +126,8 @@ def declared_settings() -> Mapping[str, type | None]:
     """
     global _declared_loaded
     if not _declared_loaded:
-        package = importlib.import_module("we_dist.methods.settings")
-        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{package.__name__}.{info.name}")
+        for module_name in _package_modules("we_dist.methods.settings"):
+            importlib.import_module(module_name)
         _declared_loaded = True
     return MappingProxyType(_DECLARED)
 
@@ -173,7 +170,7 @@ def register_method(cls: type[T]) -> type[T]:
         except Exception as exc:  # noqa: BLE001 - reported with the class named
             raise RegistryError(f"{cls.__qualname__}.Settings() must build from its defaults: {exc}") from exc
     existing = _REGISTRY.get(name)
-    if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
+    if existing is not None and not _same_class(existing, cls):
         raise RegistryError(f"method name {name!r} is already registered by {existing.__module__}."
                             f"{existing.__qualname__}")
     declared = declared_settings()
@@ -191,11 +188,22 @@ def register_method(cls: type[T]) -> type[T]:
     return cls
 
 
+def _same_class(a: type | None, b: type | None) -> bool:
+    """The same class, or the same module and name (a module re-imported, e.g. on reload)."""
+    return a is b or (getattr(a, "__module__", None), getattr(a, "__qualname__", None)) \
+        == (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
+
+
+def _package_modules(package_name: str, exclude: frozenset[str] = frozenset()) -> list[str]:
+    """The full names of a package's modules, sorted, without ``exclude`` and ``_private`` ones."""
+    package = importlib.import_module(package_name)
+    return sorted(f"{package_name}.{info.name}" for info in pkgutil.iter_modules(package.__path__)
+                  if info.name not in exclude and not info.name.startswith("_"))
+
+
 def builtin_method_modules() -> list[str]:
     """The modules of the :mod:`we_dist.methods` package that may hold methods, sorted."""
-    package = importlib.import_module("we_dist.methods")
-    return sorted(f"{package.__name__}.{info.name}" for info in pkgutil.iter_modules(package.__path__)
-                  if info.name not in NOT_METHOD_MODULES and not info.name.startswith("_"))
+    return _package_modules("we_dist.methods", NOT_METHOD_MODULES)
 
 
 def _load_builtins() -> None:
