@@ -63,7 +63,8 @@ def test_config_validates_every_recipe_and_method_section_without_importing_torc
     """`we-dist config` needs only the torch-free settings modules (benchmarks/cli_startup.py times it)."""
     recipes = sorted(str(p) for p in (ROOT / "recipes").glob("*.yaml"))
     code = ("import sys; from we_dist.cli import main\n"
-            f"for recipe in {recipes!r}:\n"
+            f"recipes = {recipes!r}\n"
+            "for recipe in recipes:\n"
             "    assert main(['config', recipe]) == 0, recipe\n"
             "assert main(['config', recipes[0], 'method.name=repr', 'method.repr.s1=3', "
             "'method.we.lab=0.5', 'method.l1.ratios=[0.2, 0.3]']) == 0\n"
@@ -71,7 +72,6 @@ def test_config_validates_every_recipe_and_method_section_without_importing_torc
             "assert main(['config', recipes[0], 'method.repr.s1=0']) == 2\n"
             "heavy = [m for m in ('torch', 'numpy', 'ray', 'ffcv', 'mlflow') if m in sys.modules]\n"
             "print('HEAVY', heavy)")
-    code = code.replace("recipes[0]", repr(recipes[0]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "HEAVY []" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     assert "s1: 3" in out.stdout and "method.repr.s1" in out.stderr   # the override shown; the bad one named
