@@ -12,7 +12,8 @@ suggestion for a misspelt one).
 The sections are frozen pydantic dataclasses: types and ranges are declared on the
 fields (``PositiveInt``, ``Literal[...]``, ``Field(ge=0, lt=1)``), what involves two
 fields is a validator. The ``method`` section is not listed here: it has one
-``method.<name>`` section per method registered in :mod:`we_dist.methods.registry`,
+``method.<name>`` section per method with settings in :mod:`we_dist.methods.registry`
+(the built-ins it lists, and methods registered before this module is imported),
 validated by that method's own ``Settings`` class.
 
 Example::
@@ -32,7 +33,7 @@ Pydantic v2, what it does worse here (and what this module does about it):
   method's section is validated by the method's own class, not that there is less code.
 * ``strict=True`` on a whole model also refuses a dict for a nested dataclass and a YAML
   list for a tuple, so strictness (``true`` is not 1, 1.5 is not an integer) is set per
-  field with the ``Int``/``Float``/``Bool``/``Str`` types of the registry instead.
+  field with the ``Int``/``Float``/``Bool``/``Str`` types of :mod:`we_dist.schema` instead.
 * Building a section directly (``DataConfig(batch_size=0)``, ``dataclasses.replace``)
   raises pydantic's ``ValidationError`` (a ``ValueError``, as before) with pydantic's own
   text; only :func:`config_from_dict` and the loaders above it translate it.
@@ -41,7 +42,6 @@ Pydantic v2, what it does worse here (and what this module does about it):
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import os
 import typing
@@ -52,14 +52,10 @@ from typing import Annotated, Any, Literal, Mapping, Sequence
 import yaml
 from pydantic import AfterValidator, Field, Strict, TypeAdapter, ValidationError, model_validator
 
-from we_dist.methods.registry import (Bool, Float, Int, NonNegativeFloat, NonNegativeInt, PositiveFloat,
-                                      PositiveInt, Str, check_method_name, config_sections, did_you_mean,
-                                      settings_dataclass)
-
-
-class ConfigError(ValueError):
-    """A recipe or override is invalid; the message names the dotted key."""
-
+from we_dist.methods.registry import check_method_name, config_sections
+# ConfigError is the schema's; imported here too because every command reads it from the config.
+from we_dist.schema import (Bool, ConfigError, Float, Int, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                            PositiveInt, Str, did_you_mean, settings_dataclass)
 
 UnitOpen = Annotated[float, Strict(), Field(ge=0, lt=1)]      # [0, 1)
 UnitClosed = Annotated[float, Strict(), Field(ge=0, le=1)]    # [0, 1]
@@ -100,6 +96,12 @@ class DataConfig:
     mean: tuple[Float, ...] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
     std: tuple[PositiveFloat, ...] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
     flip: Bool = True
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One input's (C, H, W) as the network sees it at validation: FFCV decodes RGB, and
+        validation images are centre crops resized to ``val_res``."""
+        return (3, self.val_res, self.val_res)
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -191,8 +193,9 @@ def make_method_config(sections: Mapping[str, type]) -> type:
     return settings_dataclass(type("MethodConfig", (), namespace))
 
 
-# Built once, from the methods registered when this module is first imported (the
-# registry imports the built-in ones). Pickles by name: a worker rebuilds the same class.
+# Built once, when this module is first imported: the built-in methods' settings (listed in
+# the registry, imported without torch) and those of methods registered before. Pickles by
+# name: a worker rebuilds the same class.
 MethodConfig = make_method_config(config_sections())
 
 
@@ -396,9 +399,7 @@ def _message(root: type, err: Mapping[str, Any]) -> str:
         section, _ = _walk(root, loc[:-1])  # the section the unknown key was given in
         known = [f.name for f in fields(section) if f.init] if is_dataclass(section) else []
         prefix = _dotted(loc[:-1]) + "." if len(loc) > 1 else ""
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-        return f"unknown key {key}{hint}; allowed keys here: {', '.join(known)}"
+        return f"unknown key {key}{did_you_mean(loc[-1], known, prefix)}; allowed keys here: {', '.join(known)}"
     tp, info = _walk(root, loc)
     if kind in ("value_error", "assertion_error"):
         text = str(ctx.get("error", err["msg"]))

@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     except InitFromError as exc:
         raise ConfigError(str(exc)) from None
     loader = make_val_loader(cfg.data, distributed=False, device=device)
-    input_shape = (3, cfg.data.val_res, cfg.data.val_res)
+    input_shape = cfg.data.input_shape
 
     # Validation batches carry no augmentation: decode them once and score every pruned copy on
     # the same tensors (dozens of evaluations; FFCV's per-pass start-up would dominate).

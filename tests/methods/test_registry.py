@@ -1,10 +1,12 @@
-"""The open method registry: registration rules, config sections built from it,
-create_method, and the `we-dist methods` command."""
+"""The method registry: the explicit table of built-in methods, registration rules, config
+sections built from it, create_method, and the `we-dist methods` command."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import pickle
+import pkgutil
 from typing import Annotated
 
 import pytest
@@ -16,12 +18,14 @@ from we_dist.config import Config, ConfigError, load_config, make_method_config,
 from we_dist.evolution import WEConfig
 from we_dist.methods import METHODS, FilterReactivationMethod, NoMethod, SoftFilterPruningMethod, \
     WeightEvolutionMethod, create_method
+import we_dist.methods
 from we_dist.methods import registry
 from we_dist.methods.reactivation import ReactivateConfig
-from we_dist.methods.registry import (PositiveInt, RegistryError, builtin_method_modules, method_class,
-                                      register_method, registered_methods, settings_dataclass, settings_table)
+from we_dist.methods.registry import (BUILTIN_METHODS, RegistryError, builtin_method_modules, method_class,
+                                      register_method, registered_methods, settings_table)
 from we_dist.methods.soft_pruning import SoftPruneConfig
 from we_dist.methods.we import WEMethodConfig
+from we_dist.schema import PositiveInt, settings_dataclass
 
 
 @settings_dataclass
@@ -155,35 +159,42 @@ def test_settings_without_defaults_are_refused(unregister):
         register_method(bad)
 
 
-def test_every_builtin_methods_settings_are_declared_torch_free_and_are_the_ones_it_uses():
-    declared = registry.declared_settings()
+def test_the_table_lists_every_builtin_method_with_the_settings_it_uses():
+    # Import every module of the package (the registry itself never walks it): each class they
+    # register must be a row of BUILTIN_METHODS, and each row a registered class.
+    for info in pkgutil.iter_modules(we_dist.methods.__path__):
+        importlib.import_module(f"we_dist.methods.{info.name}")
     builtins = {name: cls for name, cls in registered_methods().items() if cls.__module__.startswith("we_dist.")}
-    assert set(declared) == set(builtins)     # no method without its declaration, no orphan declaration
+    assert set(BUILTIN_METHODS) == set(builtins)
+    settings = registry.builtin_settings()
     for name, cls in builtins.items():
-        assert cls.Settings is declared[name], name
+        assert cls.__module__ == BUILTIN_METHODS[name].module, name
+        assert cls.Settings is settings[name], name
         if cls.Settings is not None:
             assert cls.Settings.__module__.startswith("we_dist.methods.settings."), name
-    # The config's method sections come from the declarations alone.
-    assert registry.config_sections() == {name: s for name, s in sorted(declared.items()) if s is not None}
+    # The config's method sections come from the table's settings classes alone.
+    assert registry.config_sections() == {name: s for name, s in sorted(settings.items()) if s is not None}
 
 
-def test_a_builtin_method_must_use_its_declared_settings_and_be_declared(unregister):
-    unregister.extend(["test_declared", "test_undeclared"])
-    registry.declare_method("test_declared", ToySettings)
-    try:
-        other = type("Other", (), {"name": "test_declared", "summary": "x", "Settings": None,
-                                   "__module__": "we_dist.methods.other"})
-        with pytest.raises(RegistryError, match="declares .*ToySettings.* use that class"):
-            register_method(other)
-        with pytest.raises(RegistryError, match="already declares"):
-            registry.declare_method("test_declared", None)
+def test_a_builtin_method_must_be_in_the_table_with_its_settings(unregister):
+    unregister.append("test_unlisted")
+    impostor = type("Other", (), {"name": "soft_prune", "summary": "x", "Settings": SoftPruneConfig,
+                                  "__module__": "we_dist.methods.other"})
+    with pytest.raises(RegistryError, match="already registered"):
+        register_method(impostor)
+    registry._REGISTRY.pop("we")
+    try:   # a class in the listed module, but with other settings than the table's
+        wrong = type("WeightEvolutionMethod", (), {"name": "we", "summary": "x", "Settings": ToySettings,
+                                                   "__module__": "we_dist.methods.we"})
+        with pytest.raises(RegistryError, match="BUILTIN_METHODS lists in we_dist.methods.we"):
+            register_method(wrong)
     finally:
-        registry._DECLARED.pop("test_declared")
-    undeclared = type("Undeclared", (), {"name": "test_undeclared", "summary": "x", "Settings": None,
-                                         "__module__": "we_dist.methods.undeclared"})
-    with pytest.raises(RegistryError, match="has no module in we_dist.methods.settings"):
-        register_method(undeclared)
-    assert "test_declared" not in registered_methods() and "test_undeclared" not in registered_methods()
+        registry._REGISTRY["we"] = WeightEvolutionMethod
+    unlisted = type("Unlisted", (), {"name": "test_unlisted", "summary": "x", "Settings": None,
+                                     "__module__": "we_dist.methods.unlisted"})
+    with pytest.raises(RegistryError, match="not listed in we_dist.methods.registry.BUILTIN_METHODS"):
+        register_method(unlisted)
+    assert "test_unlisted" not in registered_methods() and registered_methods()["we"] is WeightEvolutionMethod
 
 
 def test_a_method_section_is_validated_by_the_methods_settings():

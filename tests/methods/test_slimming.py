@@ -82,7 +82,7 @@ def test_channels_really_go_and_macs_agree_with_the_shapes(name):
 def test_phases_follow_the_settings():
     cfg = load_config(None, ["method.name=slim", "schedule.epochs=5", "method.slim.finetune_epochs=2",
                              "method.slim.finetune_lr=0.003"])
-    method = NetworkSlimmingMethod.from_config(cfg.method.slim, cfg)
+    method = NetworkSlimmingMethod.from_config(cfg.method.slim, cfg, input_shape=cfg.data.input_shape)
     phases = method.phases(cfg)
     assert [(p.name, p.epochs, p.lr, p.schedule.name) for p in phases] == [
         ("sparsity", 5, cfg.optim.lr, cfg.schedule.name), ("finetune", 2, 0.003, "constant")]

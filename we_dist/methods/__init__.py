@@ -1,30 +1,27 @@
 """Training methods as plug-ins: the loop calls their hooks and never names one.
 
-Every method registers itself in :mod:`we_dist.methods.registry`; ``method.name`` in
+The built-in methods are listed in :mod:`we_dist.methods.registry`; ``method.name`` in
 the config picks one, and :func:`create_method` builds it from its own settings
 section ``method.<name>``. ``we-dist methods`` lists them all.
 
-Adding a method, in one module of this package (say ``we_dist/methods/mine.py``):
+Adding a method (say ``mine``, see ``docs/methods.md``):
 
 1. a settings class with a default for every field, in its own torch-free module
    ``we_dist/methods/settings/mine.py``, decorated with
-   ``@method_settings("mine")`` from :mod:`~we_dist.methods.registry` (a frozen pydantic
-   dataclass, unknown keys refused; see :mod:`we_dist.methods.settings`);
-   declare types and ranges on the fields (``PositiveInt``,
-   ``Annotated[float, Strict(), Field(ge=0, lt=1, description="...")]``), and checks
-   between fields as a ``model_validator``. It becomes the config section
+   :func:`~we_dist.schema.settings_dataclass` (a frozen pydantic dataclass, unknown keys
+   refused; see :mod:`we_dist.methods.settings`); declare types and ranges on the fields
+   (``PositiveInt``, ``Annotated[float, Strict(), Field(ge=0, lt=1, description="...")]``),
+   and checks between fields as a ``model_validator``. It becomes the config section
    ``method.mine``, so recipes write ``method.mine.rate: 0.1``;
-2. a subclass of :class:`~we_dist.methods.base.Method` decorated with
-   :func:`~we_dist.methods.registry.register_method`, with ``name = "mine"``, a
-   one-line ``summary`` and ``Settings = MineSettings``; override the classmethod
-   ``from_config(settings, cfg)`` if the method needs more of the run config than
-   its settings (``reactivate`` takes ``cfg.seed``);
-3. nothing to list: the config imports every module of :mod:`we_dist.methods.settings`
-   (torch-free) to build its ``method.*`` sections, and the registry imports every module
-   of this package on its first look-up of a method class, so ``method.mine`` exists
-   before any config is validated and the method is registered before it is built.
-   Neither module may import :mod:`we_dist.config` at module level (the config is built
-   from them); ``we-dist methods`` shows the method;
+2. a subclass of :class:`~we_dist.methods.base.Method` in ``we_dist/methods/mine.py``,
+   decorated with :func:`~we_dist.methods.registry.register_method`, with
+   ``name = "mine"``, a one-line ``summary`` and ``Settings = MineSettings``; override the
+   classmethod ``from_config(settings, cfg, input_shape)`` if the method needs more than
+   its settings (``reactivate`` takes ``cfg.seed``, the pruning methods the input shape);
+3. one line in :data:`~we_dist.methods.registry.BUILTIN_METHODS`: the name, the module
+   and the settings class. ``we-dist config`` builds ``method.mine`` from the settings
+   class (torch-free); the module is imported when the method is first looked up;
+   ``we-dist methods`` shows the method;
 4. a test file under ``tests/methods/``.
 """
 

@@ -97,8 +97,8 @@ class APoZMethod(Method):
     Settings = APoZSettings
 
     @classmethod
-    def from_config(cls, settings: APoZSettings, cfg: Any) -> "APoZMethod":
-        return cls(settings, input_shape=(3, cfg.data.val_res, cfg.data.val_res))
+    def from_config(cls, settings: APoZSettings, cfg: Any, input_shape: tuple[int, int, int]) -> "APoZMethod":
+        return cls(settings, input_shape=input_shape)
 
     def __init__(self, settings: APoZSettings | None = None, input_shape: tuple[int, ...] = (3, 32, 32)) -> None:
         self.settings = settings or APoZSettings()

@@ -164,8 +164,9 @@ class Method:
     summary: ClassVar[str] = ""
 
     @classmethod
-    def from_config(cls, settings: Any, cfg: "Config") -> "Method":
-        """Build the method from its settings section and the whole run config."""
+    def from_config(cls, settings: Any, cfg: "Config", input_shape: tuple[int, int, int]) -> "Method":
+        """Build the method from its settings section, the whole run config and the shape of
+        one input, ``(C, H, W)`` (``cfg.data.input_shape``)."""
         return cls(settings)
 
     def __init__(self, settings: Any = None) -> None:

@@ -484,8 +484,8 @@ class LayerwisePruning:
     Settings: Any
 
     @classmethod
-    def from_config(cls, settings: Any, cfg: Any) -> "LayerwisePruning":
-        return cls(settings, input_shape=(3, cfg.data.val_res, cfg.data.val_res), seed=cfg.seed)
+    def from_config(cls, settings: Any, cfg: Any, input_shape: tuple[int, int, int]) -> "LayerwisePruning":
+        return cls(settings, input_shape=input_shape, seed=cfg.seed)
 
     def __init__(self, settings: Any = None, input_shape: tuple[int, ...] = (3, 32, 32), seed: int = 0) -> None:
         self.settings = settings or type(self).Settings()

@@ -357,8 +357,9 @@ class DynamicAttentionPruningMethod(Method):
     Settings = DynamicAttentionSettings
 
     @classmethod
-    def from_config(cls, settings: DynamicAttentionSettings, cfg: Any) -> "DynamicAttentionPruningMethod":
-        return cls(settings, input_shape=(3, cfg.data.val_res, cfg.data.val_res), seed=cfg.seed)
+    def from_config(cls, settings: DynamicAttentionSettings, cfg: Any,
+                    input_shape: tuple[int, int, int]) -> "DynamicAttentionPruningMethod":
+        return cls(settings, input_shape=input_shape, seed=cfg.seed)
 
     def __init__(self, settings: DynamicAttentionSettings | None = None, input_shape: tuple[int, ...] = (3, 32, 32),
                  seed: int = 0) -> None:

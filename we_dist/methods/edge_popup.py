@@ -144,7 +144,7 @@ class EdgePopupMethod(Method):
     prefix = "edge_popup"
 
     @classmethod
-    def from_config(cls, settings: Any, cfg: Any) -> "EdgePopupMethod":
+    def from_config(cls, settings: Any, cfg: Any, input_shape: tuple[int, int, int]) -> "EdgePopupMethod":
         return cls(settings, seed=cfg.seed)
 
     def __init__(self, settings: Any = None, seed: int = 0) -> None:

@@ -58,6 +58,7 @@ from we_dist.methods.base import FitContext, Method, Phase
 from we_dist.methods.registry import register_method
 from we_dist.methods.settings.l1_filter import L1FilterSettings
 from we_dist.methods.slimming import _groups, apply_decision
+from we_dist.schema import ConfigError
 
 # --- the paper's layer numbering ------------------------------------------------------------
 
@@ -173,16 +174,15 @@ class L1FilterPruningMethod(Method):
     Settings = L1FilterSettings
 
     @classmethod
-    def from_config(cls, settings: L1FilterSettings, cfg: Any) -> "L1FilterPruningMethod":
-        from we_dist.config import ConfigError
-
+    def from_config(cls, settings: L1FilterSettings, cfg: Any,
+                    input_shape: tuple[int, int, int]) -> "L1FilterPruningMethod":
         if not cfg.model.init_from:
             raise ConfigError("method.name=l1 prunes a trained network: set model.init_from to a checkpoint, "
                               "run directory or MLflow run id")
         if cfg.model.init_architecture_only:
             raise ConfigError("method.name=l1 needs the trained weights of model.init_from (L1 scores of random "
                               "weights mean nothing): set model.init_architecture_only=false")
-        return cls(settings, input_shape=(3, cfg.data.val_res, cfg.data.val_res))
+        return cls(settings, input_shape=input_shape)
 
     def __init__(self, settings: L1FilterSettings | None = None, input_shape: tuple[int, ...] = (3, 32, 32)) -> None:
         self.settings = settings or L1FilterSettings()

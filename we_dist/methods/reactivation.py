@@ -95,7 +95,8 @@ class FilterReactivationMethod(Method):
     Settings = ReactivateConfig
 
     @classmethod
-    def from_config(cls, settings: ReactivateConfig, cfg) -> "FilterReactivationMethod":
+    def from_config(cls, settings: ReactivateConfig, cfg,
+                    input_shape: tuple[int, int, int]) -> "FilterReactivationMethod":
         """Seeded by the run's ``seed``, so a rerun re-draws the same filters."""
         return cls(settings, seed=cfg.seed)
 

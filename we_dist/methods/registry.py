@@ -1,13 +1,14 @@
-"""The open registry of training methods, and the ``we-dist methods`` command.
+"""The registry of training methods, and the ``we-dist methods`` command.
 
-A built-in method has two halves. Its settings, in a torch-free module of
-:mod:`we_dist.methods.settings`::
+The built-in methods are listed once, in :data:`BUILTIN_METHODS` below (as timm lists its
+models): each ``method.name`` with the module that holds the method (imports torch) and
+the class of its settings, the ``method.<name>`` config section, in a torch-free module
+of :mod:`we_dist.methods.settings`::
 
-    @method_settings("soft_prune")
-    class SoftPruneConfig:
-        rate: Annotated[float, Strict(), Field(ge=0, lt=1, description="...")] = 0.3
+    "soft_prune": Builtin("we_dist.methods.soft_pruning", "we_dist.methods.settings.soft_pruning:SoftPruneConfig"),
 
-and the method, which registers itself next to its class::
+A settings class is a :func:`~we_dist.schema.settings_dataclass` with a default for every
+field; the method registers itself next to its class::
 
     @register_method
     class SoftFilterPruningMethod(Method):
@@ -15,127 +16,89 @@ and the method, which registers itself next to its class::
         summary = "soft filter pruning (He et al. 2018): ..."
         Settings = SoftPruneConfig
 
-The config (:mod:`we_dist.config`) gets one section ``method.<name>`` per declared
-settings class (and per method registered with ``Settings`` before the config is
-built), filled with its defaults and validated by it; this needs only the settings
-modules, so validating a recipe does not import torch. :func:`create_method` builds the
-method named by ``method.name`` with ``cls.from_config(cfg.method.<name>, cfg)``.
+The config (:mod:`we_dist.config`) gets one section ``method.<name>`` per settings class
+of the table (and per method registered with ``Settings`` before the config is built),
+filled with its defaults and validated by it. That needs only the settings modules, so
+validating a recipe does not import torch; a method's own module is imported when the
+method is looked up (:func:`method_class`, :func:`create_method`, ``we-dist methods``).
+:func:`create_method` builds the method named by ``method.name`` with
+``cls.from_config(cfg.method.<name>, cfg, input_shape=cfg.data.input_shape)``.
 
 What the registry relies on, and nothing else: a class attribute ``name`` (the
 ``method.name`` value, a Python identifier), ``summary`` (one line), ``Settings``
 (a dataclass, pydantic or standard, whose every field has a default; ``None`` for a
-method without settings) and, optionally, a classmethod ``from_config(settings, cfg)``
-(without one, the class is called with the settings alone, or with nothing when it
-has no settings).
+method without settings) and, optionally, a classmethod
+``from_config(settings, cfg, input_shape)`` (without one, the class is called with the
+settings alone, or with nothing when it has no settings).
 
-The built-in methods are the modules of the :mod:`we_dist.methods` package (all but
-:data:`NOT_METHOD_MODULES` and ``_private`` ones): the first look-up imports every one,
-so a new method module is registered, and has its config section, without being listed
-anywhere. A built-in method's ``Settings`` must be the class declared for its name in
-:mod:`we_dist.methods.settings` (registration checks it). Neither half may import
-:mod:`we_dist.config` at module level (the config is built from this registry).
-
-A method registered later, from another package or a test, can be selected with
-``method.name``; it cannot have a ``Settings`` section unless it registers before
-:mod:`we_dist.config` is imported (the config's classes are built once).
+A class of :mod:`we_dist.methods` can register only under a name of the table, and with
+the table's settings class, so the table, the config and the methods cannot drift. A
+method registered from another package or a test can be selected with ``method.name``;
+it has a ``method.<name>`` section only if it registers before :mod:`we_dist.config` is
+imported (the config's classes are built once, at that import).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import importlib
-import pkgutil
-import sys
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, TypeVar
 
-from pydantic import BeforeValidator, ConfigDict, Field, Strict
-from pydantic.dataclasses import dataclass as _pydantic_dataclass
+from we_dist.schema import ConfigError, did_you_mean
 
 if TYPE_CHECKING:  # annotations only: the config imports this module, not the other way
     from we_dist.config import Config
 
-# Modules of this package that hold no method: never imported by the discovery below.
-NOT_METHOD_MODULES = frozenset({"base", "registry", "settings"})
-
-# --- the settings vocabulary shared by the run config and every method's settings -------
-
-#: pydantic settings of every config section: unknown keys are refused, NaN and inf too.
-SECTION_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-def _none_is_empty(value: Any) -> Any:
-    # `uri:` with nothing after it is None in YAML; for a string setting it means "".
-    return "" if value is None else value
-
-
-# Strict scalars: a recipe's `true` is not 1, 1.5 is not an integer, "0.1" is not a number
-# (an int is still accepted where a float is expected).
-Int = Annotated[int, Strict()]
-Float = Annotated[float, Strict()]
-Bool = Annotated[bool, Strict()]
-Str = Annotated[str, BeforeValidator(_none_is_empty), Strict()]
-PositiveInt = Annotated[int, Strict(), Field(gt=0)]
-NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
-PositiveFloat = Annotated[float, Strict(), Field(gt=0)]
-NonNegativeFloat = Annotated[float, Strict(), Field(ge=0)]
-
 T = TypeVar("T")
 
 
-def settings_dataclass(cls: type[T]) -> type[T]:
-    """Make ``cls`` a frozen pydantic dataclass with the config's rules (unknown keys refused)."""
-    return _pydantic_dataclass(cls, frozen=True, config=SECTION_CONFIG)  # type: ignore[return-value]
+class Builtin(NamedTuple):
+    """Where a built-in method lives: its module, and its settings class as ``module:Class``
+    (``None``: the method has no settings)."""
+
+    module: str
+    settings: str | None
 
 
-# --- the declared settings of the built-in methods (torch-free) ---------------------------
-
-_DECLARED: dict[str, type | None] = {}   # method name -> its settings class (None: no settings)
-_declared_loaded = False
-
-
-def declare_method(name: str, settings: type | None = None) -> None:
-    """Declare a built-in method's name and settings class, before (and without) its module.
-
-    Called by the modules of :mod:`we_dist.methods.settings`; a second, different
-    declaration of one name is refused.
-    """
-    if not isinstance(name, str) or not name.isidentifier():
-        raise RegistryError(f"a method name must be a Python identifier, got {name!r}")
-    existing = _DECLARED.get(name, settings)
-    if not _same_class(existing, settings):
-        raise RegistryError(f"method {name!r} already declares settings {existing!r}")
-    _DECLARED[name] = settings
-
-
-def method_settings(name: str) -> Callable[[type[T]], type[T]]:
-    """Class decorator: ``cls`` (made a :func:`settings_dataclass`) is method ``name``'s settings."""
-    def decorate(cls: type[T]) -> type[T]:
-        settings = settings_dataclass(cls)
-        declare_method(name, settings)
-        return settings
-    return decorate
+# The built-in methods, one line each; a new method is added here (see docs/methods.md).
+BUILTIN_METHODS: Mapping[str, Builtin] = MappingProxyType({
+    "none": Builtin("we_dist.methods.none", None),
+    "we": Builtin("we_dist.methods.we", "we_dist.methods.settings.we:WEMethodConfig"),
+    "reactivate": Builtin("we_dist.methods.reactivation", "we_dist.methods.settings.reactivation:ReactivateConfig"),
+    "soft_prune": Builtin("we_dist.methods.soft_pruning", "we_dist.methods.settings.soft_pruning:SoftPruneConfig"),
+    "slim": Builtin("we_dist.methods.slimming", "we_dist.methods.settings.slimming:SlimmingSettings"),
+    "l1": Builtin("we_dist.methods.l1_filter", "we_dist.methods.settings.l1_filter:L1FilterSettings"),
+    "apoz": Builtin("we_dist.methods.apoz", "we_dist.methods.settings.apoz:APoZSettings"),
+    "thinet": Builtin("we_dist.methods.thinet", "we_dist.methods.settings.thinet:ThiNetSettings"),
+    "lasso": Builtin("we_dist.methods.lasso_channel", "we_dist.methods.settings.lasso_channel:LassoSettings"),
+    "dynamic_attention": Builtin("we_dist.methods.dynamic_attention",
+                                 "we_dist.methods.settings.dynamic_attention:DynamicAttentionSettings"),
+    "edge_popup": Builtin("we_dist.methods.edge_popup", "we_dist.methods.settings.edge_popup:EdgePopupSettings"),
+    "sparse_binary": Builtin("we_dist.methods.sparse_binary",
+                             "we_dist.methods.settings.sparse_binary:SparseBinarySettings"),
+    "ternary": Builtin("we_dist.methods.ternary", "we_dist.methods.settings.ternary:TernarySettings"),
+    "repr": Builtin("we_dist.methods.repr", "we_dist.methods.settings.repr:RePrConfig"),
+    "scratch": Builtin("we_dist.methods.scratch", "we_dist.methods.settings.scratch:ScratchSettings"),
+})
 
 
-def declared_settings() -> Mapping[str, type | None]:
-    """``name -> settings class or None`` of every built-in method, importing no method.
+def _load(path: str) -> Any:
+    """The object ``module:attr`` names (its module imported on first use)."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
-    Imports the modules of :mod:`we_dist.methods.settings` (pydantic only, no torch).
-    """
-    global _declared_loaded
-    if not _declared_loaded:
-        for module_name in _package_modules("we_dist.methods.settings"):
-            importlib.import_module(module_name)
-        _declared_loaded = True
-    return MappingProxyType(_DECLARED)
+
+def builtin_settings() -> Mapping[str, type | None]:
+    """``name -> settings class or None`` of every built-in method, importing no method
+    (the settings modules import pydantic only, no torch)."""
+    return MappingProxyType({name: _load(b.settings) if b.settings else None for name, b in BUILTIN_METHODS.items()})
 
 
 # --- the registry -------------------------------------------------------------------------
 
 _REGISTRY: dict[str, type] = {}
-_builtins_loaded = False
 _sections: dict[str, type] | None = None   # set once the config has built its method sections
 
 #: Live, read-only view of the registry (``name -> method class``) without loading anything;
@@ -173,17 +136,20 @@ def register_method(cls: type[T]) -> type[T]:
     if existing is not None and not _same_class(existing, cls):
         raise RegistryError(f"method name {name!r} is already registered by {existing.__module__}."
                             f"{existing.__qualname__}")
-    declared = declared_settings()
-    if name in declared and declared[name] is not settings:
-        raise RegistryError(f"{cls.__qualname__}.Settings is {settings!r}, but method {name!r} declares "
-                            f"{declared[name]!r} in we_dist.methods.settings; use that class")
-    if name not in declared and cls.__module__.startswith("we_dist.methods."):
-        raise RegistryError(f"built-in method {name!r} ({cls.__module__}) has no module in we_dist.methods.settings "
-                            f"declaring its settings (or declare_method({name!r}) if it has none)")
-    if settings is not None and _sections is not None and _sections.get(name) is not settings:
+    builtin = BUILTIN_METHODS.get(name)
+    if builtin is None and cls.__module__.startswith("we_dist.methods."):
+        raise RegistryError(f"method {name!r} ({cls.__module__}) is not listed in "
+                            "we_dist.methods.registry.BUILTIN_METHODS; add it there")
+    if builtin is not None:
+        listed = _load(builtin.settings) if builtin.settings else None
+        if cls.__module__ != builtin.module or not _same_class(settings, listed):
+            raise RegistryError(f"{cls.__module__}.{cls.__qualname__} (Settings {settings!r}) is not the built-in "
+                                f"method {name!r}, which BUILTIN_METHODS lists in {builtin.module} with settings "
+                                f"{builtin.settings}")
+    elif settings is not None and _sections is not None and _sections.get(name) is not settings:
         raise RegistryError(f"method {name!r} has Settings but registers after we_dist.config built the "
-                            f"method.* sections ({', '.join(_sections) or 'none'}); declare its settings in a "
-                            "module of we_dist.methods.settings or register it before we_dist.config is imported")
+                            f"method.* sections ({', '.join(_sections) or 'none'}); register it before "
+                            "we_dist.config is imported")
     _REGISTRY[name] = cls
     return cls
 
@@ -194,89 +160,71 @@ def _same_class(a: type | None, b: type | None) -> bool:
         == (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
 
 
-def _package_modules(package_name: str, exclude: frozenset[str] = frozenset()) -> list[str]:
-    """The full names of a package's modules, sorted, without ``exclude`` and ``_private`` ones."""
-    package = importlib.import_module(package_name)
-    return sorted(f"{package_name}.{info.name}" for info in pkgutil.iter_modules(package.__path__)
-                  if info.name not in exclude and not info.name.startswith("_"))
-
-
 def builtin_method_modules() -> list[str]:
-    """The modules of the :mod:`we_dist.methods` package that may hold methods, sorted."""
-    return _package_modules("we_dist.methods", NOT_METHOD_MODULES)
-
-
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if _builtins_loaded:
-        return
-    for module_name in builtin_method_modules():
-        spec = getattr(sys.modules.get(module_name), "__spec__", None)
-        if getattr(spec, "_initializing", False):
-            # That module imports we_dist.config (directly or not) before it has registered:
-            # the config would be built without its section.
-            raise ImportError(f"{module_name} is still being imported while the method registry is read; "
-                              "a method module must not import we_dist.config at module level")
-        importlib.import_module(module_name)
-    _builtins_loaded = True
+    """The modules that hold the built-in methods, sorted."""
+    return sorted({b.module for b in BUILTIN_METHODS.values()})
 
 
 def registered_methods() -> Mapping[str, type]:
     """Read-only view ``name -> method class`` of every registered method (built-ins loaded)."""
-    _load_builtins()
+    for name in BUILTIN_METHODS:
+        method_class(name)
     return REGISTERED
 
 
 def config_sections() -> dict[str, type]:
-    """``name -> Settings`` of every method with settings, sorted by name: the declared
-    built-ins and any method registered so far, without importing the methods (no torch).
+    """``name -> Settings`` of every method with settings, sorted by name: the built-ins'
+    and any method registered so far, without importing the methods (no torch).
 
     Called by :mod:`we_dist.config` to build its ``method`` section; from then on a new
-    method with settings cannot register (its section could not be added).
+    method from outside the table cannot register with settings (its section could not
+    be added).
     """
     global _sections
-    sections = {name: settings for name, settings in declared_settings().items() if settings is not None}
+    sections = {name: settings for name, settings in builtin_settings().items() if settings is not None}
     sections.update({name: cls.Settings for name, cls in _REGISTRY.items()
                      if getattr(cls, "Settings", None) is not None})
     _sections = dict(sorted(sections.items()))
     return dict(_sections)
 
 
+def known_names() -> list[str]:
+    """Every name ``method.name`` accepts, sorted: the built-ins and those registered so far."""
+    return sorted(set(BUILTIN_METHODS) | set(_REGISTRY))
+
+
 def check_method_name(value: str) -> str:
-    """``value`` if a method is declared or registered under it; otherwise ``ValueError`` with
-    the choices. A known name is checked without importing the methods."""
-    if value in declared_settings() or value in _REGISTRY:
+    """``value`` if it names a built-in or registered method; otherwise ``ValueError`` with
+    the choices. Imports no method."""
+    if value in BUILTIN_METHODS or value in _REGISTRY:
         return value
-    methods = registered_methods()  # perhaps a method module outside the declared ones
-    if value not in methods:
-        raise ValueError(f"must be one of {sorted(methods)}, got {value!r}{did_you_mean(value, methods)}")
-    return value
-
-
-def did_you_mean(word: str, choices: Any) -> str:
-    """`` (did you mean X?)`` for the closest of ``choices``, or ``""``."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
+    names = known_names()
+    raise ValueError(f"must be one of {names}, got {value!r}{did_you_mean(value, names)}")
 
 
 def method_class(name: str) -> type:
-    """The class registered as ``name``; unknown names raise ``ConfigError`` with the choices."""
+    """The class registered as ``name`` (a built-in's module imported on first use); unknown
+    names raise :class:`~we_dist.schema.ConfigError` with the choices."""
     try:
         check_method_name(name)
     except ValueError as exc:
-        from we_dist.config import ConfigError
-
         raise ConfigError(f"method.name {exc}") from None
-    return registered_methods()[name]
+    if name not in _REGISTRY:
+        importlib.import_module(BUILTIN_METHODS[name].module)   # registers its class
+        if name not in _REGISTRY:
+            raise RegistryError(f"{BUILTIN_METHODS[name].module} registers no method {name!r} "
+                                "(BUILTIN_METHODS lists it there)")
+    return _REGISTRY[name]
 
 
 def create_method(cfg: "Config") -> Any:
-    """The method named by ``cfg.method.name``, built from its ``method.<name>`` section."""
+    """The method named by ``cfg.method.name``, built from its ``method.<name>`` section and
+    the shape of one input (``cfg.data.input_shape``)."""
     cls = method_class(cfg.method.name)
     settings = getattr(cfg.method, cls.name, None) if getattr(cls, "Settings", None) is not None else None
     factory: Callable[..., Any] | None = getattr(cls, "from_config", None)
     if factory is not None:
-        return factory(settings, cfg)
+        return factory(settings, cfg, input_shape=cfg.data.input_shape)
     return cls(settings) if settings is not None else cls()
 
 
@@ -331,8 +279,6 @@ def run(args: argparse.Namespace) -> int:
     names = list(args.names) or sorted(methods)
     for name in names:
         if name not in methods:  # a ConfigError: one line and exit status 2
-            from we_dist.config import ConfigError
-
             raise ConfigError(f"unknown method {name!r}{did_you_mean(name, methods)}; "
                               f"registered: {', '.join(sorted(methods))}")
     print("\n\n".join(describe(name, methods[name]) for name in names))

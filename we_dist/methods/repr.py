@@ -217,7 +217,7 @@ class RePrMethod(Method):
     Settings = RePrConfig
 
     @classmethod
-    def from_config(cls, settings: RePrConfig, cfg: Any) -> "RePrMethod":
+    def from_config(cls, settings: RePrConfig, cfg: Any, input_shape: tuple[int, int, int]) -> "RePrMethod":
         """Seeded from the run's ``seed`` (rank 0's draws are all that count)."""
         return cls(settings, seed=int(getattr(cfg, "seed", 0)))
 

@@ -43,6 +43,7 @@ import torch
 from we_dist.methods.base import FitContext, Method, Phase
 from we_dist.methods.registry import register_method
 from we_dist.methods.settings.scratch import ScratchSettings
+from we_dist.schema import ConfigError
 
 
 def architecture_macs(cfg: Any, tracking_uri: str | None = None) -> tuple[int, int]:
@@ -78,9 +79,8 @@ class ScratchMethod(Method):
     Settings = ScratchSettings
 
     @classmethod
-    def from_config(cls, settings: ScratchSettings, cfg: Any) -> "ScratchMethod":
-        from we_dist.config import ConfigError
-
+    def from_config(cls, settings: ScratchSettings, cfg: Any,
+                    input_shape: tuple[int, int, int]) -> "ScratchMethod":
         if not cfg.model.init_from:
             raise ConfigError("method.name=scratch trains a pruned architecture: set model.init_from to the pruned "
                               "run (checkpoint or run directory, or MLflow run id) and model.init_architecture_only"

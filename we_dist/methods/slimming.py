@@ -153,8 +153,9 @@ class NetworkSlimmingMethod(Method):
     Settings = SlimmingSettings
 
     @classmethod
-    def from_config(cls, settings: SlimmingSettings, cfg: Any) -> "NetworkSlimmingMethod":
-        return cls(settings, input_shape=(3, cfg.data.val_res, cfg.data.val_res))
+    def from_config(cls, settings: SlimmingSettings, cfg: Any,
+                    input_shape: tuple[int, int, int]) -> "NetworkSlimmingMethod":
+        return cls(settings, input_shape=input_shape)
 
     def __init__(self, settings: SlimmingSettings | None = None, input_shape: tuple[int, ...] = (3, 32, 32)) -> None:
         self.settings = settings or SlimmingSettings()

@@ -150,8 +150,9 @@ class SoftFilterPruningMethod(Method):
     Settings = SoftPruneConfig
 
     @classmethod
-    def from_config(cls, settings: SoftPruneConfig, cfg: Any) -> "SoftFilterPruningMethod":
-        return cls(settings, input_shape=(3, cfg.data.val_res, cfg.data.val_res))
+    def from_config(cls, settings: SoftPruneConfig, cfg: Any,
+                    input_shape: tuple[int, int, int]) -> "SoftFilterPruningMethod":
+        return cls(settings, input_shape=input_shape)
 
     def __init__(self, cfg: SoftPruneConfig, input_shape: tuple[int, ...] = (3, 32, 32)) -> None:
         self.cfg = cfg

@@ -37,7 +37,8 @@ class WeightEvolutionMethod(Method):
         self._figures: list[WECallPlot] = []
 
     @classmethod
-    def from_config(cls, settings: WEMethodConfig, cfg: Any) -> "WeightEvolutionMethod":
+    def from_config(cls, settings: WEMethodConfig, cfg: Any,
+                    input_shape: tuple[int, int, int]) -> "WeightEvolutionMethod":
         """``tracking.score_plots`` switches the per-call plots (``we_plots/``) on or off."""
         return cls(settings, record_plots=bool(cfg.tracking.score_plots))
 

@@ -37,7 +37,6 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from typing import Any, Mapping, Sequence
 
 
 from we_dist.config import Config, ConfigError, load_config, parse_override, read_yaml_mapping
+from we_dist.schema import did_you_mean
 from we_dist.storage import storage_root
 
 SEARCH_ALGORITHMS = ("random", "grid", "optuna")
@@ -107,9 +107,8 @@ class Dimension:
                              f"{{choice: [1, 2]}}; got {spec!r} (allowed: {', '.join(DISTRIBUTIONS)})")
         (kind, args), = spec.items()
         if kind not in DISTRIBUTIONS:
-            close = difflib.get_close_matches(str(kind), DISTRIBUTIONS, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise SweepError(f"{where}: unknown distribution {kind!r}{hint}; allowed: {', '.join(DISTRIBUTIONS)}")
+            raise SweepError(f"{where}: unknown distribution {kind!r}{did_you_mean(kind, DISTRIBUTIONS)}; "
+                             f"allowed: {', '.join(DISTRIBUTIONS)}")
         if not isinstance(args, (list, tuple)) or not args:
             raise SweepError(f"{where}.{kind} must be a non-empty list, got {args!r}")
         args = tuple(args)
@@ -286,9 +285,8 @@ def load_sweep(path: str | os.PathLike[str], cli_overrides: Sequence[str] = ()) 
     raw = read_yaml_mapping(p, "sweep file", SweepError)
     for key in raw:
         if key not in TOP_LEVEL_KEYS:
-            close = difflib.get_close_matches(str(key), TOP_LEVEL_KEYS, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise SweepError(f"{p}: unknown sweep key {key!r}{hint}; allowed: {', '.join(TOP_LEVEL_KEYS)}")
+            raise SweepError(f"{p}: unknown sweep key {key!r}{did_you_mean(key, TOP_LEVEL_KEYS)}; "
+                             f"allowed: {', '.join(TOP_LEVEL_KEYS)}")
 
     cli_sweep, cli_config = _split_cli(cli_overrides)
     for key, value in cli_sweep.items():

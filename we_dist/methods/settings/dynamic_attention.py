@@ -10,10 +10,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from we_dist.methods.registry import Float, NonNegativeInt, PositiveInt, method_settings
+from we_dist.schema import Float, NonNegativeInt, PositiveInt, settings_dataclass
 
 
-@method_settings("dynamic_attention")
+@settings_dataclass
 class DynamicAttentionSettings:
     """Dynamic attention + BN-scale pruning (see the method card)."""
 

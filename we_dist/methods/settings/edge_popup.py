@@ -10,13 +10,13 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from we_dist.methods.registry import Bool, Float, method_settings
+from we_dist.schema import Bool, Float, settings_dataclass
 
 Density = Annotated[Float, Field(gt=0, le=1, description="fraction of each masked layer's weights KEPT "
                                                          "(1 - sparsity); exactly round(density*n) per layer")]
 
 
-@method_settings("edge_popup")
+@settings_dataclass
 class EdgePopupSettings:
     """edge-popup's settings (see the method card)."""
 

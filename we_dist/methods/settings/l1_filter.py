@@ -10,10 +10,10 @@ from typing import Annotated
 
 from pydantic import Field
 
-from we_dist.methods.registry import Float, Int, method_settings
+from we_dist.schema import Float, Int, settings_dataclass
 
 
-@method_settings("l1")
+@settings_dataclass
 class L1FilterSettings:
     """L1-norm filter pruning's settings (see the method card)."""
 

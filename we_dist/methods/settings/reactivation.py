@@ -10,10 +10,10 @@ from typing import Annotated
 
 from pydantic import Field, Strict
 
-from we_dist.methods.registry import PositiveInt, method_settings
+from we_dist.schema import PositiveInt, settings_dataclass
 
 
-@method_settings("reactivate")
+@settings_dataclass
 class ReactivateConfig:
     """Whole-filter reactivation: the weakest conv filters are re-drawn at random."""
 

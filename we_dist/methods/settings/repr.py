@@ -10,10 +10,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field, Strict
 
-from we_dist.methods.registry import NonNegativeInt, PositiveInt, method_settings
+from we_dist.schema import NonNegativeInt, PositiveInt, settings_dataclass
 
 
-@method_settings("repr")
+@settings_dataclass
 class RePrConfig:
     """RePr: train ``s1``, drop the most overlapping filters for ``s2``, re-initialise them
     orthogonally to the kept ones; repeat ``cycles`` times (0: until training ends)."""

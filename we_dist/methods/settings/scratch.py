@@ -10,10 +10,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from we_dist.methods.registry import method_settings
+from we_dist.schema import settings_dataclass
 
 
-@method_settings("scratch")
+@settings_dataclass
 class ScratchSettings:
     """Scratch-E / Scratch-B (see the method card)."""
 

@@ -10,10 +10,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from we_dist.methods.registry import Float, NonNegativeInt, method_settings
+from we_dist.schema import Float, NonNegativeInt, settings_dataclass
 
 
-@method_settings("slim")
+@settings_dataclass
 class SlimmingSettings:
     """Network Slimming's settings (see the method card)."""
 

@@ -10,10 +10,10 @@ from typing import Annotated
 
 from pydantic import Field, Strict
 
-from we_dist.methods.registry import Bool, PositiveInt, method_settings
+from we_dist.schema import Bool, PositiveInt, settings_dataclass
 
 
-@method_settings("soft_prune")
+@settings_dataclass
 class SoftPruneConfig:
     """Soft filter pruning: each call zeroes the smallest-L2 filters of every conv layer."""
 

@@ -10,11 +10,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from we_dist.methods.registry import Bool, Float, method_settings
+from we_dist.schema import Bool, Float, settings_dataclass
 from we_dist.methods.settings.edge_popup import Density
 
 
-@method_settings("sparse_binary")
+@settings_dataclass
 class SparseBinarySettings:
     """Sparse binary programming's settings (see the method card)."""
 

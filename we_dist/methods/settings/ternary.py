@@ -10,10 +10,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from we_dist.methods.registry import Bool, Float, method_settings
+from we_dist.schema import Bool, Float, settings_dataclass
 
 
-@method_settings("ternary")
+@settings_dataclass
 class TernarySettings:
     """TWN's settings (see the method card)."""
 

@@ -11,14 +11,14 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from we_dist.evolution.config import WEConfig
-from we_dist.methods.registry import Float, Int, PositiveInt, method_settings
+from we_dist.schema import Float, Int, PositiveInt, settings_dataclass
 
 
 def _doc(text: str) -> Any:
     return Field(description=text)
 
 
-@method_settings("we")
+@settings_dataclass
 class WEMethodConfig(WEConfig):
     """WE's hyperparameters (:class:`WEConfig`, which checks their ranges) plus when the method runs.
 
