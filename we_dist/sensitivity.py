@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from we_dist.methods.l1_filter import (conv_stages, layer_decision, module_to_paper_layer, prunable_layers)
-from we_dist.methods.slimming import apply_decision
+from we_dist.methods.channels import apply_decision
 
 CSV_FILE = "sensitivity.csv"
 PLOT_FILE = "sensitivity.png"

@@ -40,11 +40,11 @@ def test_global_threshold_removes_the_smallest_channels_and_never_empties_a_laye
         model.layers[0].bn1.weight.mul_(1e-4)
     decision = slimming_decision(model, (3, 32, 32), percent=0.4, max_layer_prune=0.75)
     assert len(decision["prune"]["layers.0.conv1"]) == int(0.75 * 16)      # capped, not emptied
-    # Elsewhere (uncoupled groups: one BN each) exactly the channels below the threshold go.
+    # Elsewhere (uncoupled groups: one BN each) exactly the channels at or below the threshold go.
     t = decision["threshold"]
     for i in range(1, 9):
         gam = model.layers[i].bn1.weight.detach().abs()
-        expected = sorted(torch.nonzero(gam < t).flatten().tolist())
+        expected = sorted(torch.nonzero(gam <= t).flatten().tolist())   # at or below: the authors' rule
         if len(expected) <= int(0.75 * 16):
             assert decision["prune"].get(f"layers.{i}.conv1", []) == expected
 
@@ -133,9 +133,9 @@ def test_removing_dead_channels_leaves_the_function_unchanged(name):
     assert groups
     # Make the chosen channels dead in every BN of their group: zero gamma and beta.
     x = torch.randn(4, 3, 32, 32)
-    from we_dist.methods.slimming import _groups
+    from we_dist.methods.channels import prunable_groups
     with torch.no_grad():
-        for root, group in _groups(model, (3, 32, 32)):
+        for root, group in prunable_groups(model, (3, 32, 32)):
             for dep, idxs in group:
                 if isinstance(dep.target.module, nn.BatchNorm2d) and root in groups:
                     keep_map = list(idxs)

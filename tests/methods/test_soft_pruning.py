@@ -22,13 +22,20 @@ def test_smallest_filters_of_each_layer_are_zeroed():
 
 
 def test_interval_and_metrics():
+    # The authors' schedule with interval 2 over 5 epochs: before epoch 0, after epochs 0, 2, 4.
     model = SmallCNN(width=8)
     method = SoftFilterPruningMethod(SoftPruneConfig(rate=0.5, interval=2))
-    c = dict(model=model, step=0, epochs=4, steps_per_epoch=1)
-    method.on_epoch_end(FitContext(epoch=0, **c))
-    assert method.pop_metrics() == {}
-    method.on_epoch_end(FitContext(epoch=1, **c))
+    c = dict(model=model, step=0, epochs=5, steps_per_epoch=1)
+    method.on_fit_start(FitContext(epoch=0, **c))
     assert method.pop_metrics()["soft_prune/fraction"] > 0.45
+    method.on_fit_start(FitContext(epoch=3, **c))          # a resume: no extra call
+    assert method.pop_metrics() == {}
+    called = []
+    for epoch in range(5):
+        method.on_epoch_end(FitContext(epoch=epoch, **c))
+        if method.pop_metrics():
+            called.append(epoch)
+    assert called == [0, 2, 4]
 
 
 def _ranks(rank, world):

@@ -46,11 +46,11 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-import torch_pruning as tp
 from torch import nn
 from torch.nn import functional as F
 
 from we_dist.accounting import count_macs
+from we_dist.methods.channels import all_groups, passes_zero_padding
 
 
 @dataclass(frozen=True)
@@ -69,24 +69,6 @@ class _Stop(Exception):
 
 
 # --- which channels may go ------------------------------------------------------------------
-
-
-def _classifier(model: nn.Module) -> list[nn.Module]:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1:]
-
-
-def _graph_groups(model: nn.Module, input_shape: Sequence[int]) -> list[Any]:
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()  # tracing must not move BatchNorm statistics
-    try:
-        with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
-            graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=torch.zeros((1, *input_shape), device=device), verbose=False)
-    finally:
-        model.train(was_training)
-    return list(graph.get_all_groups(ignored_layers=_classifier(model), root_module_types=(nn.Conv2d, nn.Linear)))
 
 
 def _consumer_of(group: Any) -> nn.Module | None:
@@ -110,11 +92,10 @@ def _pairs_and_groups(model: nn.Module, input_shape: Sequence[int]) -> list[tupl
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
     out = []
-    for group in _graph_groups(model, input_shape):
-        modules = [dep.target.module for dep, _ in group]
+    for group in all_groups(model, input_shape):
         # Channels an option-A shortcut zero-pads cannot be followed by Torch-Pruning (the
         # CIFAR ResNets' residual stream): such groups are never pruned, as in slimming.
-        if any("ConstantPadNd" in str(getattr(m, "_grad_fn", "")) for m in modules):
+        if passes_zero_padding(group):
             continue
         consumer = _consumer_of(group)
         if consumer is None:

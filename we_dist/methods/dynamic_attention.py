@@ -45,7 +45,7 @@ the layer's unmasked channels, shift 0, running statistics (0, 1), momentum rese
 epoch no channel comes back (it would be kept untrained): the mask can only grow there.
 
 **At the end** (``on_fit_end``), the masked channels are removed physically with Torch-Pruning
-(:func:`we_dist.methods.slimming.apply_decision`, after :func:`we_dist.methods.soft_pruning.harden`):
+(:func:`we_dist.methods.channels.apply_decision`, after :func:`we_dist.methods.soft_pruning.harden`):
 the network's function is unchanged by the removal (they output exactly zero), the loop
 validates again and exports and accounts the smaller network.
 
@@ -84,7 +84,8 @@ from we_dist.methods.base import FitContext, Method
 from we_dist.methods.calibration import all_reduce_sum
 from we_dist.methods.registry import register_method
 from we_dist.methods.settings.dynamic_attention import DynamicAttentionSettings
-from we_dist.methods.slimming import _BN, _IMPORTANCE, _groups, add_l1_subgradient, apply_decision
+from we_dist.methods.channels import BatchNorm, apply_decision, bn_scale_importance, prunable_groups
+from we_dist.methods.slimming import add_l1_subgradient
 from we_dist.methods.soft_pruning import harden
 
 _EPS = 1e-12
@@ -100,7 +101,7 @@ def _out_deps(group: Any) -> list[tuple[nn.Module, list[int]]]:
     for dep, idxs in group:
         module = dep.target.module
         handler = getattr(dep.handler, "__name__", "")
-        if isinstance(module, _BN) and module.affine:
+        if isinstance(module, BatchNorm) and module.affine:
             out.append((module, list(idxs)))
         elif isinstance(module, (nn.Conv2d, nn.Linear)) and "out_channels" in handler:
             out.append((module, list(idxs)))
@@ -109,9 +110,9 @@ def _out_deps(group: Any) -> list[tuple[nn.Module, list[int]]]:
 
 def _first_bn(group: Any) -> tuple[nn.Module, list[int]]:
     for module, idxs in _out_deps(group):
-        if isinstance(module, _BN):
+        if isinstance(module, BatchNorm):
             return module, idxs
-    raise ValueError("a prunable group without a BatchNorm")   # _groups keeps only groups with one
+    raise ValueError("a prunable group without a BatchNorm")   # prunable_groups keeps only groups with one
 
 
 @torch.no_grad()
@@ -123,7 +124,7 @@ def attention_scores(model: nn.Module, input_shape: Sequence[int],
     Eval mode (running statistics; nothing about BatchNorm moves). Sums are float64 and
     ``all_reduce``-d, so two ranks on half the images each equal one process on all of them.
     """
-    groups = _groups(model, tuple(input_shape))
+    groups = prunable_groups(model, tuple(input_shape))
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, torch.Tensor] = {}
     handles = []
@@ -165,7 +166,7 @@ def attention_scores(model: nn.Module, input_shape: Sequence[int],
 def bn_scales(model: nn.Module, input_shape: Sequence[int]) -> dict[str, torch.Tensor]:
     """``|gamma|`` of every prunable group's channels (mean over the group's BatchNorms)."""
     with torch.no_grad():
-        return {root: _IMPORTANCE(group).double().cpu() for root, group in _groups(model, tuple(input_shape))}
+        return {root: bn_scale_importance(group).double().cpu() for root, group in prunable_groups(model, tuple(input_shape))}
 
 
 def importance(attention: torch.Tensor, scale: torch.Tensor, alive: torch.Tensor, alpha: float,
@@ -192,7 +193,7 @@ class MacModel:
     """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int]) -> None:
-        groups = _groups(model, tuple(input_shape))
+        groups = prunable_groups(model, tuple(input_shape))
         self.channels = {root: len(group[0].idxs) for root, group in groups}
         self.full = count_macs(model, input_shape)
         positions: dict[nn.Module, int] = {}
@@ -279,7 +280,7 @@ def _zero_targets(model: nn.Module, input_shape: Sequence[int],
     """(tensor, row indices) of everything a mask holds at zero: filters, their biases, the
     scales and shifts of the group's BatchNorms."""
     out = []
-    for root, group in _groups(model, tuple(input_shape)):
+    for root, group in prunable_groups(model, tuple(input_shape)):
         idxs = mask.get(root)
         if not idxs:
             continue
@@ -314,14 +315,14 @@ def revive(model: nn.Module, input_shape: Sequence[int], channels: dict[str, Seq
     seeded with ``seed`` (identical on every rank), BatchNorm scale = mean |gamma| of the
     layer's channels outside ``alive_mask`` (the new mask), shift 0, running stats (0, 1)."""
     gen = torch.Generator().manual_seed(int(seed))
-    for root, group in _groups(model, tuple(input_shape)):
+    for root, group in prunable_groups(model, tuple(input_shape)):
         idxs = channels.get(root)
         if not idxs:
             continue
         for module, dep_idxs in _out_deps(group):
             rows = [dep_idxs[i] for i in idxs]
             rows_t = torch.as_tensor(rows, dtype=torch.long, device=module.weight.device)
-            if isinstance(module, _BN):
+            if isinstance(module, BatchNorm):
                 kept = torch.ones(module.num_features, dtype=torch.bool)
                 kept[[dep_idxs[i] for i in alive_mask.get(root, [])]] = False
                 kept[rows] = False

@@ -41,7 +41,7 @@ multiply-accumulates (our ``model/macs``).
 **Metrics.** At the pruning: ``l1/filters_before``, ``l1/filters_after`` (output channels of all
 convs), ``l1/removed_filters``, ``l1/layers_pruned``, ``l1/macs_before``, ``l1/macs_after``.
 
-Functional form: :func:`l1_decision` and :func:`we_dist.methods.slimming.apply_decision`.
+Functional form: :func:`l1_decision` and :func:`we_dist.methods.channels.apply_decision`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from we_dist.accounting import count_macs
 from we_dist.methods.base import FitContext, Method, Phase
 from we_dist.methods.registry import register_method
 from we_dist.methods.settings.l1_filter import L1FilterSettings
-from we_dist.methods.slimming import _groups, apply_decision
+from we_dist.methods.channels import apply_decision, prunable_convs
 from we_dist.schema import ConfigError
 
 # --- the paper's layer numbering ------------------------------------------------------------
@@ -120,8 +120,7 @@ def filter_l1(conv: nn.Module) -> torch.Tensor:
 
 def prunable_layers(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
     """Conv layers whose filters this method can remove alone (groups rooted at a conv)."""
-    modules = dict(model.named_modules())
-    return [name for name, _ in _groups(model, tuple(input_shape)) if isinstance(modules[name], nn.Conv2d)]
+    return prunable_convs(model, input_shape)
 
 
 def filters_to_remove(ratio: float, n: int) -> int:

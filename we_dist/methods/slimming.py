@@ -49,24 +49,18 @@ import dataclasses
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from we_dist import sync
+from we_dist.methods import channels
+from we_dist.methods.channels import apply_decision
 from we_dist.methods.base import FitContext, Method, Phase, ScoreHistogram
 from we_dist.methods.registry import register_method
 from we_dist.methods.settings.slimming import SlimmingSettings
 
-_BN = nn.modules.batchnorm._BatchNorm
-
-
-def _bns(model: nn.Module) -> list[_BN]:
-    return [m for m in model.modules() if isinstance(m, _BN) and m.affine]
-
-
 def bn_gammas(model: nn.Module) -> torch.Tensor:
     """|gamma| of every affine BatchNorm, concatenated in module order (CPU, float)."""
-    bns = _bns(model)
+    bns = channels.affine_bns(model)
     if not bns:
         return torch.zeros(0)
     return torch.cat([m.weight.detach().abs().float().cpu() for m in bns])
@@ -75,73 +69,110 @@ def bn_gammas(model: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def add_l1_subgradient(model: nn.Module, s: float) -> None:
     """``grad(gamma) += s * sign(gamma)`` for every affine BatchNorm (in place)."""
-    for m in _bns(model):
+    for m in channels.affine_bns(model):
         if m.weight.grad is not None:
             m.weight.grad.add_(torch.sign(m.weight.detach()), alpha=s)
 
 
-def _classifier(model: nn.Module) -> list[nn.Module]:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1:]
+def authors_threshold(scores: torch.Tensor, percent: float) -> float:
+    """The authors' threshold (``resprune.py``/``vggprune.py``): ``sort(scores)[int(N * percent)]``.
 
-
-def _groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, Any]]:
-    """Torch-Pruning's channel groups that this method may prune, as (root name, group)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()  # tracing must not move BatchNorm statistics
-    try:
-        with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
-            graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=torch.zeros((1, *input_shape), device=device), verbose=False)
-    finally:
-        model.train(was_training)
-    names = {m: n for n, m in model.named_modules()}
-    out = []
-    for group in graph.get_all_groups(ignored_layers=_classifier(model), root_module_types=(nn.Conv2d, nn.Linear)):
-        modules = [dep.target.module for dep, _ in group]
-        if not any(isinstance(m, _BN) for m in modules):
-            continue
-        if any("ConstantPadNd" in str(getattr(m, "_grad_fn", "")) for m in modules):
-            continue
-        out.append((names[group[0].dep.target.module], group))
-    return out
-
-
-_IMPORTANCE = tp.importance.BNScaleImportance(group_reduction="mean", normalizer=None)
+    A channel is selected when its score is at most this value, so ``int(N * percent) + 1``
+    channels are selected when no two scores tie.
+    """
+    return float(scores.sort().values[int(scores.numel() * percent)])
 
 
 def slimming_decision(model: nn.Module, input_shape: tuple[int, ...], percent: float,
-                      max_layer_prune: float) -> dict[str, Any]:
-    """Which channels to remove: ``{"threshold": t, "prune": {root layer name: [indices]}}``."""
+                      max_layer_prune: float, threshold_over: str = "all_bn") -> dict[str, Any]:
+    """Which channels to remove and which to mask (see the method card).
+
+    Returns ``{"threshold": t, "prune": {root layer name: [indices]}, "mask": {BatchNorm name:
+    [indices]}}``. ``threshold_over="all_bn"`` (the authors): ``t`` is
+    :func:`authors_threshold` over the |gamma| of every affine BatchNorm; a channel of a
+    removable group goes when every BatchNorm entry of it is at most ``t``; every other
+    BatchNorm channel at most ``t`` is masked (its gamma and beta zeroed). ``"removable"``: ``t``
+    over the removable groups' scores only (mean |gamma| of a group's BatchNorms); nothing is
+    masked. Either way at most ``max_layer_prune`` of a group's (of a BatchNorm's) channels are
+    selected, the smallest first, and one always stays.
+    """
+    if threshold_over not in ("all_bn", "removable"):
+        raise ValueError(f"threshold_over must be 'all_bn' or 'removable', got {threshold_over!r}")
+    names = {m: n for n, m in model.named_modules()}
     with torch.no_grad():
-        scored = [(name, _IMPORTANCE(group)) for name, group in _groups(model, input_shape)]
-    scored = [(name, imp.float().cpu()) for name, imp in scored if imp is not None and imp.numel() > 1]
-    if not scored or percent == 0:
-        return {"threshold": 0.0, "prune": {}}
-    everything = torch.cat([imp for _, imp in scored])
-    threshold = float(torch.quantile(everything, percent))
+        groups = [(name, group, channels.bn_scale_importance(group))
+                  for name, group in channels.prunable_groups(model, input_shape)]
+    groups = [(name, group, imp.float().cpu()) for name, group, imp in groups if imp is not None and imp.numel() > 1]
+    if threshold_over == "all_bn":
+        pool = bn_gammas(model)
+    else:
+        pool = torch.cat([imp for _, _, imp in groups]) if groups else torch.zeros(0)
+    if pool.numel() == 0 or percent == 0:
+        return {"threshold": 0.0, "prune": {}, "mask": {}}
+    if not bool(torch.isfinite(pool).all()):
+        raise ValueError("BatchNorm scales hold NaN or Inf (training diverged): no channel can be ranked")
+    threshold = authors_threshold(pool, percent)
+
+    def cap(n: int) -> int:
+        return min(int(max_layer_prune * n), n - 1)
+
     prune: dict[str, list[int]] = {}
-    for name, imp in scored:
-        n = imp.numel()
-        cap = min(int(max_layer_prune * n), n - 1)
-        order = imp.argsort(stable=True)
-        below = int((imp < threshold).sum())
-        chosen = order[:min(below, cap)]
-        if chosen.numel():
-            prune[name] = sorted(chosen.tolist())
-    return {"threshold": threshold, "prune": prune}
+    candidates: dict[str, set[int]] = {}       # BatchNorm name -> channels its removable groups select
+    removed: dict[str, set[int]] = {}          # BatchNorm name -> channels removed with their group
+    for name, group, imp in groups:
+        bns = channels.group_bns(group)
+        if threshold_over == "all_bn":
+            # A channel goes physically only if it is selected in every BatchNorm of its group.
+            gam = [m.weight.detach().abs().float().cpu() for m, _ in bns]
+            below = [i for i in range(imp.numel()) if all(float(g[idxs[i]]) <= threshold
+                                                          for g, (_, idxs) in zip(gam, bns))]
+        else:
+            below = [i for i in range(imp.numel()) if float(imp[i]) <= threshold]
+        # The smallest first (stable: ties by index), at most the cap.
+        chosen = sorted(sorted(below, key=lambda i: (float(imp[i]), i))[:cap(imp.numel())])
+        if chosen:
+            prune[name] = chosen
+        for m, idxs in bns:
+            candidates.setdefault(names[m], set()).update(idxs[i] for i in below)
+            removed.setdefault(names[m], set()).update(idxs[i] for i in chosen)
+    mask: dict[str, list[int]] = {}
+    if threshold_over == "all_bn":
+        for m in channels.affine_bns(model):
+            name = names[m]
+            gam = m.weight.detach().abs().float().cpu()
+            # Channels a removable group selected are removed or, past the cap, kept: never masked.
+            rest = [i for i in range(gam.numel()) if float(gam[i]) <= threshold and i not in candidates.get(name, ())]
+            budget = cap(gam.numel()) - len(removed.get(name, ()))
+            chosen = sorted(sorted(rest, key=lambda i: (float(gam[i]), i))[:max(budget, 0)])
+            if chosen:
+                mask[name] = chosen
+    return {"threshold": threshold, "prune": prune, "mask": mask,
+            "removed": {name: sorted(idxs) for name, idxs in removed.items() if idxs}}
 
 
-def apply_decision(model: nn.Module, input_shape: tuple[int, ...], decision: dict[str, Any]) -> int:
-    """Remove the decided channels from ``model`` in place; returns how many channels went."""
-    removed = 0
-    for name, group in _groups(model, input_shape):
-        idxs = decision["prune"].get(name)
+def mask_after_removal(decision: dict[str, Any]) -> dict[str, list[int]]:
+    """``decision["mask"]`` in the BatchNorms' indices after ``decision["prune"]`` is removed
+    (a masked channel moves down by the number of removed channels before it)."""
+    out = {}
+    for name, idxs in decision.get("mask", {}).items():
+        gone = sorted(decision.get("removed", {}).get(name, []))
+        out[name] = [i - sum(1 for r in gone if r < i) for i in idxs]
+    return out
+
+
+@torch.no_grad()
+def apply_mask(model: nn.Module, mask: dict[str, list[int]]) -> int:
+    """Zero the scale and shift of the masked BatchNorm channels (``{BatchNorm name: [indices]}``)
+    in place, as the authors' ``resprune.py`` does; returns how many channels are masked."""
+    modules = dict(model.named_modules())
+    count = 0
+    for name, idxs in mask.items():
         if idxs:
-            group.prune(idxs=list(idxs))
-            removed += len(idxs)
-    return removed
+            bn = modules[name]
+            bn.weight[list(idxs)] = 0
+            bn.bias[list(idxs)] = 0
+            count += len(idxs)
+    return count
 
 
 @register_method
@@ -161,6 +192,7 @@ class NetworkSlimmingMethod(Method):
         self.settings = settings or SlimmingSettings()
         self.input_shape = tuple(input_shape)
         self.pruned = False
+        self.mask: dict[str, list[int]] = {}   # masked BatchNorm channels, indices of the pruned network
         self.start_gammas: torch.Tensor | None = None
         self._metrics: dict[str, float] = {}
         self._histograms: list[ScoreHistogram] = []
@@ -187,6 +219,12 @@ class NetworkSlimmingMethod(Method):
         if self._sparsity(ctx) and self.settings.s > 0:
             add_l1_subgradient(ctx.model, self.settings.s)
 
+    def on_step_end(self, ctx: FitContext) -> None:
+        # Masked channels stay masked while fine-tuning, as in the authors' network, where the
+        # channel selection cuts them off from every gradient; here the residual sum would not.
+        if self.pruned and self.mask:
+            apply_mask(ctx.model, self.mask)
+
     def on_epoch_end(self, ctx: FitContext) -> None:
         if not self._sparsity(ctx):
             return
@@ -201,27 +239,32 @@ class NetworkSlimmingMethod(Method):
     def prune(self, ctx: FitContext) -> None:
         """Decide on rank 0, remove the same channels on every rank, tell the loop."""
         st = self.settings
-        before = sum(m.num_features for m in _bns(ctx.model))
+        before = sum(m.num_features for m in channels.affine_bns(ctx.model))
         gammas = bn_gammas(ctx.model)
         decision = sync.decide_and_share(
-            lambda: slimming_decision(ctx.model, self.input_shape, st.percent, st.max_layer_prune))
+            lambda: slimming_decision(ctx.model, self.input_shape, st.percent, st.max_layer_prune, st.threshold_over))
         apply_decision(ctx.model, self.input_shape, decision)
+        self.mask = mask_after_removal(decision)
+        masked = apply_mask(ctx.model, self.mask)
         self.pruned = True
         ctx.structure_changed()
-        after = sum(m.num_features for m in _bns(ctx.model))
+        after = sum(m.num_features for m in channels.affine_bns(ctx.model))
         self._metrics.update({"slim/threshold": float(decision["threshold"]), "slim/channels_before": float(before),
                               "slim/channels_after": float(after),
-                              "slim/removed_fraction": (before - after) / max(before, 1)})
+                              "slim/removed_fraction": (before - after) / max(before, 1),
+                              "slim/masked_channels": float(masked),
+                              "slim/selected_fraction": (before - after + masked) / max(before, 1)})
         if ctx.rank == 0 and self.start_gammas is not None:
             self._histograms.append(ScoreHistogram("bn_gamma_abs", ctx.epoch, self.start_gammas.numpy(),
                                                    gammas.numpy()))
 
     def state_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"pruned": self.pruned}
+        out: dict[str, Any] = {"pruned": self.pruned, "mask": self.mask}
         if self.start_gammas is not None:
             out["start_gammas"] = self.start_gammas
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pruned = bool(state.get("pruned", False))
+        self.mask = {str(k): [int(i) for i in v] for k, v in state.get("mask", {}).items()}
         self.start_gammas = state.get("start_gammas")

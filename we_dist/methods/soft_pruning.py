@@ -47,20 +47,29 @@ from we_dist.evolution.scores import unwrap
 from we_dist.methods.base import FitContext, Method
 from we_dist.methods.registry import register_method
 from we_dist.methods.settings.soft_pruning import SoftPruneConfig
-from we_dist.methods.slimming import _BN, _groups, apply_decision
+from we_dist.methods.channels import BatchNorm, apply_decision, prunable_groups
 
 
 def _convs(model: nn.Module) -> list[nn.Conv2d]:
     return [m for m in unwrap(model).modules() if isinstance(m, nn.Conv2d)]
 
 
+def is_shortcut_conv(name: str) -> bool:
+    """Whether conv ``name`` is a shortcut (downsample) conv: torchvision's ResNets keep them
+    under a ``downsample`` module, the layers the authors' ``--skip_downsample 1`` leaves out."""
+    return "downsample" in name.split(".")
+
+
 @torch.no_grad()
-def prune_mask(model: nn.Module, rate: float) -> torch.Tensor:
-    """1 for each filter to zero (all conv layers concatenated, in module order)."""
+def prune_mask(model: nn.Module, rate: float, skip_downsample: bool = True) -> torch.Tensor:
+    """1 for each filter to zero (all conv layers concatenated, in module order); with
+    ``skip_downsample`` the shortcut convs (:func:`is_shortcut_conv`) are never marked."""
     masks = []
-    for conv in _convs(model):
+    for name, conv in unwrap(model).named_modules():
+        if not isinstance(conv, nn.Conv2d):
+            continue
         norms = conv.weight.detach().float().flatten(1).norm(dim=1).cpu()
-        k = int(norms.numel() * rate)
+        k = 0 if skip_downsample and is_shortcut_conv(name) else int(norms.numel() * rate)
         mask = torch.zeros(norms.numel(), dtype=torch.uint8)
         if k:
             mask[norms.argsort(stable=True)[:k]] = 1
@@ -80,9 +89,9 @@ def apply_mask(model: nn.Module, mask: torch.Tensor) -> int:
     return int(mask.sum())
 
 
-def soft_prune(model: nn.Module, rate: float) -> int:
+def soft_prune(model: nn.Module, rate: float, skip_downsample: bool = True) -> int:
     """One soft-pruning call on a single replica; returns the number of zeroed filters."""
-    return apply_mask(model, prune_mask(model, rate))
+    return apply_mask(model, prune_mask(model, rate, skip_downsample))
 
 
 def _conv_rows(model: nn.Module, mask: torch.Tensor) -> dict[str, list[int]]:
@@ -96,12 +105,13 @@ def _conv_rows(model: nn.Module, mask: torch.Tensor) -> dict[str, list[int]]:
     return out
 
 
-def removal_decision(model: nn.Module, input_shape: Sequence[int], rate: float) -> dict[str, Any]:
+def removal_decision(model: nn.Module, input_shape: Sequence[int], rate: float,
+                     skip_downsample: bool = True) -> dict[str, Any]:
     """The filters removed at the end: ``{"prune": {group root conv: [indices]}}``, the
     :func:`prune_mask` filters of every group that can be removed alone (see the card)."""
-    marked = _conv_rows(model, prune_mask(model, rate))
+    marked = _conv_rows(model, prune_mask(model, rate, skip_downsample))
     prune = {}
-    for root, _ in _groups(model, tuple(input_shape)):
+    for root, _ in prunable_groups(model, tuple(input_shape)):
         n = dict(model.named_modules())[root].weight.shape[0]
         idxs = marked.get(root, [])[:n - 1]          # a layer always keeps one filter
         if idxs:
@@ -114,14 +124,14 @@ def harden(model: nn.Module, input_shape: Sequence[int], decision: dict[str, Any
     """Make the decided channels output exactly zero: their filters (and biases) and the scale
     and shift of every BatchNorm of their group set to zero. Removing them afterwards
     (:func:`apply_decision`) then leaves the network's function unchanged."""
-    for root, group in _groups(model, tuple(input_shape)):
+    for root, group in prunable_groups(model, tuple(input_shape)):
         idxs = decision["prune"].get(root)
         if not idxs:
             continue
         for dep, dep_idxs in group:
             module = dep.target.module
             chosen = [list(dep_idxs)[i] for i in idxs]   # the root's channel i is this layer's dep_idxs[i]
-            if isinstance(module, _BN) and module.affine:
+            if isinstance(module, BatchNorm) and module.affine:
                 module.weight[chosen] = 0
                 module.bias[chosen] = 0
             elif isinstance(module, (nn.Conv2d, nn.Linear)) and "out_channels" in getattr(dep.handler, "__name__", ""):
@@ -159,11 +169,19 @@ class SoftFilterPruningMethod(Method):
         self.input_shape = tuple(input_shape)
         self._metrics: dict[str, float] = {}
 
+    def on_fit_start(self, ctx: FitContext) -> None:
+        # The authors mask once before the first epoch (after any pretrained weights are loaded).
+        if ctx.epoch == 0:
+            self._mask(ctx)
+
     def on_epoch_end(self, ctx: FitContext) -> None:
-        if (ctx.epoch + 1) % self.cfg.interval:
-            return
+        # The authors' schedule: after epochs 0, k, 2k, ... and after the last one.
+        if ctx.epoch % self.cfg.interval == 0 or ctx.epoch == ctx.epochs - 1:
+            self._mask(ctx)
+
+    def _mask(self, ctx: FitContext) -> None:
         # Weights are identical on every rank, but ties could still split the replicas.
-        mask = sync.decide_and_share(lambda: prune_mask(ctx.model, self.cfg.rate),
+        mask = sync.decide_and_share(lambda: prune_mask(ctx.model, self.cfg.rate, self.cfg.skip_downsample),
                                      encode=lambda m: m, decode=lambda m: m)
         zeroed = apply_mask(ctx.model, mask)
         total = sum(c.weight.shape[0] for c in _convs(ctx.model))
@@ -174,7 +192,8 @@ class SoftFilterPruningMethod(Method):
         if not self.cfg.remove_at_end or self.cfg.rate == 0:
             return
         before = filters(ctx.model)
-        decision = sync.decide_and_share(lambda: removal_decision(ctx.model, self.input_shape, self.cfg.rate))
+        decision = sync.decide_and_share(lambda: removal_decision(ctx.model, self.input_shape, self.cfg.rate,
+                                                                  self.cfg.skip_downsample))
         remove_zeroed(ctx.model, self.input_shape, decision)
         ctx.structure_changed()
         after = filters(ctx.model)

@@ -18,7 +18,13 @@ class SlimmingSettings:
     """Network Slimming's settings (see the method card)."""
 
     s: Annotated[Float, Field(ge=0, description="L1 strength on BatchNorm scales (subgradient s*sign(gamma))")] = 1e-4
-    percent: Annotated[Float, Field(ge=0, lt=1, description="fraction of channels removed, one global threshold")] = 0.5
+    percent: Annotated[Float, Field(ge=0, lt=1, description=(
+        "one global threshold: sort(|gamma|)[int(N*percent)]; channels at or below it are removed, or masked "
+        "where they cannot be removed (see threshold_over)"))] = 0.5
+    threshold_over: Annotated[Literal["all_bn", "removable"], Field(description=(
+        "all_bn: N counts every BatchNorm channel, as the authors' resprune.py (residual-stream channels are "
+        "masked: gamma and beta zeroed); removable: only the channels that can be removed, nothing masked"))] = \
+        "all_bn"
     max_layer_prune: Annotated[Float, Field(ge=0, lt=1, description="at most this fraction of a channel group "
                                                                     "is removed; one channel always stays")] = 0.9
     sparsity_epochs: Annotated[NonNegativeInt, Field(description="0: the recipe's schedule.epochs")] = 0

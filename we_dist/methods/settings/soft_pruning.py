@@ -19,6 +19,9 @@ class SoftPruneConfig:
 
     rate: Annotated[float, Strict(), Field(ge=0, lt=1, description=(
         "fraction of each layer's filters zeroed per call"))] = 0.3
-    interval: Annotated[PositiveInt, Field(description="epochs between calls")] = 1
+    interval: Annotated[PositiveInt, Field(description=(
+        "k: a call before epoch 0, then after epochs 0, k, 2k, ... and the last (the authors' epoch_prune)"))] = 1
+    skip_downsample: Annotated[Bool, Field(description=(
+        "leave the shortcut (downsample) convs of torchvision ResNets unpruned, as the authors' default"))] = True
     remove_at_end: Annotated[Bool, Field(description=(
         "at the end of training remove the zeroed filters physically (a smaller network)"))] = True
