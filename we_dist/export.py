@@ -14,8 +14,8 @@ shape it was traced with and how to load it.
 Networks trained with masks or ternary weights (:mod:`we_dist.methods.masked`) are exported
 as what they compute: :func:`deployable` replaces each such layer by a plain conv/linear
 layer holding its effective weight (``weight * mask``, or ``alpha * codes``), so the file
-holds neither scores nor full-precision shadows and loads like any other. A network with
-ternary layers also gets ``exported_2bit.pt`` beside it: every ternary weight packed at 2
+holds neither scores nor full-precision shadows and loads like any other. The ternary
+method also writes ``exported_2bit.pt`` beside it (its ``export_artifacts``): every ternary weight packed at 2
 bits (four per byte) with its alpha, every other tensor in float32
 (:func:`pack_2bit`; :func:`load_2bit` unpacks it into a plain state dict that the
 exported module, or the project's model, loads)::
@@ -66,12 +66,11 @@ def export_model(model: nn.Module, input_shape: Sequence[int], directory: str | 
     """Export ``model`` (a CPU, eval-mode copy of it) to ``directory/exported.pt2``.
 
     ``input_shape`` is one input's (C, H, W). Any batch from 1 to ``max_batch`` works.
-    Returns the path. Also writes ``exported.json`` (input shape, dtype, how to load) and,
-    for a network with ternary layers, ``exported_2bit.pt`` (:func:`write_2bit`).
+    Returns the path. Also writes ``exported.json`` (input shape, dtype, how to load); a
+    method adds its own files beside them (``Method.export_artifacts``: the ternary method
+    writes ``exported_2bit.pt`` with :func:`write_2bit`).
     Masked and ternary layers are exported as plain layers (:func:`deployable`).
     """
-    if _has_ternary(model):
-        write_2bit(model, Path(directory) / PACKED_FILE)
     net = deployable(copy.deepcopy(model).cpu().float().eval()).to(memory_format=torch.contiguous_format)
     example = torch.randn((2, *input_shape))  # 2, not 1: batch 1 would be specialised
     program = torch.export.export(net, (example,), dynamic_shapes=({0: Dim("batch", min=1, max=max_batch)},))
@@ -94,10 +93,6 @@ def load_exported(path: str | Path) -> nn.Module:
 # --- ternary weights packed at 2 bits -------------------------------------------------------
 # Code of each weight, 2 bits: 0 -> 0, 1 -> +1, 2 -> -1 (3 unused); four weights per byte,
 # the first in the lowest bits. Alpha (per layer or per filter) stays float32.
-
-
-def _has_ternary(model: nn.Module) -> bool:
-    return any(callable(getattr(m, "codes_and_scale", None)) for m in model.modules())
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:

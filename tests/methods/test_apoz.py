@@ -63,7 +63,7 @@ def test_rounds_are_phases_and_each_round_trims_its_share_of_layers():
     method = APoZMethod(APoZSettings(ratio=0.5, rounds=2, calibration_batches=1))
     ctx = FitContext(model=model, epoch=0, step=0, epochs=4, steps_per_epoch=1, loaders={"train": data(8)})
     method.on_fit_start(ctx)
-    m = method.pop_metrics()
+    m = ctx.logged
     assert ctx.changed and m["apoz/layers_trimmed"] == 2 and len(method.done) == 2
     assert m["apoz/pruned_apoz_mean"] >= m["apoz/kept_apoz_mean"]
     means = {k.split("/", 2)[2]: v for k, v in m.items() if k.startswith("apoz/mean/")}

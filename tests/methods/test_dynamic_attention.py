@@ -167,8 +167,9 @@ def test_masks_change_and_a_channel_masked_early_comes_back():
         opt.state[p]["momentum_buffer"] = torch.ones_like(p)
     method = DynamicAttentionPruningMethod(DynamicAttentionSettings(target_mac_reduction=0.3, ramp_epochs=1, s=0.0))
     images = _images(2)
-    method.on_epoch_end(_ctx(model, 0, 4, images, opt))
-    m0 = method.pop_metrics()
+    c0 = _ctx(model, 0, 4, images, opt)
+    method.on_epoch_end(c0)
+    m0 = c0.logged
     first = copy.deepcopy(method.mask)
     assert m0["dap/newly_masked"] == m0["dap/masked"] > 0 and m0["dap/unmasked_this_epoch"] == 0
     assert 0.3 <= m0["dap/mac_reduction"] < 0.31 and m0["dap/target_mac_reduction"] == 0.3
@@ -194,8 +195,9 @@ def test_masks_change_and_a_channel_masked_early_comes_back():
     with torch.no_grad():
         bn.weight[fading] = 1e-4
         bn.bias[fading] = 0
-    method.on_epoch_end(_ctx(model, 1, 4, images, opt))
-    m1 = method.pop_metrics()
+    c1 = _ctx(model, 1, 4, images, opt)
+    method.on_epoch_end(c1)
+    m1 = c1.logged
     second = method.mask
     assert second != first
     assert early not in second.get(root, []) and m1["dap/unmasked_this_epoch"] > 0
@@ -224,11 +226,13 @@ def test_last_epoch_only_grows_the_mask_and_the_removal_keeps_the_function():
     model = _trained_looking("cifar_resnet20")
     method = DynamicAttentionPruningMethod(DynamicAttentionSettings(target_mac_reduction=0.4, ramp_epochs=2))
     images = _images(2)
-    method.on_epoch_end(_ctx(model, 0, 2, images))
-    assert method.pop_metrics()["dap/target_mac_reduction"] == pytest.approx(0.2)
+    c0 = _ctx(model, 0, 2, images)
+    method.on_epoch_end(c0)
+    assert c0.logged["dap/target_mac_reduction"] == pytest.approx(0.2)
     before = copy.deepcopy(method.mask)
-    method.on_epoch_end(_ctx(model, 1, 2, images))
-    m = method.pop_metrics()
+    c1 = _ctx(model, 1, 2, images)
+    method.on_epoch_end(c1)
+    m = c1.logged
     assert m["dap/target_mac_reduction"] == pytest.approx(0.4) and m["dap/unmasked_this_epoch"] == 0
     assert all(set(v) <= set(method.mask[r]) for r, v in before.items())
     masked = sum(len(v) for v in method.mask.values())
@@ -238,8 +242,8 @@ def test_last_epoch_only_grows_the_mask_and_the_removal_keeps_the_function():
     with torch.no_grad():
         out = model(x)
     ctx = _ctx(model, 1, 2, images)
-    method.on_fit_end(ctx)
-    assert ctx.changed and method.pop_metrics()["dap/removed_channels"] == masked
+    method.on_last_epoch_end(ctx)
+    assert ctx.changed and ctx.logged["dap/removed_channels"] == masked
     for r, w in widths.items():
         assert model.get_submodule(r).weight.shape[0] == w
     with torch.no_grad():

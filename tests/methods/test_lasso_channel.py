@@ -42,7 +42,7 @@ def test_least_squares_against_the_unpruned_outputs_lowers_every_layers_error():
     method = LassoChannelMethod(LassoSettings(ratio=0.5, locations=6, calibration_batches=2, lambda_search=20))
     ctx = FitContext(model=model, epoch=0, step=0, epochs=1, steps_per_epoch=1, loaders={"train": data()})
     method.on_fit_start(ctx)
-    m = method.pop_metrics()
+    m = ctx.logged
     layers = ["features.1.0", "features.3.0", "features.4.0", "fc"]
     for layer in layers:
         assert m[f"lasso/recon_err_after/{layer}"] < m[f"lasso/recon_err_before/{layer}"], layer

@@ -30,12 +30,13 @@ def test_weakest_filters_are_chosen_and_redrawn_others_untouched():
     assert set(chosen[0].tolist()) >= {0, 1} and 5 in chosen[3].tolist()
     before = copy.deepcopy(model.state_dict())
     method = FilterReactivationMethod(ReactivateConfig(ratio=0.05))
-    method.on_epoch_end(ctx(model, 0))
+    c = ctx(model, 0)
+    method.on_epoch_end(c)
     w0, w3 = model.features[0][0].weight, model.features[3][0].weight
     assert w0[:2].abs().sum() > 0 and w3[5].abs().sum() > 1e-3      # re-drawn
     assert torch.equal(w0[2:], before["features.0.0.weight"][2:])   # the rest untouched
     assert torch.equal(model.fc.weight, before["fc.weight"])
-    assert method.pop_metrics()["reactivate/filters"] == sum(c.numel() for c in chosen)
+    assert c.logged["reactivate/filters"] == sum(c.numel() for c in chosen)
 
 
 def test_resumed_generator_draws_the_same_filters():

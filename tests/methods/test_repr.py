@@ -140,7 +140,9 @@ def test_dropped_filters_stay_zero_then_come_back_orthogonal_to_the_kept():
 
     step = _train(model, method, opt, _batches(1, seed=5), step)   # the drop period ends: re-initialised
     assert method.phase == TRAIN and method.cycles_done == 1
-    metrics = method.pop_metrics()
+    end = _ctx(model, step)
+    method.on_epoch_end(end)      # the epoch's sums are logged at its end
+    metrics = end.logged
     assert metrics["repr/dropped_filters"] == metrics["repr/reinit_filters"] == int(seen["mark"].sum())
     assert metrics["repr/not_orthogonal"] == 0
     for conv, rows in zip(convs(model), _rows(model, seen["mark"])):
@@ -238,7 +240,9 @@ def _gloo_ranks(rank, world):
         step += 1
         method.on_step_end(_ctx(model, step, rank, world))
         checks.append(sync.check_replicas(model, f"step {step}"))
-    return method.cycles_done, method.pop_metrics()["repr/reinit_filters"], checks
+    end = _ctx(model, step, rank, world)
+    method.on_epoch_end(end)
+    return method.cycles_done, end.logged["repr/reinit_filters"], checks
 
 
 def test_replicas_stay_identical_under_two_gloo_ranks(gloo):

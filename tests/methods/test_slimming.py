@@ -93,7 +93,7 @@ def _prune_on_ranks(rank, world):
     method = NetworkSlimmingMethod(SlimmingSettings(percent=0.3))
     ctx = FitContext(model=model, epoch=0, step=0, epochs=1, steps_per_epoch=1, rank=rank, world_size=world)
     method.prune(ctx)
-    return [tuple(p.shape) for p in model.parameters()], ctx.changed, method.pop_metrics()["slim/channels_after"]
+    return [tuple(p.shape) for p in model.parameters()], ctx.changed, ctx.logged["slim/channels_after"]
 
 
 def test_every_rank_applies_rank_0s_decision(gloo):

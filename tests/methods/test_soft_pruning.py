@@ -26,14 +26,17 @@ def test_interval_and_metrics():
     model = SmallCNN(width=8)
     method = SoftFilterPruningMethod(SoftPruneConfig(rate=0.5, interval=2))
     c = dict(model=model, step=0, epochs=5, steps_per_epoch=1)
-    method.on_fit_start(FitContext(epoch=0, **c))
-    assert method.pop_metrics()["soft_prune/fraction"] > 0.45
-    method.on_fit_start(FitContext(epoch=3, **c))          # a resume: no extra call
-    assert method.pop_metrics() == {}
+    start = FitContext(epoch=0, **c)
+    method.on_fit_start(start)
+    assert start.logged["soft_prune/fraction"] > 0.45
+    resumed = FitContext(epoch=3, **c)
+    method.on_fit_start(resumed)          # a resume: no extra call
+    assert resumed.logged == {}
     called = []
     for epoch in range(5):
-        method.on_epoch_end(FitContext(epoch=epoch, **c))
-        if method.pop_metrics():
+        end = FitContext(epoch=epoch, **c)
+        method.on_epoch_end(end)
+        if end.logged:
             called.append(epoch)
     assert called == [0, 2, 4]
 
@@ -132,19 +135,19 @@ def test_removing_the_zeroed_filters_keeps_the_outputs_and_shrinks_the_network(n
     assert count_macs(model, SHAPE) == _macs_by_hand(model) < macs_before
 
 
-def test_on_fit_end_removes_and_reports():
+def test_on_last_epoch_end_removes_and_reports():
     model = _trained_looking("cifar_resnet20")
     method = SoftFilterPruningMethod(SoftPruneConfig(rate=0.5))
     ctx = FitContext(model=model, epoch=0, step=0, epochs=1, steps_per_epoch=1)
     method.on_epoch_end(ctx)
-    method.pop_metrics()
-    method.on_fit_end(ctx)
-    m = method.pop_metrics()
+    ctx.logged.clear()
+    method.on_last_epoch_end(ctx)
+    m = ctx.logged
     assert ctx.changed and m["soft_prune/removed_filters"] == 3 * 8 + 3 * 16 + 3 * 32   # half of each block's first conv
     assert m["soft_prune/filters_after"] == m["soft_prune/filters_before"] - m["soft_prune/removed_filters"]
     kept = SoftFilterPruningMethod(SoftPruneConfig(rate=0.5, remove_at_end=False))
     ctx2 = FitContext(model=_trained_looking("cifar_resnet20"), epoch=0, step=0, epochs=1, steps_per_epoch=1)
-    kept.on_fit_end(ctx2)
+    kept.on_last_epoch_end(ctx2)
     assert not ctx2.changed
 
 

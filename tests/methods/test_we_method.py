@@ -41,16 +41,17 @@ def test_method_matches_the_core_and_respects_its_interval():
     method = WeightEvolutionMethod(CFG)
     core = WeightEvolution(CFG.evolution_config())
     before = copy.deepcopy(a.state_dict())
-    method.on_epoch_end(ctx(a, 0))  # interval 2: epoch 0 is skipped
+    skipped, called = ctx(a, 0), ctx(a, 1)
+    method.on_epoch_end(skipped)  # interval 2: epoch 0 is skipped
     assert all(torch.equal(before[k], v) for k, v in a.state_dict().items())
-    method.on_epoch_end(ctx(a, 1))
+    method.on_epoch_end(called)
     core.step(b, 1)
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in before)
     assert not all(torch.equal(before[k], v) for k, v in a.state_dict().items())
-    metrics = method.pop_metrics()
-    assert metrics["we/receivers_conv"] > 0 and metrics["we/calls"] == 1 and method.pop_metrics() == {}
-    assert method.pop_histograms() == []
-    assert len(method.pop_figures()) == 1
+    metrics = called.logged
+    assert metrics["we/receivers_conv"] > 0 and metrics["we/calls"] == 1
+    assert skipped.logged == {} and skipped.figures == []
+    assert [f.artifact_file.split("/")[0] for f in called.figures] == ["we_plots"]
 
 
 def test_state_round_trip_continues_identically():

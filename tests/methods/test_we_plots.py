@@ -60,10 +60,11 @@ def test_a_call_with_receivers_yields_its_thresholds_and_receivers(tmp_path):
     model = weak_tailed_model()
     old = copy.deepcopy(model)
     method = WeightEvolutionMethod(CFG)
-    method.on_epoch_end(ctx(model, 3))
-    metrics = method.pop_metrics()
-    (plot,) = method.pop_figures()
-    assert method.pop_figures() == [] and method.pop_histograms() == []   # popped; no we_scores any more
+    c = ctx(model, 3)
+    method.on_epoch_end(c)
+    metrics = c.logged
+    (plot,) = c.figures          # one figure, under we_plots/ (no we_scores any more)
+    assert plot.artifact_file.startswith("we_plots/")
 
     # Who received, per layer and kind: exactly the channels whose values changed.
     assert plot.receivers == changed_channels(old, model)
@@ -106,12 +107,13 @@ def test_a_call_that_changes_nothing_has_no_plot():
     model = weak_tailed_model(1)
     old = copy.deepcopy(model)
     method = WeightEvolutionMethod(WEMethodConfig(ratio_conv=0.0, ratio_bn=0.0, ratio_bias=0.0))
-    method.on_epoch_end(ctx(model, 0))
-    metrics = method.pop_metrics()
+    c = ctx(model, 0)
+    method.on_epoch_end(c)
+    metrics = c.logged
     assert metrics["we/calls"] == 1
     assert all(metrics[f"we/receivers_{k}"] == 0 for k in ("conv", "gamma", "beta"))
     assert changed_channels(old, model) == {}
-    assert method.pop_figures() == []
+    assert c.figures == []
     # Same through the builder: a plan with no pairs gives None.
     plan = method.evolution.plan(model, 0)
     assert plan.n_pairs == 0 and call_plot(plan, {}, {}, [], call=2, lab=0.1) is None
@@ -119,22 +121,25 @@ def test_a_call_that_changes_nothing_has_no_plot():
 
 def test_plots_only_on_rank_0_and_only_when_switched_on():
     on_rank_1 = WeightEvolutionMethod(CFG)
-    on_rank_1.on_epoch_end(ctx(weak_tailed_model(), 3, rank=1))
-    assert on_rank_1.pop_figures() == []
+    c1 = ctx(weak_tailed_model(), 3, rank=1)
+    on_rank_1.on_epoch_end(c1)
+    assert c1.figures == []
 
     off = load_config(None, ["method.name=we", "tracking.score_plots=false"])
     method = create_method(off)
     assert isinstance(method, WeightEvolutionMethod) and method.record_plots is False
-    method.on_epoch_end(ctx(weak_tailed_model(), 0))
-    assert method.pop_metrics()["we/receivers_conv"] > 0 and method.pop_figures() == []
+    c0 = ctx(weak_tailed_model(), 0)
+    method.on_epoch_end(c0)
+    assert c0.logged["we/receivers_conv"] > 0 and c0.figures == []
     assert create_method(load_config(None, ["method.name=we"])).record_plots is True
 
 
 def test_step_interval_calls_are_not_plotted():
     method = WeightEvolutionMethod(WEMethodConfig(**{**CFG.__dict__, "interval_unit": "step", "interval": 1}))
     model = weak_tailed_model()
-    method.on_step_end(ctx(model, 2))
-    assert method.pop_metrics()["we/receivers_conv"] > 0 and method.pop_figures() == []
+    c = ctx(model, 2)
+    method.on_step_end(c)
+    assert c.logged["we/receivers_conv"] > 0 and c.figures == []
 
 
 def test_plot_refuses_a_plan_without_layer_names():
@@ -156,8 +161,9 @@ def test_receivers_from_the_patience_rule_are_named():
     model = SmallCNN(num_classes=10, width=8)
     method = WeightEvolutionMethod(WEMethodConfig(ratio_conv=0.2, ratio_bn=0.0, ratio_bias=0.0, milestones=(0,),
                                                   stage_divisors=(1.0,), ramp_tau=1.0, lab=1e-3, ln_c=10.0))
-    method.on_epoch_end(ctx(model, 2))
-    (plot,) = method.pop_figures()
+    c = ctx(model, 2)
+    method.on_epoch_end(c)
+    (plot,) = c.figures
     conv_receivers = [name for name, kinds in plot.receivers.items() if "conv" in kinds]
     assert conv_receivers and list(plot.patience_layers) == conv_receivers
     assert all(kinds == {"conv": 1} for kinds in plot.receivers.values())
@@ -168,6 +174,7 @@ def test_receivers_from_the_patience_rule_are_named():
 def test_local_rule_receivers_are_not_attributed_to_patience():
     model = weak_tailed_model()
     method = WeightEvolutionMethod(CFG)
-    method.on_epoch_end(ctx(model, 3))
-    (plot,) = method.pop_figures()
+    c = ctx(model, 3)
+    method.on_epoch_end(c)
+    (plot,) = c.figures
     assert plot.patience_layers == ()

@@ -24,7 +24,7 @@ from we_dist.config import Config, load_config
 from we_dist.models import create_model
 from we_dist.models.architecture import describe
 from we_dist.tracking import model as mlflow_model
-from we_dist.train.loop import BestEpoch
+from we_dist.train.callbacks import BestEpoch
 
 ROOT = Path(__file__).resolve().parents[2]
 WE_DIST = str(Path(sys.executable).with_name("we-dist"))

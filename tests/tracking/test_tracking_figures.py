@@ -23,8 +23,11 @@ def _weak_model() -> torch.nn.Module:
     return model
 
 
-def _call(method, model, epoch):
-    method.on_epoch_end(FitContext(model=model, epoch=epoch, step=epoch + 1, epochs=10, steps_per_epoch=1))
+def _call(method, model, epoch) -> list:
+    """One WE call at ``epoch``; the figures it logged through its context."""
+    ctx = FitContext(model=model, epoch=epoch, step=epoch + 1, epochs=10, steps_per_epoch=1)
+    method.on_epoch_end(ctx)
+    return ctx.figures
 
 
 def test_we_call_plots_land_under_we_plots(tracking_cfg, client, tmp_path):
@@ -35,13 +38,10 @@ def test_we_call_plots_land_under_we_plots(tracking_cfg, client, tmp_path):
     model = _weak_model()
     method = WeightEvolutionMethod(WEMethodConfig(ratio_conv=0.2, ratio_bn=0.1, ratio_bias=0.1, milestones=(0,),
                                                   stage_divisors=(1.0,), ramp_tau=1.0, lab=0.3))
-    _call(method, model, 4)
-    _call(method, model, 5)
-    figures = method.pop_figures()
+    figures = _call(method, model, 4) + _call(method, model, 5)
     assert [f.artifact_file for f in figures] == ["we_plots/call_0001_epoch_0004.png",
                                                   "we_plots/call_0002_epoch_0005.png"]
-    logger.log_figures(figures)
-    logger.log_histograms(method.pop_histograms())        # WE no longer fills we_scores/
+    logger.log_figures(figures)                           # WE no longer fills we_scores/
 
     top = {a.path for a in client.list_artifacts(run_id)}
     assert top == {"we_plots"}

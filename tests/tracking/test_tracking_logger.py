@@ -110,7 +110,7 @@ def test_histograms_become_png_artifacts(run, client, tmp_path):
 def test_score_figure_uses_log_axis_for_decades():
     from types import SimpleNamespace
 
-    from we_dist.tracking.plots import score_figure
+    from we_dist.methods.figures import score_figure
 
     wide = score_figure(SimpleNamespace(name="w", epoch=0, before=np.array([0.0, 1e-3, 1.0, 10.0]), after=np.array([0.5])))
     narrow = score_figure(SimpleNamespace(name="n", epoch=0, before=np.array([1.0, 1.5]), after=np.array([-0.5, 2.0])))

@@ -11,8 +11,9 @@ import torch
 
 from we_dist.config import load_config
 from we_dist.methods.base import Method
-from we_dist.methods.registry import register_method
+from we_dist.methods.registry import create_method, register_method
 from we_dist.train.checkpoint import load_state
+from we_dist.train.events import Callback
 from we_dist.train.loop import run_training
 from we_dist.train.session import TorchrunSession
 
@@ -67,10 +68,10 @@ class RecordingMethod(Method):
     def on_epoch_end(self, ctx):
         self.calls.append(("on_epoch_end", ctx.epoch, ctx.phase.name if ctx.phase else None))
 
-    def on_fit_end(self, ctx):
+    def on_last_epoch_end(self, ctx):
         # Calibration data: this rank's shard of the validation set, capped.
         shapes = [tuple(x.shape[1:]) for x, _ in ctx.batches("val", max_batches=2)]
-        self.calls.append(("on_fit_end", ctx.epoch, len(shapes), shapes[0] == ctx.input_shape))
+        self.calls.append(("on_last_epoch_end", ctx.epoch, len(shapes), shapes[0] == ctx.input_shape))
 
 
 def digits_config(tmp_path, digits, name, *overrides):
@@ -84,21 +85,8 @@ def digits_config(tmp_path, digits, name, *overrides):
 
 def _run(rank, world, cfg, root):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
-    import we_dist.train.loop as loop
-
-    made = []
-    real_create = loop.create_method
-
-    def keep(c):  # the loop builds its method itself; keep a handle to read what it recorded
-        made.append(real_create(c))
-        return made[-1]
-
-    loop.create_method = keep
-    try:
-        metrics = run_training(cfg, TorchrunSession(root))
-    finally:
-        loop.create_method = real_create
-    method = made[0]
+    method = create_method(cfg)   # handed to the loop, so the test can read what it recorded
+    metrics = run_training(cfg, TorchrunSession(root), method=method)
     return {"metrics": metrics, "calls": getattr(method, "calls", None),
             "grads_ok": getattr(method, "saw_grads_before_step", None)}
 
@@ -115,8 +103,8 @@ def test_hooks_are_called_in_the_documented_order(gloo, tmp_path, digits_betons)
     assert per_step == ["loss_term", "on_after_backward", "on_step_end", "loss_term"]
     epoch_ends = [c for c in calls if c[0] == "on_epoch_end"]
     assert epoch_ends == [("on_epoch_end", 0, "train"), ("on_epoch_end", 1, "train")]
-    assert calls[-1] == ("on_fit_end", 1, 2, True)  # once, after the last epoch's on_epoch_end
-    assert sum(c[0] == "on_fit_end" for c in calls) == 1
+    assert calls[-1] == ("on_last_epoch_end", 1, 2, True)  # once, after the last epoch's on_epoch_end
+    assert sum(c[0] == "on_last_epoch_end" for c in calls) == 1
     assert sum(c[0] == "on_step_end" for c in calls) == 6
     assert all(r0["grads_ok"]) and len(r0["grads_ok"]) == 6   # grads present, weights not yet stepped
     assert r0["calls"] == r1["calls"]
@@ -144,24 +132,18 @@ def _slim_then_crash(rank, world, cfg, root, crash_epoch):
     return "finished"
 
 
+class WatchStart(Callback):
+    """What the loop trains once it resumed: the network's size at fit start."""
+
+    def on_fit_start(self, loop):
+        self.params = sum(p.numel() for p in loop.model.parameters())
+
+
 def _resume(rank, world, cfg, root):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
-    import we_dist.train.loop as loop
-
-    seen = {}
-    real = loop.TrainState
-
-    class Watch(real):  # what the loop trains once it resumed: the pruned shape
-        def __init__(self, model, *a, **k):
-            seen["params_at_resume"] = sum(p.numel() for p in model.parameters())
-            super().__init__(model, *a, **k)
-
-    loop.TrainState = Watch
-    try:
-        metrics = run_training(cfg, TorchrunSession(root))
-    finally:
-        loop.TrainState = real
-    return {"metrics": metrics, **seen}
+    watch = WatchStart()
+    metrics = run_training(cfg, TorchrunSession(root), callbacks=[watch])
+    return {"metrics": metrics, "params_at_resume": watch.params}
 
 
 def test_slimming_prunes_identically_and_a_crash_after_it_resumes_into_the_pruned_shape(gloo, tmp_path,

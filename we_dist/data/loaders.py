@@ -22,13 +22,23 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 
 from we_dist.config import DataConfig
 from we_dist.data.beton import SCHEMA, DatasetError, DatasetInfo, check_beton
+
+
+class Loaders(NamedTuple):
+    """The run's two loaders. Each yields ``(images, labels)`` batches on the rank's device,
+    normalised; ``train`` also has ``len()`` (batches per epoch on this rank) and
+    ``set_epoch(epoch)`` (that epoch's order and resolution). FFCV's loaders
+    (this module) and the in-memory ones (:mod:`we_dist.data.memory`) both are."""
+
+    train: Any
+    val: Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
 def resolution_at(cfg: DataConfig, epoch: int) -> int:

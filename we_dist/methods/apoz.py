@@ -107,7 +107,6 @@ class APoZMethod(Method):
         self.done: list[str] = []
         self.keep: dict[str, int] = {}
         self.ratio = 0.0
-        self._metrics: dict[str, float] = {}
 
     def phases(self, cfg: Any) -> list[Phase]:
         st = self.settings
@@ -151,7 +150,7 @@ class APoZMethod(Method):
                 mask[idxs] = True
                 pruned_scores.append(s[mask])
                 kept_scores.append(s[~mask])
-            self._metrics[f"apoz/mean/{pair.consumer}"] = float(decision["mean"][pair.consumer])
+            ctx.log({f"apoz/mean/{pair.consumer}": float(decision["mean"][pair.consumer])})
         channels_before = sum(p.channels for p in pairs)
         for consumer, idxs in decision["prune"].items():
             remove_channels(model, self.input_shape, consumer, idxs)
@@ -161,7 +160,7 @@ class APoZMethod(Method):
         channels_after = sum(p.channels for p in prunable_pairs(model, self.input_shape))
         cat_p = torch.cat(pruned_scores) if pruned_scores else torch.zeros(0)
         cat_k = torch.cat(kept_scores) if kept_scores else torch.zeros(0)
-        self._metrics.update({
+        ctx.log({
             "apoz/round": float(self.rounds_done - 1), "apoz/layers_trimmed": float(len(decision["prune"])),
             "apoz/pruned_apoz_mean": float(cat_p.mean()) if cat_p.numel() else 0.0,
             "apoz/kept_apoz_mean": float(cat_k.mean()) if cat_k.numel() else 0.0,
@@ -170,7 +169,7 @@ class APoZMethod(Method):
         })
         top1_after = val_top1(ctx)
         if top1_before is not None and top1_after is not None:
-            self._metrics.update({"apoz/val_top1_before_prune": top1_before, "apoz/val_top1_after_prune": top1_after})
+            ctx.log({"apoz/val_top1_before_prune": top1_before, "apoz/val_top1_after_prune": top1_after})
 
     def state_dict(self) -> dict[str, Any]:
         return {"rounds_done": self.rounds_done, "done": list(self.done), "keep": dict(self.keep),

@@ -1,8 +1,9 @@
-"""The contract between the worker loop and a training method (version 2).
+"""The contract between the worker loop and a training method (version 3).
 
-A method is an object with hooks that the loop calls at named moments of training;
-the loop never knows which method it runs. The hooks, in the order the loop calls them
-(``loop.py`` is the one caller of every hook):
+A method is what changes training: an object with hooks that the loop calls at its named
+events (:mod:`we_dist.train.events`); the loop never knows which method it runs. What only
+observes training is a callback, not a method. The hooks, in the order the loop calls
+them (the loop is the one caller of every hook):
 
 =====================  ======================================================================
 hook                   when, and what it may do
@@ -22,11 +23,22 @@ hook                   when, and what it may do
                        optimizer steps: edit ``.grad`` (a sparsity subgradient).
 ``on_step_end``        after every optimizer step.
 ``on_epoch_end``       after each epoch's training and validation (BatchNorm statistics synced).
-``on_fit_end``         once, in the last epoch right after its ``on_epoch_end``: before that
-                       epoch's checkpoint, the final accounting and the export. A structural
-                       change here (masked filters removed) is validated again, like one in
-                       ``on_epoch_end``, and is what the checkpoint and the export hold.
+``on_last_epoch_end``  once, in the last epoch right after its ``on_epoch_end``: the
+                       network's final form, before that epoch's checkpoint, the final
+                       accounting and the export. A structural change here (masked filters
+                       removed) is validated again, like one in ``on_epoch_end``, and is what
+                       the checkpoint and the export hold.
+``export_artifacts``   with ``train.export``, after the last epoch's network is exported: extra
+                       files beside it (ternary weights packed at 2 bits).
+``summary_columns``    the method's columns in the end-of-run summary table.
 =====================  ======================================================================
+
+A method reports through its context: ``ctx.log({"we/receivers_conv": 3})`` adds metrics to
+the epoch's (rank 0 logs them to MLflow with the epoch, after its checkpoint) and
+``ctx.log_figure(fig)`` a figure (:class:`~we_dist.methods.figures.ScoreHistogram`, or any
+object with ``artifact_file`` and ``write_png``). It is built with
+``from_config(settings, cfg, input_shape)``: its settings section, the run's config and one
+input's ``(C, H, W)``.
 
 Every hook but ``phases``/``prepare_model``/``param_groups`` receives a :class:`FitContext`.
 A hook that changes the network's *structure* (removes channels, swaps modules) calls
@@ -58,10 +70,13 @@ Example (a method that counts epochs)::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
+
+from we_dist.methods.figures import ScoreHistogram  # noqa: F401 - part of the contract: a figure to log
 
 if TYPE_CHECKING:  # only for annotations: methods never need the loop's modules
     from we_dist.config import Config, ScheduleConfig
@@ -118,6 +133,30 @@ class FitContext:
     changed: bool = False
     input_shape: tuple[int, int, int] = (3, 32, 32)
     loaders: dict[str, Iterable[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    #: where :meth:`log` and :meth:`log_figure` send what they get: ``sink(metrics, figure)``.
+    #: The loop sets it; outside the loop (unit tests) they are kept in :attr:`logged` and
+    #: :attr:`figures`.
+    sink: Callable[[dict[str, float] | None, Any], None] | None = None
+    logged: dict[str, float] = field(default_factory=dict)
+    figures: list[Any] = field(default_factory=list)
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Log scalar metrics with this epoch's (rank 0 sends them to MLflow at the epoch's
+        step, after its checkpoint). A key logged twice in one epoch keeps the later value."""
+        values = {k: float(v) for k, v in metrics.items()}
+        if self.sink is not None:
+            self.sink(values, None)
+        else:
+            self.logged.update(values)
+
+    def log_figure(self, figure: Any) -> None:
+        """Log a figure with this epoch: an object with ``artifact_file`` (a relative ``.png``
+        path among the run's artifacts) and ``write_png(path)``; rank 0 renders and uploads it
+        after the epoch's checkpoint (:meth:`we_dist.tracking.RunLogger.log_figures`)."""
+        if self.sink is not None:
+            self.sink(None, figure)
+        else:
+            self.figures.append(figure)
 
     def batches(self, split: str = "val", max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's (images, labels) batches of ``split`` (``"val"``: the validation set,
@@ -140,16 +179,6 @@ class FitContext:
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
         return self.state.optimizer if self.state is not None else None
-
-
-@dataclass
-class ScoreHistogram:
-    """Scores of one kind before and after a method changed the model (for a plot)."""
-
-    name: str
-    epoch: int
-    before: Any   # 1-D numpy array
-    after: Any    # 1-D numpy array
 
 
 class Method:
@@ -207,10 +236,24 @@ class Method:
     def on_epoch_end(self, ctx: FitContext) -> None:
         """After each epoch's training and validation."""
 
-    def on_fit_end(self, ctx: FitContext) -> None:
-        """After the last epoch, before the final accounting and export."""
+    def on_last_epoch_end(self, ctx: FitContext) -> None:
+        """Once, in the last epoch right after its ``on_epoch_end``: the network's final form
+        (remove masked filters). Before that epoch's checkpoint, the final accounting and the
+        export, which hold what this hook leaves."""
 
-    # -- state and reporting --------------------------------------------------------------
+    # -- what the run ends with -----------------------------------------------------------
+
+    def export_artifacts(self, model: nn.Module, directory: Path) -> list[Path]:
+        """Files this method adds beside the exported network (``train.export``), written into
+        ``directory`` and logged under the run's ``model/`` artifacts; returns their paths."""
+        return []
+
+    def summary_columns(self) -> list[tuple[str, str, str]]:
+        """Extra columns of the end-of-run summary table: ``(metric key, heading, format)``,
+        e.g. ``("we/receivers_conv", "WE conv", "{:>7.0f}")``; shown where an epoch has the key."""
+        return []
+
+    # -- state ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """State to checkpoint (empty for stateless methods)."""
@@ -218,30 +261,3 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
-
-    def pop_metrics(self) -> dict[str, float]:
-        """Scalar metrics gathered since the last call (logged by rank 0, then cleared).
-
-        By default: the dict a method keeps in ``self._metrics``.
-        """
-        out = getattr(self, "_metrics", None) or {}
-        self._metrics = {}
-        return out
-
-    def pop_figures(self) -> list[Any]:
-        """Figures gathered since the last call, each with ``artifact_file`` (a relative
-        ``.png`` path among the run's artifacts) and ``write_png(path)``; logged by rank 0
-        with ``RunLogger.log_figures``. By default: the list a method keeps in ``self._figures``.
-        """
-        out = getattr(self, "_figures", None) or []
-        self._figures = []
-        return out
-
-    def pop_histograms(self) -> list[ScoreHistogram]:
-        """Score distributions gathered since the last call, for plots.
-
-        By default: the list a method keeps in ``self._histograms``.
-        """
-        out = getattr(self, "_histograms", None) or []
-        self._histograms = []
-        return out

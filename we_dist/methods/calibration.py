@@ -473,7 +473,6 @@ class LayerwisePruning:
         self.input_shape = tuple(input_shape)
         self.seed = seed
         self.pruned = False
-        self._metrics: dict[str, float] = {}
 
     def solve(self, pair: Pair, stats: dict[str, torch.Tensor], weight: torch.Tensor,
               keep: int) -> dict[str, Any]:
@@ -535,14 +534,14 @@ class LayerwisePruning:
             before.append(decision["err_before"])
             after.append(decision["err_after"])
             fallbacks += int(decision["fallback"])
-            self._metrics[f"{self.name}/recon_err_unpruned/{pair.consumer}"] = decision["err_unpruned"]
-            self._metrics[f"{self.name}/recon_err_before/{pair.consumer}"] = decision["err_before"]
-            self._metrics[f"{self.name}/recon_err_after/{pair.consumer}"] = decision["err_after"]
+            ctx.log({f"{self.name}/recon_err_unpruned/{pair.consumer}": decision["err_unpruned"]})
+            ctx.log({f"{self.name}/recon_err_before/{pair.consumer}": decision["err_before"]})
+            ctx.log({f"{self.name}/recon_err_after/{pair.consumer}": decision["err_after"]})
         self.pruned = True
         ctx.structure_changed()
         channels_after = sum(p.channels for p in prunable_pairs(model, self.input_shape))
         n = max(len(before), 1)
-        self._metrics.update({
+        ctx.log({
             f"{self.name}/recon_err_before": sum(before) / n, f"{self.name}/recon_err_after": sum(after) / n,
             f"{self.name}/solve_fallbacks": float(fallbacks), f"{self.name}/ratio": float(plan["ratio"]),
             f"{self.name}/channels_before": float(channels_before),
@@ -551,5 +550,5 @@ class LayerwisePruning:
         })
         top1_after = val_top1(ctx)
         if top1_before is not None and top1_after is not None:
-            self._metrics.update({f"{self.name}/val_top1_before_prune": top1_before,
-                                  f"{self.name}/val_top1_after_prune": top1_after})
+            ctx.log({f"{self.name}/val_top1_before_prune": top1_before,
+                     f"{self.name}/val_top1_after_prune": top1_after})

@@ -44,7 +44,7 @@ rank: the generator is seeded from ``seed`` and the epoch), its scale the mean `
 the layer's unmasked channels, shift 0, running statistics (0, 1), momentum reset. In the last
 epoch no channel comes back (it would be kept untrained): the mask can only grow there.
 
-**At the end** (``on_fit_end``), the masked channels are removed physically with Torch-Pruning
+**At the end** (``on_last_epoch_end``), the masked channels are removed physically with Torch-Pruning
 (:func:`we_dist.methods.channels.apply_decision`, after :func:`we_dist.methods.soft_pruning.harden`):
 the network's function is unchanged by the removal (they output exactly zero), the loop
 validates again and exports and accounts the smaller network.
@@ -372,7 +372,6 @@ class DynamicAttentionPruningMethod(Method):
         self.epoch = -1                              # the epoch of the last decision
         self._plan: tuple[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self._macs: MacModel | None = None
-        self._metrics: dict[str, float] = {}
 
     def target(self, epoch: int, epochs: int) -> float:
         """The MAC reduction the mask reaches after ``epoch`` (0-based) of ``epochs``."""
@@ -447,7 +446,7 @@ class DynamicAttentionPruningMethod(Method):
             revive(model, self.input_shape, back, self.seed * 1_000_003 + ctx.epoch, new, ctx.optimizer)
         self.epoch = ctx.epoch
         after = macs.macs({r: len(v) for r, v in new.items()})
-        self._metrics.update({
+        ctx.log({
             "dap/target_mac_reduction": float(target),
             "dap/mac_reduction": 1.0 - after / max(macs.full, 1),
             "dap/masked": float(sum(len(v) for v in new.values())),
@@ -456,7 +455,7 @@ class DynamicAttentionPruningMethod(Method):
             "dap/calibration_images": float(n_images),
         })
 
-    def on_fit_end(self, ctx: FitContext) -> None:
+    def on_last_epoch_end(self, ctx: FitContext) -> None:
         if not self.mask:
             return
         decision = {"prune": {r: list(v) for r, v in self.mask.items()}}
@@ -467,7 +466,7 @@ class DynamicAttentionPruningMethod(Method):
         self.scores = {}
         self._plan = None
         self._macs = None
-        self._metrics["dap/removed_channels"] = float(removed)
+        ctx.log({"dap/removed_channels": float(removed)})
 
     def state_dict(self) -> dict[str, Any]:
         return {"mask": {r: list(v) for r, v in self.mask.items()},

@@ -151,7 +151,6 @@ class EdgePopupMethod(Method):
         self.settings = settings if settings is not None else self.Settings()
         self.seed = int(seed)
         self._last_masks: list[torch.Tensor] | None = None
-        self._metrics: dict[str, float] = {}
 
     def prepare_model(self, model: nn.Module, cfg: Any) -> nn.Module:
         mask_network(model, self.settings, self.seed)
@@ -169,10 +168,10 @@ class EdgePopupMethod(Method):
         masks = [layer.mask() for _, layer in layers]
         total = sum(m.numel() for m in masks)
         kept = sum(float(m.sum()) for m in masks)
-        self._metrics[f"{self.prefix}/density"] = kept / max(total, 1)
-        self._metrics[f"{self.prefix}/score_abs_mean"] = (
-            sum(float(layer.scores.abs().sum()) for _, layer in layers) / max(total, 1))
+        ctx.log({f"{self.prefix}/density": kept / max(total, 1)})
+        ctx.log({f"{self.prefix}/score_abs_mean": (
+            sum(float(layer.scores.abs().sum()) for _, layer in layers) / max(total, 1))})
         if self._last_masks is not None and len(self._last_masks) == len(masks):
             flips = sum(float((a != b).sum()) for a, b in zip(self._last_masks, masks))
-            self._metrics[f"{self.prefix}/mask_flips"] = flips / max(total, 1)
+            ctx.log({f"{self.prefix}/mask_flips": flips / max(total, 1)})
         self._last_masks = masks

@@ -188,7 +188,6 @@ class L1FilterPruningMethod(Method):
         self.input_shape = tuple(input_shape)
         self.pruned = False
         self.decision: dict[str, Any] = {}
-        self._metrics: dict[str, float] = {}
 
     def phases(self, cfg: Any) -> list[Phase]:
         # One phase, named for what it is: the recipe's schedule fine-tunes the pruned network.
@@ -207,11 +206,11 @@ class L1FilterPruningMethod(Method):
         self.pruned, self.decision = True, decision
         ctx.structure_changed()
         after = filters(ctx.model)
-        self._metrics.update({"l1/filters_before": float(before), "l1/filters_after": float(after),
-                              "l1/removed_filters": float(before - after),
-                              "l1/layers_pruned": float(len(decision["prune"])),
-                              "l1/macs_before": float(macs_before),
-                              "l1/macs_after": float(count_macs(ctx.model, self.input_shape))})
+        ctx.log({"l1/filters_before": float(before), "l1/filters_after": float(after),
+                 "l1/removed_filters": float(before - after),
+                 "l1/layers_pruned": float(len(decision["prune"])),
+                 "l1/macs_before": float(macs_before),
+                 "l1/macs_after": float(count_macs(ctx.model, self.input_shape))})
         if ctx.rank == 0:
             print(f"[we_dist] l1: removed {before - after} of {before} filters in {len(decision['prune'])} layers",
                   flush=True)

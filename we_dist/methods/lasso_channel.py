@@ -139,7 +139,7 @@ class LassoChannelMethod(LayerwisePruning, Method):
             self._lambdas = []
             self.prune(ctx)
             if ctx.rank == 0 and self._lambdas:
-                self._metrics["lasso/lambda"] = sum(self._lambdas) / len(self._lambdas)
+                ctx.log({"lasso/lambda": sum(self._lambdas) / len(self._lambdas)})
 
     def solve(self, pair: Pair, stats: dict[str, torch.Tensor], weight: torch.Tensor, keep: int) -> dict[str, Any]:
         kk = weight.shape[1] // pair.channels

@@ -104,7 +104,6 @@ class FilterReactivationMethod(Method):
         self.cfg = cfg
         self.generator = torch.Generator().manual_seed(seed)
         self.calls = 0
-        self._metrics: dict[str, float] = {}
 
     def on_epoch_end(self, ctx: FitContext) -> None:
         if (ctx.epoch + 1) % self.cfg.interval:
@@ -119,7 +118,7 @@ class FilterReactivationMethod(Method):
         # Every rank (rank 0 too, idempotently) writes exactly the bytes rank 0 drew.
         count = decode_filters(ctx.model, payload)
         self.calls += 1
-        self._metrics = {"reactivate/filters": float(count), "reactivate/calls": float(self.calls)}
+        ctx.log({"reactivate/filters": float(count), "reactivate/calls": float(self.calls)})
 
     def state_dict(self) -> dict:
         return {"calls": self.calls, "generator": self.generator.get_state()}

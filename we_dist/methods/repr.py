@@ -229,7 +229,7 @@ class RePrMethod(Method):
         self.phase_start = 0              # ctx.step when the current phase began
         self.cycles_done = 0
         self.dropped = torch.zeros(0, dtype=torch.uint8)
-        self._metrics: dict[str, float] = {}
+        self._counts: dict[str, float] = {}   # this epoch's sums, logged at its end
 
     # -- schedule ---------------------------------------------------------------------
 
@@ -244,7 +244,7 @@ class RePrMethod(Method):
         return ctx.step + self._steps(self.cfg.s2, ctx) < total
 
     def _count(self, key: str, value: float) -> None:
-        self._metrics[key] = self._metrics.get(key, 0.0) + value
+        self._counts[key] = self._counts.get(key, 0.0) + value
 
     # -- hooks ------------------------------------------------------------------------
 
@@ -303,12 +303,11 @@ class RePrMethod(Method):
         self.cycles_done += 1
         self.dropped = torch.zeros(0, dtype=torch.uint8)
         self.phase, self.phase_start = TRAIN, ctx.step
-        self._metrics["repr/calls"] = float(self.cycles_done)
         self._count("repr/seconds", time.perf_counter() - start)
 
     def on_epoch_end(self, ctx: FitContext) -> None:
-        self._metrics["repr/dropping"] = float(self.phase == DROP)
-        self._metrics["repr/calls"] = float(self.cycles_done)
+        ctx.log({**self._counts, "repr/dropping": float(self.phase == DROP), "repr/calls": float(self.cycles_done)})
+        self._counts = {}
 
     # -- state ------------------------------------------------------------------------
 

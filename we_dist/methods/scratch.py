@@ -94,7 +94,6 @@ class ScratchMethod(Method):
         self.settings = settings or ScratchSettings()
         self.macs: tuple[int, int] | None = None
         self.epochs: int | None = None
-        self._metrics: dict[str, float] = {}
 
     def phases(self, cfg: Any) -> list[Phase]:
         from we_dist.tracking.store import resolve_uri
@@ -122,5 +121,5 @@ class ScratchMethod(Method):
     def on_fit_start(self, ctx: FitContext) -> None:
         if self.macs is not None and ctx.epoch == 0:
             full, pruned = self.macs
-            self._metrics.update({"scratch/epochs": float(self.epochs or ctx.epochs), "scratch/macs_full": float(full),
-                                  "scratch/macs_pruned": float(pruned), "scratch/compute_ratio": full / pruned})
+            ctx.log({"scratch/epochs": float(self.epochs or ctx.epochs), "scratch/macs_full": float(full),
+                     "scratch/macs_pruned": float(pruned), "scratch/compute_ratio": full / pruned})

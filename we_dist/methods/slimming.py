@@ -8,27 +8,48 @@ Method card
    penalty ``s * sum |gamma|`` on every BatchNorm scale. Its subgradient ``s * sign(gamma)`` is
    added to each gamma's gradient after the AMP scaler unscales the gradients and before the
    optimizer steps, so unimportant channels are driven towards zero.
-2. At the end of that phase, one global threshold over |gamma| at the ``percent`` quantile
-   removes channels physically: the BatchNorm entries, the conv filters before them and the
-   input channels of the layers after them. Torch-Pruning's dependency graph keeps coupled
-   layers consistent (residual additions, depthwise and grouped convolutions): channels that
-   must go together form a group, scored by the mean |gamma| of its BatchNorms.
+2. At the end of that phase, one global threshold, the authors' (``resprune.py``,
+   ``vggprune.py``): the |gamma| of *every* affine BatchNorm channel of the network, residual
+   streams included, sorted, and ``t = sorted[int(N * percent)]`` for ``N`` channels. Every
+   channel with |gamma| <= t is selected (``int(N * percent) + 1`` of them when no two tie).
+   A selected channel that can be removed is removed physically: the BatchNorm entries, the
+   conv filters before them and the input channels of the layers after them. Torch-Pruning's
+   dependency graph keeps coupled layers consistent (residual additions, depthwise and grouped
+   convolutions): channels that must go together form a group, and a group's channel is
+   removed when it is selected in every BatchNorm of the group. Every other selected channel is
+   **masked**: its BatchNorm scale and shift are set to zero, as the authors' script does to
+   every selected channel, and kept at zero after every optimizer step of the fine-tuning (in
+   the authors' network a channel-selection layer cuts these channels off from any gradient;
+   here the residual sum would let them regrow).
 3. ``finetune`` (``finetune_epochs`` at ``finetune_lr``, constant by default): the smaller
    network trains on. With ``finetune_epochs: 0`` the run ends right after the pruning.
 
-**Limits, by design.** A group never loses more than ``max_layer_prune`` of its channels and
-always keeps at least one, so no layer is emptied. The classifier's outputs are never touched
-(the last ``nn.Linear``; its inputs shrink with the last conv). Groups whose channels pass
-through a zero-padding op are not pruned: Torch-Pruning cannot follow channels that an
-option-A shortcut pads (the CIFAR ResNets here), so on those networks only the first conv of
-each residual block is pruned, which is also where the paper's ResNet experiments put their
-channel selection. The decision is made on rank 0 and broadcast; every rank removes the same
-channels, and the loop then rebuilds the optimizer (momentum reset for resized tensors), the
-scaler and the DDP wrapper.
+**What is removed and what is masked.** Groups whose channels pass through a zero-padding op
+cannot be removed: Torch-Pruning cannot follow channels that an option-A shortcut pads (the
+CIFAR ResNets here). On those networks only the first conv of each residual block (its
+``bn1``) is removed; the selected channels of the stem's BatchNorm and of every block's
+``bn2`` (the residual stream) are masked. On CIFAR ResNet-20 at ``percent=0.5`` with random
+scales about 168 channels are removed and 177 masked, 345 of 688 selected as by the authors'
+rule; ``slim/removed_fraction`` reports the removed share, ``slim/selected_fraction`` the
+authors' pruned ratio. (The paper's ResNet experiments use a pre-activation ResNet-164 whose
+channel-selection layer after each block's first BatchNorm drops those channels from the
+block's input; that network is not in this project.) ``threshold_over: removable`` restores
+the scope without masks: ``N`` counts only the channels that can be removed.
+
+**Limits, by design.** A group (and a BatchNorm, for the masked channels) never loses more than
+``max_layer_prune`` of its channels and always keeps at least one, the smallest |gamma| going
+first, so no layer is emptied; the authors have no such cap. The classifier's outputs are never
+touched (the last ``nn.Linear``; its inputs shrink with the last conv). The decision is made on
+rank 0 and broadcast; every rank removes and masks the same channels, and the loop then rebuilds
+the optimizer (momentum reset for resized tensors), the scaler and the DDP wrapper. BatchNorm
+scales that are NaN or Inf (a diverged run) stop the pruning with an error rather than rank
+garbage.
 
 **Settings** (``method.slim.*``), defaults in brackets: ``s`` [1e-4] L1 strength (the authors:
-1e-4 for VGG, 1e-5 for ResNet and DenseNet); ``percent`` [0.5] fraction of channels removed;
-``max_layer_prune`` [0.9] per-group cap; ``sparsity_epochs`` [0 = the recipe's
+1e-4 for VGG, 1e-5 for ResNet and DenseNet); ``percent`` [0.5] the threshold's position,
+``sort(|gamma|)[int(N * percent)]``; ``threshold_over`` [all_bn] which channels ``N`` counts
+(``all_bn``: every BatchNorm channel, the authors; ``removable``: only removable ones, nothing
+masked); ``max_layer_prune`` [0.9] per-group cap; ``sparsity_epochs`` [0 = the recipe's
 ``schedule.epochs``]; ``finetune_epochs`` [10]; ``finetune_lr`` [0.01]; ``finetune_schedule``
 [constant] (or cosine).
 
@@ -37,10 +58,14 @@ Network Slimming", ICCV 2017. CIFAR-10 VGG: 70% of channels removed, parameters 
 test accuracy 93.77% to 93.78%.
 
 **Metrics.** ``slim/gamma_l1`` (mean |gamma|, every epoch of the sparsity phase), at the pruning
-``slim/threshold``, ``slim/channels_before``, ``slim/channels_after``, ``slim/removed_fraction``;
+``slim/threshold``, ``slim/channels_before``, ``slim/channels_after``, ``slim/removed_fraction``
+(removed / before), ``slim/masked_channels``, ``slim/selected_fraction`` ((removed + masked) /
+before: the authors' ``pruned_ratio``);
 a plot ``bn_gamma_abs`` of |gamma| at the start and at the end of sparsity training.
 
-Functional form: :func:`slimming_decision` and :func:`apply_decision`.
+Functional form: :func:`slimming_decision`, :func:`apply_decision`, :func:`mask_after_removal`
+and :func:`apply_mask`. Checked against the authors' code on the same scales:
+``tests/methods/test_reference_slimming.py`` (``docs/faithfulness.md``).
 """
 
 from __future__ import annotations
@@ -194,8 +219,6 @@ class NetworkSlimmingMethod(Method):
         self.pruned = False
         self.mask: dict[str, list[int]] = {}   # masked BatchNorm channels, indices of the pruned network
         self.start_gammas: torch.Tensor | None = None
-        self._metrics: dict[str, float] = {}
-        self._histograms: list[ScoreHistogram] = []
 
     def phases(self, cfg: Any) -> list[Phase]:
         st = self.settings
@@ -229,7 +252,7 @@ class NetworkSlimmingMethod(Method):
         if not self._sparsity(ctx):
             return
         gammas = bn_gammas(ctx.model)
-        self._metrics["slim/gamma_l1"] = float(gammas.mean()) if gammas.numel() else 0.0
+        ctx.log({"slim/gamma_l1": float(gammas.mean()) if gammas.numel() else 0.0})
         if ctx.phase is not None and not ctx.phase_last_epoch:
             return
         if ctx.phase is None and ctx.epoch != ctx.epochs - 1:
@@ -249,14 +272,13 @@ class NetworkSlimmingMethod(Method):
         self.pruned = True
         ctx.structure_changed()
         after = sum(m.num_features for m in channels.affine_bns(ctx.model))
-        self._metrics.update({"slim/threshold": float(decision["threshold"]), "slim/channels_before": float(before),
-                              "slim/channels_after": float(after),
-                              "slim/removed_fraction": (before - after) / max(before, 1),
-                              "slim/masked_channels": float(masked),
-                              "slim/selected_fraction": (before - after + masked) / max(before, 1)})
+        ctx.log({"slim/threshold": float(decision["threshold"]), "slim/channels_before": float(before),
+                 "slim/channels_after": float(after),
+                 "slim/removed_fraction": (before - after) / max(before, 1),
+                 "slim/masked_channels": float(masked),
+                 "slim/selected_fraction": (before - after + masked) / max(before, 1)})
         if ctx.rank == 0 and self.start_gammas is not None:
-            self._histograms.append(ScoreHistogram("bn_gamma_abs", ctx.epoch, self.start_gammas.numpy(),
-                                                   gammas.numpy()))
+            ctx.log_figure(ScoreHistogram("bn_gamma_abs", ctx.epoch, self.start_gammas.numpy(), gammas.numpy()))
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"pruned": self.pruned, "mask": self.mask}

@@ -2,12 +2,18 @@
 
 Method card
 -----------
-**What it does.** Every ``interval`` epochs (at the epoch's end), in each conv layer the ``rate``
-fraction of filters with the smallest L2 norm is set to zero. Zeroed filters keep receiving
-gradients and may grow back ("soft"). The choice depends only on the weights, identical on every
-replica, but rank 0 still decides and broadcasts the mask so that ties can never split them.
+**What it does.** In each conv layer the ``rate`` fraction of filters with the smallest L2 norm
+(``int(filters * rate)`` of them) is set to zero, on the authors' schedule (``pruning_train.py``):
+once before the first epoch (after any ``model.init_from`` weights are loaded; not again on a
+resume), then at the end of epochs 0, ``interval``, 2 ``interval``, ... and of the last epoch.
+Zeroed filters keep receiving gradients and may grow back ("soft"). The shortcut convs of
+torchvision's ResNets (the ``downsample`` modules) are left alone (``skip_downsample``, the
+authors' default ``--skip_downsample 1``: their ResNet-18 skip list 21, 36, 51 is exactly those
+three convs); the CIFAR ResNets here have no shortcut convs. The choice depends only on the
+weights, identical on every replica, but rank 0 still decides and broadcasts the mask so that
+ties can never split them.
 
-At the end of training (``on_fit_end``, ``remove_at_end``) the network becomes physically smaller:
+At the end of training (``on_last_epoch_end``, ``remove_at_end``) the network becomes physically smaller:
 rank 0 takes the final mask (the ``rate`` smallest-L2 filters of each layer, the ones the last
 call zeroed), and every rank removes those filters with their BatchNorm entries and the next
 layer's input channels (Torch-Pruning, as Network Slimming and ``l1`` do). Removal first makes the
@@ -21,8 +27,10 @@ layers (stem, second convs, tied to the residual sums) stay in place, zero. In a
 layers (a depthwise conv tied to the conv before it) the group's first layer's mask decides.
 
 **Settings** (``method.soft_prune.*``), defaults in brackets: ``rate`` [0.3] fraction of each
-layer's filters zeroed per call; ``interval`` [1] epochs between calls; ``remove_at_end`` [true]
-remove the zeroed filters physically at the end.
+layer's filters zeroed per call (the authors' ``--rate`` is the fraction kept: their 0.7 is
+0.3 here); ``interval`` [1] epochs between calls (their ``--epoch_prune``); ``skip_downsample``
+[true] leave the shortcut convs unpruned; ``remove_at_end`` [true] remove the zeroed filters
+physically at the end (the authors keep the zeros and shrink the network in a separate script).
 
 **Paper.** He, Kang, Dong, Fu, Yang, "Soft Filter Pruning for Accelerating Deep Convolutional
 Neural Networks", IJCAI 2018. Headline: CIFAR-10 ResNets (20 to 110 layers) and ImageNet
@@ -33,6 +41,8 @@ unpruned network's, and no fine-tuning is needed after the last soft step (its T
 ``soft_prune/filters_before``, ``soft_prune/filters_after``, ``soft_prune/removed_filters``.
 
 Functional form: :func:`soft_prune`, :func:`removal_decision`, :func:`harden`, :func:`remove_zeroed`.
+Checked against the authors' code on the same weights and schedule:
+``tests/methods/test_reference_soft_pruning.py`` (``docs/faithfulness.md``).
 """
 
 from __future__ import annotations
@@ -167,7 +177,6 @@ class SoftFilterPruningMethod(Method):
     def __init__(self, cfg: SoftPruneConfig, input_shape: tuple[int, ...] = (3, 32, 32)) -> None:
         self.cfg = cfg
         self.input_shape = tuple(input_shape)
-        self._metrics: dict[str, float] = {}
 
     def on_fit_start(self, ctx: FitContext) -> None:
         # The authors mask once before the first epoch (after any pretrained weights are loaded).
@@ -185,10 +194,9 @@ class SoftFilterPruningMethod(Method):
                                      encode=lambda m: m, decode=lambda m: m)
         zeroed = apply_mask(ctx.model, mask)
         total = sum(c.weight.shape[0] for c in _convs(ctx.model))
-        self._metrics = {"soft_prune/zeroed_filters": float(zeroed),
-                         "soft_prune/fraction": zeroed / max(total, 1)}
+        ctx.log({"soft_prune/zeroed_filters": float(zeroed), "soft_prune/fraction": zeroed / max(total, 1)})
 
-    def on_fit_end(self, ctx: FitContext) -> None:
+    def on_last_epoch_end(self, ctx: FitContext) -> None:
         if not self.cfg.remove_at_end or self.cfg.rate == 0:
             return
         before = filters(ctx.model)
@@ -197,5 +205,5 @@ class SoftFilterPruningMethod(Method):
         remove_zeroed(ctx.model, self.input_shape, decision)
         ctx.structure_changed()
         after = filters(ctx.model)
-        self._metrics.update({"soft_prune/filters_before": float(before), "soft_prune/filters_after": float(after),
-                              "soft_prune/removed_filters": float(before - after)})
+        ctx.log({"soft_prune/filters_before": float(before), "soft_prune/filters_after": float(after),
+                 "soft_prune/removed_filters": float(before - after)})

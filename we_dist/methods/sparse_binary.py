@@ -146,5 +146,5 @@ class SparseBinaryMethod(EdgePopupMethod):
         layers = masked_layers(ctx.model)
         total = sum(layer.scores.numel() for _, layer in layers)
         gap = sum(float((layer.scores - layer.mask()).abs().sum()) for _, layer in layers)
-        self._metrics[f"{self.prefix}/gap"] = gap / max(total, 1)
-        self._metrics[f"{self.prefix}/rho"] = rho_at(self.settings, ctx.epoch, ctx.epochs)
+        ctx.log({f"{self.prefix}/gap": gap / max(total, 1)})
+        ctx.log({f"{self.prefix}/rho": rho_at(self.settings, ctx.epoch, ctx.epochs)})

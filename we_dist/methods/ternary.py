@@ -27,7 +27,7 @@ holding ``W_t`` and writes ``exported_2bit.pt`` beside ``exported.pt2`` in the l
 checkpoint: each ternary weight as 2-bit codes, four per byte, with its alphas; every other
 tensor float32. :func:`we_dist.export.load_2bit` unpacks it into a state dict that
 ``torch.export.load("exported.pt2").module()`` (or the project's model) loads, giving the
-same outputs bit for bit (tested). ``on_fit_end`` reports the sizes: ``ternary/packed_bytes``
+same outputs bit for bit (tested). ``on_last_epoch_end`` reports the sizes: ``ternary/packed_bytes``
 (codes + alphas + the float32 rest), ``ternary/float32_bytes`` (the same network in float32),
 ``ternary/compression`` (their ratio), ``ternary/ternary_weights`` (how many weights are
 ternary) and ``ternary/ternary_weight_bytes`` (their packed bytes: ``ceil(n / 4)`` per layer).
@@ -49,12 +49,13 @@ ImageNet ResNet-18 61.8% top-1 (65.4%). About 16x smaller weights than float32.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from we_dist.export import pack_2bit
+from we_dist.export import PACKED_FILE, pack_2bit, write_2bit
 from we_dist.methods.base import FitContext, Method
 from we_dist.methods.masked import (TernaryConv2d, TernaryLinear, conv_or_linear_like, first_conv_and_classifier,
                                     swap_layers, ternary_layers)
@@ -92,7 +93,6 @@ class TernaryMethod(Method):
 
     def __init__(self, settings: TernarySettings | None = None) -> None:
         self.settings = settings or TernarySettings()
-        self._metrics: dict[str, float] = {}
 
     def prepare_model(self, model: nn.Module, cfg: Any) -> nn.Module:
         ternarize_network(model, self.settings)
@@ -109,15 +109,19 @@ class TernaryMethod(Method):
             zeros += int((codes == 0).sum())
             total += codes.numel()
             alphas.append(float(alpha.float().mean()))
-        self._metrics["ternary/zero_fraction"] = zeros / max(total, 1)
-        self._metrics["ternary/alpha_mean"] = sum(alphas) / max(len(alphas), 1)
+        ctx.log({"ternary/zero_fraction": zeros / max(total, 1)})
+        ctx.log({"ternary/alpha_mean": sum(alphas) / max(len(alphas), 1)})
+
+    def export_artifacts(self, model: nn.Module, directory: Path) -> list[Path]:
+        """``exported_2bit.pt`` beside the exported network: every ternary weight at 2 bits."""
+        return [write_2bit(model, directory / PACKED_FILE)]
 
     @torch.no_grad()
-    def on_fit_end(self, ctx: FitContext) -> None:
+    def on_last_epoch_end(self, ctx: FitContext) -> None:
         payload = pack_2bit(ctx.model)
         layers = ternary_layers(ctx.model)
         n = sum(layer.weight.numel() for _, layer in layers)
-        self._metrics.update({
+        ctx.log({
             "ternary/packed_bytes": float(payload["packed_bytes"]),
             "ternary/float32_bytes": float(payload["float32_bytes"]),
             "ternary/compression": payload["float32_bytes"] / max(payload["packed_bytes"], 1),

@@ -16,7 +16,7 @@ from we_dist.evolution import EvolutionPlan, WeightEvolution
 from we_dist.methods.base import FitContext, Method
 from we_dist.methods.registry import register_method
 from we_dist.methods.settings.we import WEMethodConfig
-from we_dist.methods.we_plots import WECallPlot, call_plot, conv_layer_scores, layer_order
+from we_dist.methods.we_plots import call_plot, conv_layer_scores, layer_order
 
 
 @register_method
@@ -33,8 +33,6 @@ class WeightEvolutionMethod(Method):
         self.evolution = WeightEvolution(cfg.evolution_config())
         self.record_plots = record_plots
         self.calls = 0
-        self._metrics: dict[str, float] = {}
-        self._figures: list[WECallPlot] = []
 
     @classmethod
     def from_config(cls, settings: WEMethodConfig, cfg: Any,
@@ -65,25 +63,22 @@ class WeightEvolutionMethod(Method):
         self.evolution.apply(ctx.model, plan)
         self.calls += 1
         if ctx.rank == 0:
-            self._metrics = {**plan.stats, "we/calls": float(self.calls), "we/plan_bytes": float(plan.nbytes),
-                             "we/seconds": time.perf_counter() - start}
+            ctx.log({**plan.stats, "we/calls": float(self.calls), "we/plan_bytes": float(plan.nbytes),
+                     "we/seconds": time.perf_counter() - start})
             if before is not None and plan.n_pairs:
                 # Only rank 0 decided, so only its plan carries layer names; read-only here.
                 figure = call_plot(plan, before, conv_layer_scores(ctx.model), layer_order(ctx.model),
                                    call=self.calls, lab=self.cfg.lab)
-                if figure is not None:
-                    self._figures.append(figure)
+                if figure is not None:   # we_plots/call_0007_epoch_0006.png
+                    ctx.log_figure(figure)
 
     def _want_plot(self, ctx: FitContext) -> bool:
         # Epoch-interval calls are few; step-interval calls could be thousands per run.
         return self.record_plots and ctx.rank == 0 and self.cfg.interval_unit == "epoch"
 
-    def pop_figures(self) -> list[WECallPlot]:
-        """The plots of the calls since the last pop (rank 0, calls that changed something),
-        each with ``artifact_file`` (``we_plots/call_0007_epoch_0006.png``) and ``write_png``;
-        the training loop hands them to ``RunLogger.log_figures``."""
-        out, self._figures = self._figures, []
-        return out
+    def summary_columns(self) -> list[tuple[str, str, str]]:
+        """The conv filters each call rebuilt, in the end-of-run summary."""
+        return [("we/receivers_conv", "WE conv", "{:>7.0f}")]
 
     # -- state ---------------------------------------------------------------------------
 

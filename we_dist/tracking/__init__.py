@@ -10,7 +10,7 @@ and hands ``uri`` and ``run_id`` to the workers, where rank 0 logs::
 
     logger = RunLogger(uri, run_id, enabled=(rank == 0 and cfg.tracking.enabled))
     logger.log_metrics({"train/loss": loss, "val/top1": top1}, step=epoch)
-    logger.log_histograms(method.pop_histograms())
+    logger.log_figures(figures)
     logger.log_state_dict(model.state_dict())
     logger.finish()
 

@@ -24,7 +24,7 @@ Example::
 
     logger = RunLogger(uri, run_id, enabled=(rank == 0))
     logger.log_metrics({"train/loss": 1.9, "val/top1": 0.41}, step=epoch)
-    logger.log_histograms(method.pop_histograms())
+    logger.log_figures(figures)        # what methods logged with ctx.log_figure
     logger.log_state_dict(model.state_dict())
     logger.finish()
 """
@@ -225,22 +225,9 @@ class RunLogger:
             log.warning("MLflow: dropped the %d oldest unsent metrics for run %s", dropped, self.run_id)
 
     def log_histograms(self, hists: Iterable[Any]) -> None:
-        """One PNG per :class:`~we_dist.methods.base.ScoreHistogram`, before vs after, under
-        ``we_scores/`` (``we_scores/epoch0003_conv.png``)."""
-        if not self.enabled:
-            return
-        hists = list(hists)
-        if not hists:
-            return
-        from we_dist.tracking.plots import score_figure
-
-        with tempfile.TemporaryDirectory(prefix="we_dist_scores_") as tmp:
-            for hist in hists:
-                path = Path(tmp) / f"epoch{int(hist.epoch):04d}_{_file_name(str(hist.name))}.png"
-                fig = score_figure(hist)
-                fig.savefig(path, format="png")
-                self._attempt(f"log the score plot {path.name}",
-                              lambda p=path: self._client.log_artifact(self.run_id, str(p), "we_scores"))
+        """One PNG per :class:`~we_dist.methods.figures.ScoreHistogram`, before vs after, under
+        ``we_scores/`` (``we_scores/epoch0003_conv.png``): :meth:`log_figures` of them."""
+        self.log_figures(hists)
 
     def log_figures(self, figures: Iterable[Any]) -> None:
         """Log each figure as the PNG artifact at its ``artifact_file`` (a relative path such

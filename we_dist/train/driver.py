@@ -549,8 +549,8 @@ def repair_tracking(cfg: Config, tracking_uri: str, checkpoint: str) -> str | No
         repaired = [f"{sent} metric values"] if sent else []
         exported = Path(checkpoint) / "exported.pt2"
         if cfg.train.export and exported.is_file() and "model/exported.pt2" not in present:
-            packed = [p for p in [Path(checkpoint) / "exported_2bit.pt"] if p.is_file()]
-            logger.log_files([exported, Path(checkpoint) / "exported.json", *packed], "model")
+            # What the export wrote: exported.pt2, exported.json and the method's exported_* files.
+            logger.log_files(sorted(p for p in Path(checkpoint).glob("exported*") if p.is_file()), "model")
             repaired.append("the exported network")
         if cfg.tracking.log_model and "model/final_weights.pt" not in present:
             logger.log_state_dict(state["model"])

@@ -1,4 +1,5 @@
-"""Plots of filter-score distributions before and after a method changed the model.
+"""Figures a method logs with ``ctx.log_figure``: score distributions before and after it
+changed the model (:class:`ScoreHistogram`).
 
 Scores (filter norms and the like) span several decades, so the x axis is
 logarithmic; zeros (dead filters, exactly what WE revives) cannot sit on a log
@@ -12,7 +13,32 @@ Example::
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+
+
+@dataclass
+class ScoreHistogram:
+    """Scores of one kind before and after a method changed the model, as a figure for
+    ``ctx.log_figure``: logged as ``we_scores/epoch<epoch>_<name>.png``."""
+
+    name: str
+    epoch: int
+    before: Any   # 1-D numpy array
+    after: Any    # 1-D numpy array
+
+    @property
+    def artifact_file(self) -> str:
+        name = re.sub(r"[^\w.\-]", "_", str(self.name)) or "_"
+        return f"we_scores/epoch{int(self.epoch):04d}_{name}.png"
+
+    def write_png(self, path: str | Path) -> None:
+        """Render :func:`score_figure` to ``path``."""
+        score_figure(self).savefig(path, format="png")
 
 
 def _finite(values) -> np.ndarray:

@@ -1,0 +1,71 @@
+"""What rank 0 records in the run's MLflow run while it trains (the logger is the
+:class:`~we_dist.tracking.RunLogger` the loop was given; a disabled one records nothing)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from we_dist import sync
+from we_dist.train.events import Callback
+
+
+class Tracking(Callback):
+    """Logs each epoch's metrics and the method's figures once the epoch's checkpoint is
+    committed (MLflow never shows an epoch the run may discard; a crash before that re-sends
+    it on resume, from the checkpoint's history), the phases as tags, what a fresh run starts
+    from, and after a resume the epochs MLflow missed. At the end it waits up to
+    ``tracking.final_flush_s`` for values an outage held back."""
+
+    def on_fit_start(self, loop: Any) -> None:
+        if loop.rank != 0:
+            return
+        phases = loop.phases.phases
+        if loop.start_epoch == 0 and len(phases) > 1:
+            loop.logger.set_tags({"we_dist.phases": ", ".join(f"{p.name}:{p.epochs}" for p in phases)})
+        if loop.start_epoch > 0:
+            discarded = loop.logger.replace_from(loop.start_epoch)
+            if discarded:
+                print(f"[we_dist] MLflow holds values for epochs {discarded[0]}-{discarded[-1]} from before "
+                      f"this resume; they are logged again from the resumed checkpoint (tag "
+                      f"we_dist.discarded_epochs)", flush=True)
+            loop.logger.log_history(loop.history)
+
+    def on_epoch_start(self, loop: Any) -> None:
+        pos = loop.position
+        if loop.rank == 0 and len(loop.phases.phases) > 1 and (loop.epoch == loop.start_epoch
+                                                               or pos.start == loop.epoch):
+            loop.logger.set_tags({"we_dist.phase": pos.phase.name})
+
+    def on_batch_start(self, loop: Any, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if loop.step == 0:
+            self._log_start(loop, images, labels)
+
+    @staticmethod
+    def _log_start(loop: Any, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """What a fresh run starts from, as MLflow params: a checksum of the initial weights and
+        of the first batch (every rank's, summed), so comparisons can check that runs of one
+        seed started alike (``we-dist compare`` reads them). A collective: every rank calls it."""
+        batch = torch.stack([labels.double().sum(), images.double().sum()]).to(loop.device)
+        if sync.is_distributed():
+            dist.all_reduce(batch)
+        if loop.rank == 0:
+            loop.logger.log_params({"init/param_checksum": str(int(sync.parameter_checksum(loop.model))),
+                                    "data/first_batch_checksum": f"{batch[0].item():.0f}:{batch[1].item():.6e}"})
+
+    def on_epoch_committed(self, loop: Any) -> None:
+        if loop.rank == 0:
+            loop.logger.log_metrics(loop.metrics, step=loop.epoch)
+            loop.logger.log_figures(loop.figures)
+
+    def on_fit_end(self, loop: Any) -> None:
+        if loop.rank != 0:
+            return
+        flush_s = loop.cfg.tracking.final_flush_s
+        unsent = loop.logger.drain(flush_s)
+        if unsent:
+            print(f"[we_dist] MLflow did not take {unsent} metric values within tracking.final_flush_s="
+                  f"{flush_s:g}s; they are in the last checkpoint: run the same command "
+                  f"again once the tracking server is back to send them", flush=True)

@@ -1,0 +1,148 @@
+"""Setting up a run on one rank, before its first step: which checkpoint to resume, the
+network (built, prepared by the method, restored or taken from ``model.init_from``), the
+optimizer, AMP scaler and DDP wrapper, the loaders, and the method's and callbacks' state.
+
+:func:`setup` returns the :class:`~we_dist.train.loop_state.LoopState` the loop then trains;
+:func:`choose_resume` is the resume choice on its own.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from we_dist import network
+from we_dist.config import Config
+from we_dist.methods import Method, create_method
+from we_dist.train.checkpoint import CheckpointError, latest_loadable, load_state, newer_checkpoint
+from we_dist.train.events import Callbacks
+from we_dist.train.init_from import load_network
+from we_dist.data.loaders import Loaders
+from we_dist.train.loop_state import LoopState
+from we_dist.train.phases import PhasePlan
+from we_dist.train.state import TrainState, default_param_groups
+
+
+def choose_resume(offered: str | None, resume_from: str | None, run_dir: str | None, rank: int = 0) -> str | None:
+    """The checkpoint directory to resume from, or None for a fresh start.
+
+    ``offered`` is Ray's latest registered checkpoint (None on a fresh start), ``resume_from``
+    the driver's choice (the newest that verifies, which may be newer: written but not yet
+    registered when the run stopped), ``run_dir`` the run's local checkpoint folder, searched
+    for a newer complete checkpoint when Ray restarts the workers. The newest that verifies
+    wins; if none verifies, loading it raises.
+    """
+    if run_dir and offered:
+        # A restart within the run (a worker died): a checkpoint written after the one Ray
+        # registered last may be on disk already; take the newest that verifies.
+        try:
+            resume_from = newer_checkpoint(latest_loadable(run_dir)[0], resume_from)
+        except (CheckpointError, OSError):
+            pass
+    chosen = newer_checkpoint(offered, resume_from) or offered or resume_from
+    if rank == 0 and offered and chosen != offered:
+        print(f"[we_dist] Ray offered {offered}; resuming from {chosen} (newer, or the offered one "
+              f"does not verify)", flush=True)
+    return chosen
+
+
+def _autocast(cfg: Config, device: torch.device) -> tuple[Callable[[], Any], bool]:
+    """The autocast context of the run's precision (GPU only), and whether fp16 needs a scaler."""
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    if device.type != "cuda" or amp_dtype is None:
+        return nullcontext, False
+    return (lambda: torch.autocast("cuda", dtype=amp_dtype)), amp_dtype == torch.float16
+
+
+def _print_workers(session: Any) -> None:
+    nodes: list[Any] = [None] * session.world_size
+    dist.all_gather_object(nodes, session.node)
+    if session.rank == 0:
+        print(f"[we_dist] {session.world_size} workers on {len(set(nodes))} node(s): "
+              + ", ".join(f"rank {r} on {n}" for r, n in enumerate(nodes)), flush=True)
+
+
+def default_loaders(cfg: Config, device: torch.device, *, distributed: bool, epoch: int,
+                    channels_last: bool) -> Loaders:
+    """The FFCV loaders of ``cfg.data`` (training positioned at ``epoch``)."""
+    from we_dist.data import make_train_loader, make_val_loader  # FFCV compiles on first use
+
+    train = make_train_loader(cfg.data, distributed=distributed, seed=cfg.seed, device=device, epoch=epoch,
+                              channels_last=channels_last)
+    val = make_val_loader(cfg.data, distributed=distributed, device=device, channels_last=channels_last)
+    return Loaders(train, val)
+
+
+def setup(cfg: Config, session: Any, callbacks: Callbacks, *, method: Method | None = None,
+          loaders: Loaders | Callable[..., Loaders] | None = None, logger: Any = None,
+          tracking_uri: str | None = None, resume_from: str | None = None,
+          run_dir: str | None = None) -> LoopState:
+    """Everything rank ``session.rank`` needs before its first step.
+
+    ``method``: the run's method (default: built from ``cfg.method``); ``loaders``: the
+    loaders, or a function ``(cfg, device, distributed=, epoch=, channels_last=) -> Loaders``
+    (default: FFCV's, :func:`default_loaders`); ``logger``: the MLflow logger (default: a
+    disabled one, touching no store). A resumed checkpoint's method and callback state is
+    loaded here.
+    """
+    rank, device = session.rank, session.device
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    method = method if method is not None else create_method(cfg)
+    phases = PhasePlan.for_run(cfg, method)   # between seeding and building: see scratch.py
+    model = network.build(cfg, method, device)
+
+    start_epoch, step, resume_state = 0, 0, None
+    with session.resume_dir() as offered:
+        resume_dir = choose_resume(offered, resume_from, run_dir, rank)
+        if resume_dir is not None:
+            resume_state = load_state(resume_dir, map_location=device)
+            network.restore(model, resume_state)
+            start_epoch, step = int(resume_state["epoch"]) + 1, int(resume_state["step"])
+            if rank == 0:
+                print(f"[we_dist] resumed from {resume_dir}: continuing at epoch {start_epoch}", flush=True)
+    if resume_state is None and cfg.model.init_from:
+        source = load_network(cfg.model.init_from, tracking_uri, map_location=device)
+        network.restore(model, source, weights=not cfg.model.init_architecture_only)
+        if rank == 0:
+            what = "architecture" if cfg.model.init_architecture_only else "network"
+            print(f"[we_dist] {what} from {source['source']}", flush=True)
+    model.to(device)
+    channels_last = device.type == "cuda" and cfg.train.channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    autocast, amp_fp16 = _autocast(cfg, device)
+
+    def make_groups(net: nn.Module) -> list[dict[str, Any]]:
+        groups = default_param_groups(net, cfg.optim.weight_decay, cfg.optim.bn_weight_decay)
+        return method.param_groups(net, groups)
+
+    if session.world_size > 1:
+        _print_workers(session)
+    state = TrainState(model, make_groups, cfg.optim, device, session.world_size, amp_fp16=amp_fp16)
+    history: list[dict[str, float]] = []
+    if resume_state is not None:
+        state.optimizer.load_state_dict(resume_state["optimizer"])
+        state.scaler.load_state_dict(resume_state["scaler"])
+        method.load_state_dict(resume_state["method"])
+        # Every finished epoch's metrics travel in the checkpoint: the summary covers the
+        # whole run, and whatever MLflow missed (an outage) is sent again from here.
+        history = [{k: float(v) for k, v in m.items()} for m in resume_state.get("history", [])]
+    callbacks.load_state_dict(resume_state or {})
+    del resume_state
+
+    make = loaders if callable(loaders) else None
+    if loaders is None or make is not None:
+        loaders = (make or default_loaders)(cfg, device, distributed=session.world_size > 1, epoch=start_epoch,
+                                            channels_last=channels_last)
+    if logger is None:
+        from we_dist.tracking import RunLogger
+
+        logger = RunLogger(None, None, enabled=False)
+    return LoopState(cfg=cfg, session=session, method=method, state=state, phases=phases, loaders=loaders,
+                     logger=logger, autocast=autocast, start_epoch=start_epoch, step=step, history=history)
