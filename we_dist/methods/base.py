@@ -70,13 +70,17 @@ Example (a method that counts epochs)::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from we_dist.methods.figures import ScoreHistogram  # noqa: F401 - part of the contract: a figure to log
+
+# Metric names that are not counts of changes (see Method.changes).
+_NOT_COUNTS = re.compile(r"(calls|patience|bytes|seconds|ratio|threshold|share|_s)$")
 
 if TYPE_CHECKING:  # only for annotations: methods never need the loop's modules
     from we_dist.config import Config, ScheduleConfig
@@ -252,6 +256,21 @@ class Method:
         """Extra columns of the end-of-run summary table: ``(metric key, heading, format)``,
         e.g. ``("we/receivers_conv", "WE conv", "{:>7.0f}")``; shown where an epoch has the key."""
         return []
+
+    @classmethod
+    def changes(cls, histories: Mapping[str, Sequence[float]], last: Mapping[str, float]) -> dict[str, float]:
+        """How much the method changed the network over a run, for ``we-dist compare``'s
+        report, from the run's metric ``histories`` (key -> value per epoch) and its ``last``
+        epoch's metrics. By default: each ``<name>/...`` metric that counts things (whole
+        numbers, not a running total, a setting or a time), summed over the run."""
+        out: dict[str, float] = {}
+        prefix = f"{cls.name}/"
+        for key, values in sorted(histories.items()):
+            if not key.startswith(prefix) or _NOT_COUNTS.search(key[len(prefix):]):
+                continue
+            if values and all(float(v).is_integer() for v in values):
+                out[key[len(prefix):]] = float(sum(values))
+        return out
 
     # -- state ------------------------------------------------------------------------------
 

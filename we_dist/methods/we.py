@@ -76,6 +76,20 @@ class WeightEvolutionMethod(Method):
         # Epoch-interval calls are few; step-interval calls could be thousands per run.
         return self.record_plots and ctx.rank == 0 and self.cfg.interval_unit == "epoch"
 
+    @classmethod
+    def changes(cls, histories: Mapping[str, Sequence[float]], last: Mapping[str, float]) -> dict[str, float]:
+        """Receivers per call, by kind (``we/receivers_<kind>`` summed over the run, divided by
+        ``we/calls``), and the number of calls."""
+        out: dict[str, float] = {}
+        calls = float(last.get("we/calls", 0.0) or 0.0)
+        for kind in ("conv", "gamma", "beta"):
+            values = histories.get(f"we/receivers_{kind}")
+            if values is not None and calls > 0:
+                out[f"receivers_{kind} per call"] = sum(values) / calls
+        if calls:
+            out["calls"] = calls
+        return out
+
     def summary_columns(self) -> list[tuple[str, str, str]]:
         """The conv filters each call rebuilt, in the end-of-run summary."""
         return [("we/receivers_conv", "WE conv", "{:>7.0f}")]

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from we_dist.config import Config, ConfigError, load_config, parse_override
+from we_dist.methods.registry import method_class, registered_methods
 
 COMPARE_STATE = "we_dist_compare.json"
 REPORT_FILE = "report.md"
@@ -66,9 +67,6 @@ METRIC = "val/top1"
 # parameter checksum, checksum of the first batch's labels): runs of one seed must agree.
 START_PARAMS = ("init/param_checksum", "data/first_batch_checksum")
 BASELINE = "none"
-WE_KINDS = ("conv", "gamma", "beta")
-# Method metrics that are not counts of changed units (running totals, settings, sizes).
-_NOT_COUNTS = re.compile(r"(calls|patience|bytes|seconds|ratio|threshold|share|_s)$")
 
 
 class CompareError(ConfigError):
@@ -189,8 +187,6 @@ def parse_seeds(text: str, base_seed: int) -> list[int]:
 
 def variant_configs(base: Config, variants: Sequence[Variant], seeds: Sequence[int]) -> dict[str, Config]:
     """Each variant's config (first seed), validated; :class:`CompareError` names the variant."""
-    from we_dist.methods.registry import registered_methods
-
     known = sorted(registered_methods())
     out = {}
     for v in variants:
@@ -471,29 +467,9 @@ def plot_curves(summaries: Sequence[VariantSummary], path: str | Path, title: st
 
 def change_metrics(method: str, histories: Mapping[str, Sequence[float]], last: Mapping[str, float]
                    ) -> dict[str, float]:
-    """How much the method changed the network, from its metrics over the run.
-
-    WE: receivers per call, by kind (sum of ``we/receivers_<kind>`` over the run divided by
-    ``we/calls``). Other methods: each ``<method>/...`` metric that counts things (whole
-    numbers, not a running total or a setting), summed over the run.
-    """
-    out: dict[str, float] = {}
-    if method == "we":
-        calls = float(last.get("we/calls", 0.0) or 0.0)
-        for kind in WE_KINDS:
-            values = histories.get(f"we/receivers_{kind}")
-            if values is not None and calls > 0:
-                out[f"receivers_{kind} per call"] = sum(values) / calls
-        if calls:
-            out["calls"] = calls
-        return out
-    prefix = f"{method}/"
-    for key, values in sorted(histories.items()):
-        if not key.startswith(prefix) or _NOT_COUNTS.search(key[len(prefix):]):
-            continue
-        if values and all(float(v).is_integer() for v in values):
-            out[key[len(prefix):]] = float(sum(values))
-    return out
+    """How much the method changed the network, from its metrics over the run: what the
+    method itself says (:meth:`we_dist.methods.base.Method.changes`)."""
+    return method_class(method).changes(histories, last)
 
 
 # --- reading the runs back -------------------------------------------------------------------

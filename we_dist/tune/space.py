@@ -45,6 +45,7 @@ from typing import Any, Mapping, Sequence
 
 
 from we_dist.config import Config, ConfigError, load_config, parse_override, read_yaml_mapping
+from we_dist.methods.registry import known_names
 from we_dist.schema import did_you_mean
 from we_dist.storage import storage_root
 
@@ -53,11 +54,11 @@ SCHEDULERS = ("none", "asha")
 MODES = ("min", "max")
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
 
-# What the worker loop reports every epoch (we_dist.train.loop), plus method metrics
-# (prefix "we/") and timings: a metric outside these would never arrive, and Tune
-# would only say so after the first trial had run.
+# What the worker loop reports every epoch (we_dist.train.loop), plus timings and each
+# method's own metrics (prefixed with its name: "we/receivers_conv"): a metric outside
+# these would never arrive, and Tune would only say so after the first trial had run.
 KNOWN_METRICS = ("val/top1", "val/top5", "val/loss", "train/loss", "train/top1")
-KNOWN_METRIC_PREFIXES = ("we/", "throughput/", "time/")
+KNOWN_METRIC_PREFIXES = ("throughput/", "time/")
 
 TOP_LEVEL_KEYS = ("name", "base_recipe", "overrides", "search_space", "metric", "mode", "num_samples",
                   "search", "scheduler", "max_concurrent_trials", "storage_path")
@@ -328,9 +329,10 @@ def load_sweep(path: str | os.PathLike[str], cli_overrides: Sequence[str] = ()) 
     _check_space_against_config(p, base, space)
 
     metric = raw.get("metric", "val/top1")
-    if not isinstance(metric, str) or not (metric in KNOWN_METRICS or metric.startswith(KNOWN_METRIC_PREFIXES)):
+    prefixes = (*KNOWN_METRIC_PREFIXES, *(f"{name}/" for name in known_names()))
+    if not isinstance(metric, str) or not (metric in KNOWN_METRICS or metric.startswith(prefixes)):
         raise SweepError(f"{p}: metric {metric!r} is not reported by the workers; use one of "
-                         f"{', '.join(KNOWN_METRICS)} (or a we/, time/, throughput/ metric)")
+                         f"{', '.join(KNOWN_METRICS)} (or a time/, throughput/ or <method>/ metric)")
     mode = raw.get("mode", "min" if metric.endswith("loss") else "max")
     if mode not in MODES:
         raise SweepError(f"{p}: mode must be one of {list(MODES)}, got {mode!r}")
