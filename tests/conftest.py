@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from typing import Any, Callable
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from we_dist.ports import free_port
 
 
 def _rank_main(fn: Callable, rank: int, world: int, port: int, args: tuple, results: Any) -> None:

@@ -1,12 +1,13 @@
 """Bad input is refused before anything starts: one clear line, exit status 2."""
 
-import socket
 import subprocess
 import time
 import sys
 from pathlib import Path
 
 import pytest
+
+from we_dist.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WE_DIST = str(Path(sys.executable).with_name("we-dist"))
@@ -107,9 +108,7 @@ def test_missing_and_corrupt_datasets_are_refused(tmp_path, digits_betons):
 
 def test_unreachable_tracking_server_is_reported_before_training(tmp_path, digits_betons):
     train_path, val_path = digits_betons
-    with socket.socket() as s:  # a port nobody listens on once this closes
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()   # nobody listens there
     start = time.monotonic()
     out = we_dist("train", DEMO, f"data.train_path={train_path}", f"data.val_path={val_path}",
                   f"tracking.uri=http://127.0.0.1:{port}", cwd=tmp_path)

@@ -7,7 +7,6 @@ HTTP server that is not Ray).
 from __future__ import annotations
 
 import http.server
-import socket
 import threading
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from we_dist.cluster.client import (
     resolve_address,
 )
 from we_dist.cluster.submit import build_runtime_env, entrypoint
+from we_dist.ports import free_port
 
 
 # --- version ---------------------------------------------------------------------------------
@@ -148,17 +148,11 @@ def test_token_lookup_order(monkeypatch, tmp_path):
 # --- the network: real sockets --------------------------------------------------------------
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_address_fails_fast_with_a_clear_message(monkeypatch):
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     start = time.monotonic()
     with pytest.raises(ClusterError) as err:
-        connect(f"http://127.0.0.1:{_closed_port()}", timeout=2.0)
+        connect(f"http://127.0.0.1:{free_port()}", timeout=2.0)
     assert time.monotonic() - start < 5
     assert "cannot connect to a Ray dashboard" in str(err.value)
     assert "--address" in str(err.value)
@@ -219,7 +213,7 @@ def test_recipe_outside_working_dir_is_refused(tmp_path, capsys):
 def test_bad_recipe_is_refused_before_contacting_the_cluster(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("r.yaml").write_text("name: r\nscaling:\n  num_workers: 0\n")
-    rc = cli.main(["submit", "r.yaml", "--address", f"http://127.0.0.1:{_closed_port()}"])
+    rc = cli.main(["submit", "r.yaml", "--address", f"http://127.0.0.1:{free_port()}"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "scaling.num_workers" in err and "cannot connect" not in err

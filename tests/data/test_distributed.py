@@ -4,7 +4,6 @@ the ranks read disjoint parts of the data. Labels are sample ids, so overlap is 
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +11,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from we_dist.ports import free_port
+
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, port: int, train_path: str, val_path: str, out_dir: str) -> None:
@@ -60,7 +55,7 @@ def test_ranks_read_disjoint_shards(tmp_path):
     train_path, val_path = tmp_path / "train.beton", tmp_path / "val.beton"
     _write_ids(train_path, 64)  # 32 per rank, 4 full batches of 8
     _write_ids(val_path, 61)    # odd: shards of 31 and 30, nothing padded or repeated
-    mp.spawn(_rank, args=(_free_port(), str(train_path), str(val_path), str(tmp_path)),
+    mp.spawn(_rank, args=(free_port(), str(train_path), str(val_path), str(tmp_path)),
              nprocs=WORLD, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD))
 

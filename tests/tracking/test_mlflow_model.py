@@ -118,7 +118,7 @@ def test_the_saved_model_loads_with_mlflow_and_states_its_preprocessing(tmp_path
 
 
 def test_a_registry_that_cannot_be_reached_is_a_warning_not_an_error(capsys, monkeypatch):
-    from we_dist.tracking.server import free_port
+    from we_dist.ports import free_port
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from we_dist.config import TrackingConfig
+from we_dist.ports import free_port
 from we_dist.tracking import DEFAULT_URI, TrackingError, check_reachable, resolve_uri
-from we_dist.tracking.server import free_port
 from we_dist.tracking.store import redact, sqlite_path
 
 

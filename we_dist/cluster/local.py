@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from we_dist.cluster.client import ClusterError
+from we_dist.ports import free_port
 
 HOST = "127.0.0.1"
 DEFAULT_GCS_PORT = 6390          # not 6379: a default `ray.init()` / `ray start` may be running
@@ -322,15 +323,9 @@ def _stop_tree(node: NodeProcess, grace: float) -> list[int]:
     return [p.pid for p in procs]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def _check_port(port: int, flag: str) -> int:
     if port == 0:
-        return _free_port()
+        return free_port(HOST)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         # As servers do: connections of a cluster just stopped (TIME_WAIT) do not block the port.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -501,12 +496,12 @@ def start_local_cluster(
     try:
         head_args = [ray, "start", "--head", f"--port={gcs_port}", f"--dashboard-host={HOST}",
                      f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-                     f"--ray-client-server-port={_free_port()}", f"--temp-dir={ray_temp}", *common,
+                     f"--ray-client-server-port={free_port(HOST)}", f"--temp-dir={ray_temp}", *common,
                      # Explicit free ports, per node, instead of Ray's fixed defaults (52365, 10001).
-                     f"--dashboard-agent-listen-port={_free_port()}"]
+                     f"--dashboard-agent-listen-port={free_port(HOST)}"]
         _start_node(cluster, "head", head_args, env, state, 1, deadline)
         worker_args = [ray, "start", f"--address={cluster.gcs_address}", f"--temp-dir={worker_temp}", *common,
-                       f"--dashboard-agent-listen-port={_free_port()}"]
+                       f"--dashboard-agent-listen-port={free_port(HOST)}"]
         _start_node(cluster, "worker", worker_args, env, state, 2, deadline)
     except BaseException:
         stop_local_cluster(state)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from we_dist.config import Config, ConfigError, load_config
+from we_dist.ports import free_port
 from we_dist.train.checkpoint import completed_checkpoints, epoch_of
 from we_dist.train.checkpoint import CheckpointError, ResumePlan, plan_resume
 from we_dist.train.checkpoint import run_dir as checkpoint_run_dir
@@ -161,14 +162,10 @@ def start_local_ray(num_cpus: float | None = None) -> None:
     ``WE_DIST_RAY_METRICS=1``. What still listens beyond loopback is listed in the
     README's "Security" section.
     """
-    import socket
-
     _ray_node_on_loopback()
     import ray
 
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        port = sock.getsockname()[1]
+    port = free_port(LOOPBACK)
     metrics = os.environ.get(RAY_METRICS_ENV, "0").strip().lower() in ("1", "true", "yes")
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, dashboard_port=port,
              _node_ip_address=LOOPBACK, _system_config={"enable_metrics_collection": metrics},
