@@ -47,7 +47,7 @@ def test_density_is_the_fraction_kept_counted_in_every_layer(name, density):
     for lname, layer in layers:
         n = layer.weight.numel()
         ones = int(layer.mask().sum())
-        assert ones == kept_count(n, density) == max(1, math.floor(density * n + 0.5)), lname
+        assert ones == kept_count(n, density) == max(1, n - int((1 - density) * n)), lname
         assert int((layer.mask() == 0).sum()) == n - ones  # the rest is exactly zero
         assert int(torch.count_nonzero(layer.effective_weight())) == ones  # signed constant: no zero weight
         kept_total += ones

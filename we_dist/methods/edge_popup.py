@@ -20,7 +20,8 @@ A layer that is not masked stays a plain, trained layer.
 
 **Density: one meaning.** ``density`` is the fraction of each masked layer's weights KEPT
 (nonzero in the forward pass): a layer of ``n`` weights keeps exactly
-``round(density * n)`` (at least 1), counted per layer, not globally
+``n - int((1 - density) * n)`` (at least 1; the authors' ``GetSubnet`` count), counted per
+layer, not globally
 (:func:`~we_dist.methods.masked.kept_count`; a test counts the ones). Sparsity is
 ``1 - density``: 70% sparsity is ``density: 0.3``. (The paper's "k%" is the kept fraction;
 its reference code mixes up kept and pruned fractions in places, so compare by this

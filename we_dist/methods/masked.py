@@ -43,10 +43,15 @@ from torch import nn
 
 def kept_count(n: int, density: float) -> int:
     """How many of a layer's ``n`` weights a mask of ``density`` (fraction KEPT) keeps:
-    ``round(density * n)`` (halves up), at least 1 and at most ``n``."""
+    ``n - int((1 - density) * n)``, at least 1 and at most ``n``.
+
+    The edge-popup authors' count (``GetSubnet`` in allenai/hidden-networks zeroes the
+    ``int((1 - k) * n)`` smallest scores), so that a mask keeps exactly as many weights as
+    theirs: ``ceil(density * n)`` but for float rounding (10 weights at 0.33 keep 4).
+    """
     if not 0 < density <= 1:
         raise ValueError(f"density (the fraction of weights kept) must be in (0, 1], got {density}")
-    return min(n, max(1, math.floor(density * n + 0.5)))
+    return min(n, max(1, n - int((1.0 - density) * n)))
 
 
 @torch.no_grad()

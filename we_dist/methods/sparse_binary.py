@@ -4,7 +4,7 @@ constrained binary variable, learned by projected gradient with a growing penalt
 Method card
 -----------
 **The problem.** With the weights ``W`` frozen at their random initialisation, find per
-masked layer a mask ``z`` in ``S_k = {z in {0,1}^n : sum(z) = k}``, ``k = round(density * n)``,
+masked layer a mask ``z`` in ``S_k = {z in {0,1}^n : sum(z) = k}``, ``k = n - int((1 - density) * n)``,
 that minimises the training loss ``L(W * z)``. Lu, Ji and Yuan (2023, in 计算机工程与应用,
 Computer Engineering and Applications) cast random-network pruning as this sparse binary
 program and report, over edge-popup, +7.98 points top-1 on ImageNet at 70% sparsity and
@@ -54,7 +54,7 @@ exact per-layer density) is shared, so the two compare one-for-one.
 ``+-1/sqrt(fan_in)``), clipped to the box: the same spread as edge-popup's scores, around
 the middle of the box, so the same learning rate moves it the same way at first.
 
-**Density** is the fraction KEPT, as in edge-popup: exactly ``round(density * n)`` ones per
+**Density** is the fraction KEPT, as in edge-popup: exactly ``n - int((1 - density) * n)`` ones per
 masked layer (a test counts them). 50% sparsity is ``density: 0.5``, 70% is ``0.3``.
 
 **Distributed, resume, export, accounting**: as edge-popup. ``m`` is a DDP parameter, the

@@ -1,6 +1,7 @@
 """Generator of reference/slimming.pt and reference/soft_pruning.pt. NOT run by the test suite.
 
-It runs the authors' own selection code on seeded inputs and saves what it decides. Their code is
+It runs the authors' own selection code on seeded inputs and saves what it decides
+(also l1_filter.pt and edge_popup.pt). Their code is
 not in this file: it is read at run time from their files, which must sit in the working
 directory (see README.md for the repositories, commits and the exact commands):
 
@@ -11,6 +12,11 @@ directory (see README.md for the repositories, commits and the exact commands):
                                epoch loop's masking condition, read by a regular expression
   pruning_cifar10_resnet.py    he-y/soft-filter-pruning: ``class Mask`` executed unchanged
   sfp_models/resnet.py, res_utils.py (empty __init__.py): their CIFAR ResNet-20, for its layer order
+  res56prune.py, res110prune.py Eric-mingjie/rethinking-network-pruning cifar/l1-norm-pruning: the
+                               lines from ``skip = {`` to ``newmodel = resnet(``, executed unchanged;
+                               l1_models/resnet.py (empty __init__.py) their ResNet
+  conv_type.py                 allenai/hidden-networks utils/conv_type.py: ``class GetSubnet``,
+                               executed unchanged
 
 Usage: python make_reference.py OUT_DIR
 """
@@ -158,3 +164,49 @@ torch.save({"repository": SFP_REPO[0], "commit": SFP_REPO[1],
 for k, v in sfp_cases.items():
     print("sfp", k, sum(len(x) for x in v["zeroed"].values()), len(v["zeroed"]))
 print(schedules)
+
+
+# ---------------- L1-norm filter pruning: rethinking-network-pruning cifar/l1-norm-pruning ---------
+L1_REPO = ("Eric-mingjie/rethinking-network-pruning", "2ac473d70a09810df888e932bb394f225f9ed2d1")
+l1_models = __import__("l1_models.resnet", fromlist=["resnet"])
+l1_cases = {}
+for script, depth in (("res56prune.py", 56), ("res110prune.py", 110)):
+    code = between(script, "skip = {", "newmodel = resnet(")
+    for v in ("A", "B"):
+        model = l1_models.resnet(depth=depth, dataset="cifar10")
+        fill_convs(model, 20 + depth)
+        ns = {"torch": torch, "nn": nn, "np": np, "model": model, "args": argparse.Namespace(v=v)}
+        exec(code, ns)
+        convs = [[n, list(m.weight.shape)] for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        # cfg_mask has an entry for each conv the loop looks at: a skipped layer or an even one.
+        looked = [lid for lid in range(1, len(convs) + 1) if lid in ns["skip"][v] or lid % 2 == 0]
+        assert len(looked) == len(ns["cfg_mask"])
+        removed = {convs[lid - 1][0]: (mask == 0).nonzero().flatten().tolist() for lid, mask in zip(looked, ns["cfg_mask"])}
+        l1_cases[f"resnet{depth}_{v}"] = {"model": f"cifar_resnet{depth}", "seed": 20 + depth, "v": v,
+                                          "skip": ns["skip"][v], "prune_prob": ns["prune_prob"][v],
+                                          "convs": convs, "removed": removed}
+torch.save({"repository": L1_REPO[0], "commit": L1_REPO[1],
+            "scripts": ["cifar/l1-norm-pruning/res56prune.py", "cifar/l1-norm-pruning/res110prune.py"],
+            "cases": l1_cases}, f"{OUT}/l1_filter.pt")
+for k, v in l1_cases.items():
+    print("l1", k, sum(len(x) for x in v["removed"].values()))
+
+
+# ---------------- edge-popup: hidden-networks utils/conv_type.py GetSubnet -------------------------
+EP_REPO = ("allenai/hidden-networks", "dddf2d093de568fc76d460a77fa2650e56e79c1a")
+ns = {"torch": torch, "autograd": torch.autograd}
+exec(between("conv_type.py", "class GetSubnet", "# Not learning weights, finding subnet"), ns)
+GetSubnet = ns["GetSubnet"]
+ep_cases = []
+g = torch.Generator().manual_seed(30)
+for shape in [(16, 3, 3, 3), (10,), (7, 5), (8, 4, 3, 3), (10, 64)]:
+    for k in (0.5, 0.33, 0.1, 0.7, 0.05):
+        scores = torch.randn(shape, generator=g).requires_grad_(True)
+        out = GetSubnet.apply(scores.abs(), k)              # SubnetConv: GetSubnet.apply(self.clamped_scores, ...)
+        grad = torch.randn(shape, generator=g)
+        out.backward(grad)
+        ep_cases.append({"shape": list(shape), "k": k, "scores": scores.detach().clone(),
+                         "mask": out.detach().bool(), "upstream": grad, "score_grad": scores.grad.clone()})
+torch.save({"repository": EP_REPO[0], "commit": EP_REPO[1], "script": "utils/conv_type.py (GetSubnet, SubnetConv)",
+            "cases": ep_cases}, f"{OUT}/edge_popup.pt")
+print("ep", [(c["shape"], c["k"], int(c["mask"].sum())) for c in ep_cases][:10])

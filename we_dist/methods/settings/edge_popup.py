@@ -13,7 +13,7 @@ from pydantic import Field
 from we_dist.schema import Bool, Float, settings_dataclass
 
 Density = Annotated[Float, Field(gt=0, le=1, description="fraction of each masked layer's weights KEPT "
-                                                         "(1 - sparsity); exactly round(density*n) per layer")]
+                                                         "(1 - sparsity); exactly n - int((1-density)*n) per layer")]
 
 
 @settings_dataclass
