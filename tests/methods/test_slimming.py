@@ -145,3 +145,36 @@ def test_removing_dead_channels_leaves_the_function_unchanged(name):
     before = model(x)
     apply_decision(model, (3, 32, 32), decision)
     assert torch.allclose(model(x), before, atol=1e-5)
+
+
+def test_masked_channels_stay_zero_through_fine_tuning_and_a_resume():
+    # CIFAR ResNet-20: the residual stream's selected channels are masked, not removed. A step
+    # that moves them (as the residual sum's gradient would) is undone after every step, and the
+    # mask survives a restart through the method state.
+    model = spread_gammas(create_model("cifar_resnet20", 10))
+    method = NetworkSlimmingMethod(SlimmingSettings(percent=0.5))
+    ctx = FitContext(model=model, epoch=0, step=0, epochs=1, steps_per_epoch=1)
+    method.prune(ctx)
+    assert ctx.logged["slim/masked_channels"] > 0
+    assert ctx.logged["slim/selected_fraction"] == (int(688 * 0.5) + 1) / 688     # the authors' count
+    modules = dict(model.named_modules())
+    masked = [(modules[name], idxs) for name, idxs in method.mask.items()]
+    with torch.no_grad():
+        for bn, _ in masked:
+            bn.weight.add_(0.3)
+            bn.bias.add_(0.3)
+    restarted = NetworkSlimmingMethod(SlimmingSettings(percent=0.5))
+    restarted.load_state_dict(method.state_dict())
+    restarted.on_step_end(FitContext(model=model, epoch=1, step=1, epochs=2, steps_per_epoch=1))
+    for bn, idxs in masked:
+        assert bn.weight[idxs].abs().sum() == 0 and bn.bias[idxs].abs().sum() == 0
+        kept = [i for i in range(bn.num_features) if i not in idxs]
+        assert bool((bn.bias[kept] != 0).all())                  # the others are left alone
+
+
+def test_diverged_scales_stop_the_pruning_with_a_clear_error():
+    model = spread_gammas(create_model("small_cnn", 10))
+    with torch.no_grad():
+        next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).weight[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        slimming_decision(model, (3, 32, 32), percent=0.5, max_layer_prune=0.9)
