@@ -43,6 +43,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from we_dist import network
+from we_dist.config import ConfigError, TrackingConfig, config_from_dict
+from we_dist.methods import create_method
+from we_dist.tracking import TrackingError, check_reachable, resolve_uri
+from we_dist.tracking.model import MODEL_DIR, NETWORK_FILE, NETWORK_INFO, preprocessing
+from we_dist.tracking.store import redact
+from we_dist.train.checkpoint import MANIFEST_FILE, CheckpointError, latest_loadable, load_state, read_manifest
+from we_dist.train.evaluation import evaluate
+
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 CLASSES_FILE = "classes.txt"   # optional: one class name per line, label order
 
@@ -65,37 +74,13 @@ class LoadedNetwork:
     @property
     def preprocessing(self) -> dict[str, Any]:
         """Mean/std (0-255), resolution, crop ratio: see :func:`we_dist.tracking.model.preprocessing`."""
-        from we_dist.tracking.model import preprocessing
-
         return preprocessing(self.cfg.data)
 
 
 # --- finding the network -------------------------------------------------------------------
 
 
-def network_from_state(cfg: Any, state: dict[str, Any], which: str = "best") -> tuple[nn.Module, int, float | None, str]:
-    """The network a checkpoint's ``state`` holds: the best epoch's (kept under ``"best"``)
-    when ``which="best"`` and it is there, else the checkpoint's own. Returns ``(network as
-    deployed, epoch, val/top1, "best" | "last")``; the network is rebuilt through the run's
-    method and architecture (pruned widths), as a resume does."""
-    from we_dist.methods import create_method
-    from we_dist.tracking.model import for_logging
-    from we_dist.train.loop import _restore_network, build_model
-
-    net = build_model(cfg, create_method(cfg), torch.device("cpu"))
-    kept = state.get("best") if which == "best" else None
-    if kept:
-        _restore_network(net, kept)
-        return for_logging(net), int(kept["epoch"]), float(kept["val/top1"]), "best"
-    _restore_network(net, state)
-    top1 = (state.get("metrics") or {}).get("val/top1")
-    return for_logging(net), int(state["epoch"]), None if top1 is None else float(top1), "last"
-
-
 def _from_checkpoint(path: Path) -> LoadedNetwork:
-    from we_dist.config import ConfigError, config_from_dict
-    from we_dist.train.checkpoint import MANIFEST_FILE, CheckpointError, latest_loadable, load_state, read_manifest
-
     try:
         directory = str(path) if (path / MANIFEST_FILE).exists() else latest_loadable(str(path))[0]
         state = load_state(directory)
@@ -108,21 +93,14 @@ def _from_checkpoint(path: Path) -> LoadedNetwork:
         cfg = config_from_dict(config)
     except ConfigError as exc:
         raise PredictError(f"{directory}: its recorded config is not valid now: {exc}") from None
-    net, epoch, top1, which = network_from_state(cfg, state, cfg.tracking.model_epoch)
+    net, epoch, top1, which = network.from_state(cfg, state, cfg.tracking.model_epoch)
     return LoadedNetwork(net, cfg, epoch, top1, which, directory)
 
 
 def _from_mlflow(run_id: str, tracking_uri: str) -> LoadedNetwork:
+    # MLflow is imported only for a run id: loading it costs seconds a checkpoint does not need.
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
-
-    from we_dist.config import ConfigError, config_from_dict
-    from we_dist.methods import create_method
-    from we_dist.models import architecture
-    from we_dist.tracking import TrackingError, check_reachable
-    from we_dist.tracking.model import MODEL_DIR, NETWORK_FILE, NETWORK_INFO, for_logging
-    from we_dist.tracking.store import redact
-    from we_dist.train.loop import build_model
 
     try:
         check_reachable(tracking_uri)
@@ -150,9 +128,8 @@ def _from_mlflow(run_id: str, tracking_uri: str) -> LoadedNetwork:
         raise PredictError(f"MLflow run {run_id}: its recorded config is not valid now: {exc}") from None
     # The logged network is the deployed one: build the run's network, deploy it, give it the
     # logged widths, then the logged weights.
-    net = for_logging(build_model(cfg, create_method(cfg), torch.device("cpu")))
-    architecture.rebuild(net, info["architecture"])
-    net.load_state_dict(weights)
+    net = network.deployed(network.build(cfg, create_method(cfg), torch.device("cpu")))
+    network.restore(net, {"architecture": info["architecture"], "model": weights})
     return LoadedNetwork(net.eval(), cfg, int(info["epoch"]), info.get("val/top1"), info.get("selected", "?"),
                          f"runs:/{run_id}/model")
 
@@ -165,9 +142,6 @@ def load_network(source: str, tracking_uri: str | None = None) -> LoadedNetwork:
             raise PredictError(f"{source}: not a checkpoint or run directory (nor an MLflow run id)")
         return _from_checkpoint(path)
     if _RUN_ID.match(source):
-        from we_dist.config import TrackingConfig
-        from we_dist.tracking import resolve_uri
-
         return _from_mlflow(source, tracking_uri or resolve_uri(TrackingConfig()))
     raise PredictError(f"{source}: no such checkpoint or run directory, and not an MLflow run id (32 hex digits)")
 
@@ -244,7 +218,6 @@ def evaluate_beton(net: LoadedNetwork, path: str, batch_size: int = 256) -> dict
     in this process (the run's resolution, crop ratio and normalisation)."""
     from we_dist.data import make_val_loader
     from we_dist.data.beton import DatasetError, check_beton
-    from we_dist.train.loop import evaluate
 
     try:
         info = check_beton(path, num_classes=net.cfg.model.num_classes)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from we_dist import network
 from we_dist.config import Config, load_config
 from we_dist.models import create_model
 from we_dist.models.architecture import describe
@@ -93,9 +94,9 @@ def test_the_saved_model_loads_with_mlflow_and_states_its_preprocessing(tmp_path
 
     torch.manual_seed(0)
     cfg = Config().override(["data.val_res=32", "data.mean=[78.0, 78.0, 78.0]", "data.std=[96.0, 96.0, 96.0]"])
-    net = mlflow_model.for_logging(shrink_first_conv(create_model("small_cnn", 10)))
+    net = network.deployed(shrink_first_conv(create_model("small_cnn", 10)))
     info = mlflow_model.network_info(cfg, net, epoch=4, val_top1=0.75, selected="best",
-                                     pruned=mlflow_model.is_pruned(cfg, net))
+                                     pruned=network.is_pruned(cfg, net))
     path = mlflow_model.save(net, info, tmp_path / "model")
     loaded = mlflow.pytorch.load_model(str(path))
     x = torch.randn(5, 3, 32, 32)           # any batch size, not only the example's 1
@@ -153,7 +154,6 @@ def test_model_epoch_last_and_the_repair_of_a_run_without_a_model(tmp_path, digi
     import mlflow.pytorch
     from mlflow.models import get_model_info
 
-    from we_dist.predict import network_from_state
     from we_dist.tracking import RunLogger
     from we_dist.train.checkpoint import load_state
     from we_dist.train.driver import repair_tracking
@@ -169,7 +169,7 @@ def test_model_epoch_last_and_the_repair_of_a_run_without_a_model(tmp_path, digi
     top1 = {m.step: m.value for m in client.get_metric_history(run_id, "val/top1")}
     assert meta["selected"] == "last" and meta["epoch"] == 2 and meta["val_top1"] == top1[2]
     loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
-    net, epoch, _, which = network_from_state(cfg, load_state(last), "last")
+    net, epoch, _, which = network.from_state(cfg, load_state(last), "last")
     x = torch.randn(3, 3, 32, 32)
     assert (epoch, which) == (2, "last")
     assert torch.allclose(loaded(x), net(x), rtol=0, atol=1e-6)

@@ -33,7 +33,6 @@ holds the traced ``GraphModule``: it unpickles with torch alone, without this pa
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import tempfile
@@ -42,6 +41,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from we_dist.network import describe, from_state, is_pruned
 
 _log = logging.getLogger(__name__)  # not `log`: that name is the function below
 
@@ -77,12 +78,10 @@ def preprocessing(data: Any) -> dict[str, Any]:
 def network_info(cfg: Any, network: nn.Module, *, epoch: int, val_top1: float | None, selected: str,
                  pruned: bool) -> dict[str, Any]:
     """``network.json``: everything needed to rebuild ``network`` (a deployed network) and use it."""
-    from we_dist.models import architecture
-
     return {
         "format": INFO_FORMAT,
         "config": cfg.to_dict(),
-        "architecture": architecture.describe(network),
+        "architecture": describe(network),
         "epoch": int(epoch),
         "val/top1": None if val_top1 is None else float(val_top1),
         "selected": selected,
@@ -107,24 +106,6 @@ def metadata(info: dict[str, Any]) -> dict[str, Any]:
         "val_top1": info["val/top1"],
         "run_name": cfg["name"],
     }
-
-
-def is_pruned(cfg: Any, network: nn.Module) -> bool:
-    """Whether ``network``'s layer widths differ from the plain model of ``cfg``."""
-    from we_dist.models import architecture, create_model
-
-    fresh = create_model(cfg.model.name, cfg.model.num_classes, cfg.model.blurpool)
-    ours = {k: v for k, v in architecture.describe(network).items()}
-    theirs = architecture.describe(fresh)
-    return any(ours.get(k, {}).get("shapes") != v.get("shapes") for k, v in theirs.items() if k in ours)
-
-
-def for_logging(network: nn.Module) -> nn.Module:
-    """The network as it is deployed, on CPU in float32 and eval mode (a copy)."""
-    from we_dist.export import deployable
-
-    net = copy.deepcopy(network).cpu().float().eval()
-    return deployable(net).to(memory_format=torch.contiguous_format).eval()
 
 
 def _traced(net: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -248,8 +229,6 @@ def repair(cfg: Any, logger: Any, state: dict[str, Any]) -> bool:
     kept one, per ``tracking.model_epoch``), and register it if asked. True if it logged one."""
     if not cfg.tracking.log_model or has_model(logger._client, logger.run_id):
         return False
-    from we_dist.predict import network_from_state
-
-    network, epoch, top1, which = network_from_state(cfg, state, cfg.tracking.model_epoch)
+    network, epoch, top1, which = from_state(cfg, state, cfg.tracking.model_epoch)
     info = network_info(cfg, network, epoch=epoch, val_top1=top1, selected=which, pruned=is_pruned(cfg, network))
     return log_selected(logger, network, info, cfg.tracking.register_as)
