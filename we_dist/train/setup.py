@@ -17,7 +17,9 @@ from torch import nn
 
 from we_dist import network
 from we_dist.config import Config
+from we_dist.data import make_train_loader, make_val_loader
 from we_dist.methods import Method, create_method
+from we_dist.tracking import RunLogger
 from we_dist.train.checkpoint import CheckpointError, latest_loadable, load_state, newer_checkpoint
 from we_dist.train.events import Callbacks
 from we_dist.train.init_from import load_network
@@ -69,8 +71,6 @@ def _print_workers(session: Any) -> None:
 def default_loaders(cfg: Config, device: torch.device, *, distributed: bool, epoch: int,
                     channels_last: bool) -> Loaders:
     """The FFCV loaders of ``cfg.data`` (training positioned at ``epoch``)."""
-    from we_dist.data import make_train_loader, make_val_loader  # FFCV compiles on first use
-
     train = make_train_loader(cfg.data, distributed=distributed, seed=cfg.seed, device=device, epoch=epoch,
                               channels_last=channels_last)
     val = make_val_loader(cfg.data, distributed=distributed, device=device, channels_last=channels_last)
@@ -89,33 +89,16 @@ def setup(cfg: Config, session: Any, callbacks: Callbacks, *, method: Method | N
     disabled one, touching no store). A resumed checkpoint's method and callback state is
     loaded here.
     """
-    rank, device = session.rank, session.device
+    device = session.device
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     method = method if method is not None else create_method(cfg)
     phases = PhasePlan.for_run(cfg, method)   # between seeding and building: see scratch.py
     model = network.build(cfg, method, device)
-
-    start_epoch, step, resume_state = 0, 0, None
-    with session.resume_dir() as offered:
-        resume_dir = choose_resume(offered, resume_from, run_dir, rank)
-        if resume_dir is not None:
-            resume_state = load_state(resume_dir, map_location=device)
-            network.restore(model, resume_state)
-            start_epoch, step = int(resume_state["epoch"]) + 1, int(resume_state["step"])
-            if rank == 0:
-                print(f"[we_dist] resumed from {resume_dir}: continuing at epoch {start_epoch}", flush=True)
-    if resume_state is None and cfg.model.init_from:
-        source = load_network(cfg.model.init_from, tracking_uri, map_location=device)
-        network.restore(model, source, weights=not cfg.model.init_architecture_only)
-        if rank == 0:
-            what = "architecture" if cfg.model.init_architecture_only else "network"
-            print(f"[we_dist] {what} from {source['source']}", flush=True)
-    model.to(device)
+    resumed = _starting_point(cfg, session, model, resume_from, run_dir, tracking_uri)
     channels_last = device.type == "cuda" and cfg.train.channels_last
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     autocast, amp_fp16 = _autocast(cfg, device)
 
     def make_groups(net: nn.Module) -> list[dict[str, Any]]:
@@ -125,24 +108,43 @@ def setup(cfg: Config, session: Any, callbacks: Callbacks, *, method: Method | N
     if session.world_size > 1:
         _print_workers(session)
     state = TrainState(model, make_groups, cfg.optim, device, session.world_size, amp_fp16=amp_fp16)
-    history: list[dict[str, float]] = []
-    if resume_state is not None:
-        state.optimizer.load_state_dict(resume_state["optimizer"])
-        state.scaler.load_state_dict(resume_state["scaler"])
-        method.load_state_dict(resume_state["method"])
+    start_epoch, step, history = 0, 0, []
+    if resumed is not None:
+        state.optimizer.load_state_dict(resumed["optimizer"])
+        state.scaler.load_state_dict(resumed["scaler"])
+        method.load_state_dict(resumed["method"])
+        start_epoch, step = int(resumed["epoch"]) + 1, int(resumed["step"])
         # Every finished epoch's metrics travel in the checkpoint: the summary covers the
         # whole run, and whatever MLflow missed (an outage) is sent again from here.
-        history = [{k: float(v) for k, v in m.items()} for m in resume_state.get("history", [])]
-    callbacks.load_state_dict(resume_state or {})
-    del resume_state
+        history = [{k: float(v) for k, v in m.items()} for m in resumed.get("history", [])]
+    callbacks.load_state_dict(resumed or {})
 
-    make = loaders if callable(loaders) else None
-    if loaders is None or make is not None:
-        loaders = (make or default_loaders)(cfg, device, distributed=session.world_size > 1, epoch=start_epoch,
-                                            channels_last=channels_last)
-    if logger is None:
-        from we_dist.tracking import RunLogger
-
-        logger = RunLogger(None, None, enabled=False)
+    if loaders is None or callable(loaders):
+        loaders = (loaders or default_loaders)(cfg, device, distributed=session.world_size > 1, epoch=start_epoch,
+                                               channels_last=channels_last)
     return LoopState(cfg=cfg, session=session, method=method, state=state, phases=phases, loaders=loaders,
-                     logger=logger, autocast=autocast, start_epoch=start_epoch, step=step, history=history)
+                     logger=logger if logger is not None else RunLogger(None, None, enabled=False),
+                     autocast=autocast, start_epoch=start_epoch, step=step, history=history)
+
+
+def _starting_point(cfg: Config, session: Any, model: nn.Module, resume_from: str | None, run_dir: str | None,
+                    tracking_uri: str | None) -> dict[str, Any] | None:
+    """Restore ``model`` from the checkpoint to resume (returns its state), else from
+    ``model.init_from`` if set (returns None: a fresh start from that network)."""
+    rank = session.rank
+    with session.resume_dir() as offered:
+        resume_dir = choose_resume(offered, resume_from, run_dir, rank)
+        if resume_dir is not None:
+            state = load_state(resume_dir, map_location=session.device)
+            network.restore(model, state)
+            if rank == 0:
+                print(f"[we_dist] resumed from {resume_dir}: continuing at epoch {int(state['epoch']) + 1}",
+                      flush=True)
+            return state
+    if cfg.model.init_from:
+        source = load_network(cfg.model.init_from, tracking_uri, map_location=session.device)
+        network.restore(model, source, weights=not cfg.model.init_architecture_only)
+        if rank == 0:
+            what = "architecture" if cfg.model.init_architecture_only else "network"
+            print(f"[we_dist] {what} from {source['source']}", flush=True)
+    return None
