@@ -27,17 +27,22 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-# Importing FFCV calls torch.set_num_threads(1) (its JIT compiler's default), which would
-# silently make every CPU training step single-threaded; keep the user's setting.
-_threads = torch.get_num_threads()
-from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType  # noqa: E402
 
-torch.set_num_threads(_threads)
-del _threads
+def _ffcv_types() -> Any:
+    """FFCV's file-format types, imported on first use: importing this module (and so the
+    training loop, which can run on in-memory loaders) needs no FFCV. Importing FFCV calls
+    torch.set_num_threads(1) (its JIT compiler's default), which would silently make every
+    CPU training step single-threaded; the user's setting is kept."""
+    threads = torch.get_num_threads()
+    import ffcv.types
+
+    torch.set_num_threads(threads)
+    return ffcv.types
 
 # Field names and FFCV type ids (ffcv.types.TYPE_ID_HANDLER: 1 IntField, 2 RGBImageField).
 SCHEMA: tuple[tuple[str, int, str], ...] = (
@@ -116,6 +121,9 @@ def check_beton(path: str | os.PathLike[str], num_classes: int | None = None) ->
         raise DatasetError(f"{p}: not a regular file")
     if not os.access(p, os.R_OK):
         raise DatasetError(f"{p}: not readable (permission denied)")
+    types = _ffcv_types()
+    HeaderType, FieldDescType, ALLOC_TABLE_TYPE = types.HeaderType, types.FieldDescType, types.ALLOC_TABLE_TYPE
+    CURRENT_VERSION = types.CURRENT_VERSION
     size = p.stat().st_size
     if size < HeaderType.itemsize:
         raise DatasetError(f"{p}: not an FFCV .beton file ({size} bytes, shorter than the "
