@@ -66,6 +66,10 @@ def test_scratch_b_epochs_follow_from_the_macs(tmp_path):
     save_state(full_dir, {"model": full.state_dict(), "architecture": architecture.describe(full)}, epoch=0)
     cfg_full = scratch_cfg(full_dir, "method.scratch.budget=B", "schedule.epochs=7")
     assert PhasePlan.for_run(cfg_full, create_method(cfg_full)).total_epochs == 7
+    # The method itself only counts: handed the architecture, it plans without reading storage.
+    method = create_method(cfg)
+    method.set_init_from_architecture(architecture.describe(pruned))
+    assert method.macs == (macs_full, macs_pruned) and method.phases(cfg)[0].epochs == expected
 
 
 def test_scratch_refuses_without_a_pruned_run(tmp_path):
@@ -75,7 +79,9 @@ def test_scratch_refuses_without_a_pruned_run(tmp_path):
         create_method(load_config(None, ["method.name=scratch", f"model.init_from={tmp_path}"]))
     cfg = load_config(None, ["method.name=scratch", f"model.init_from={tmp_path / 'nothing'}",
                              "model.init_architecture_only=true"])
-    with pytest.raises(ConfigError, match="model.init_from"):
+    with pytest.raises(ConfigError, match="model.init_from"):   # read by the train layer, not the method
+        PhasePlan.for_run(cfg, create_method(cfg))
+    with pytest.raises(RuntimeError, match="needs the architecture of model.init_from"):
         create_method(cfg).phases(cfg)
     assert budget_epochs(3, 100, 1000) == 1
 

@@ -207,6 +207,17 @@ class Method:
 
     # -- before training ----------------------------------------------------------------
 
+    #: True if :meth:`phases` depends on the architecture of the network ``model.init_from``
+    #: names (Scratch-B's epochs follow from its MACs). The train layer, which owns
+    #: ``model.init_from``, then reads it (checkpoint, run directory or MLflow) and hands it to
+    #: :meth:`set_init_from_architecture` before it asks for the phases: a method never reads
+    #: storage itself.
+    needs_init_from_architecture: ClassVar[bool] = False
+
+    def set_init_from_architecture(self, architecture: dict[str, Any] | None) -> None:
+        """The widths ``model.init_from`` saved (``None``: an unpruned network); called once,
+        before :meth:`phases`, on a method whose :attr:`needs_init_from_architecture` is true."""
+
     def phases(self, cfg: "Config") -> list[Phase] | None:
         """The phases of training; ``None`` means one phase with the recipe's schedule."""
         return None

@@ -40,29 +40,25 @@ from typing import Any
 
 import torch
 
+from we_dist.accounting import count_macs
 from we_dist.methods.base import FitContext, Method, Phase
 from we_dist.methods.registry import register_method
 from we_dist.methods.settings.scratch import ScratchSettings
+from we_dist.models import architecture, create_model
 from we_dist.schema import ConfigError
 
 
-def architecture_macs(cfg: Any, tracking_uri: str | None = None) -> tuple[int, int]:
+def architecture_macs(cfg: Any, pruned: dict[str, Any] | None, input_shape: tuple[int, int, int]) -> tuple[int, int]:
     """``(MACs_full, MACs_pruned)``: the recipe's model as built, and resized to the architecture
-    ``cfg.model.init_from`` saved (the same network when it saved none: an unpruned run)."""
-    from we_dist.accounting import count_macs
-    from we_dist.models import architecture, create_model
-    from we_dist.train.init_from import load_network
-
-    shape = (3, cfg.data.val_res, cfg.data.val_res)
-    # Building networks draws random numbers; the loop calls phases() between seeding and building
-    # the network it trains, which must start exactly as any other run of this seed.
+    ``pruned`` (what ``cfg.model.init_from`` saved; ``None``: an unpruned run, the same network)."""
+    # Building networks draws random numbers; the loop asks for the phases between seeding and
+    # building the network it trains, which must start exactly as any other run of this seed.
     with torch.random.fork_rng(devices=[]):
         full = create_model(cfg.model.name, cfg.model.num_classes, cfg.model.blurpool)
-        macs_full = count_macs(full, shape)
-        source = load_network(cfg.model.init_from, tracking_uri, map_location="cpu")
-        if source.get("architecture"):
-            architecture.rebuild(full, source["architecture"])
-        return macs_full, count_macs(full, shape)
+        macs_full = count_macs(full, input_shape)
+        if pruned:
+            architecture.rebuild(full, pruned)
+        return macs_full, count_macs(full, input_shape)
 
 
 def budget_epochs(epochs: int, macs_full: int, macs_pruned: int) -> int:
@@ -88,25 +84,28 @@ class ScratchMethod(Method):
         if not cfg.model.init_architecture_only:
             raise ConfigError("method.name=scratch starts from a fresh random initialisation: set "
                               "model.init_architecture_only=true (only the architecture of model.init_from is taken)")
-        return cls(settings)
+        return cls(settings, cfg, input_shape)
 
-    def __init__(self, settings: ScratchSettings | None = None) -> None:
+    # The MACs need the pruned run's architecture: the train layer reads model.init_from and
+    # passes it in (set_init_from_architecture) before asking for the phases.
+    needs_init_from_architecture = True
+
+    def __init__(self, settings: ScratchSettings | None = None, cfg: Any = None,
+                 input_shape: tuple[int, int, int] = (3, 32, 32)) -> None:
         self.settings = settings or ScratchSettings()
+        self.cfg = cfg
+        self.input_shape = tuple(input_shape)
         self.macs: tuple[int, int] | None = None
         self.epochs: int | None = None
 
-    def phases(self, cfg: Any) -> list[Phase]:
-        from we_dist.tracking.store import resolve_uri
-        from we_dist.train.init_from import InitFromError
+    def set_init_from_architecture(self, architecture: dict[str, Any] | None) -> None:
+        self.macs = architecture_macs(self.cfg, architecture, self.input_shape)
 
+    def phases(self, cfg: Any) -> list[Phase]:
         epochs, schedule = cfg.schedule.epochs, cfg.schedule
         if self.macs is None:
-            try:
-                self.macs = architecture_macs(cfg, resolve_uri(cfg.tracking))
-            except InitFromError as exc:
-                from we_dist.config import ConfigError
-
-                raise ConfigError(str(exc)) from None
+            raise RuntimeError("ScratchMethod.phases needs the architecture of model.init_from first "
+                               "(set_init_from_architecture; we_dist.train.phases.PhasePlan.for_run passes it)")
         if self.settings.budget == "B":
             n = budget_epochs(epochs, *self.macs)
             factor = n / epochs

@@ -16,7 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from we_dist.methods import create_method
 from we_dist.methods.base import Phase
+from we_dist.schema import ConfigError
+from we_dist.tracking.store import resolve_uri
+from we_dist.train.init_from import InitFromError, load_network
 from we_dist.train.schedules import lr_factor
 
 
@@ -43,6 +47,16 @@ class PhasePlan:
 
     @classmethod
     def for_run(cls, cfg: Any, method: Any) -> "PhasePlan":
+        """The phases ``method`` declares for ``cfg`` (one ``train`` phase if none). A method
+        whose phases depend on the network ``model.init_from`` names is given its
+        architecture first (read here: a :class:`ConfigError` if it cannot be loaded)."""
+        # getattr: a registered method need not subclass Method (the registry relies on less).
+        if getattr(method, "needs_init_from_architecture", False) and cfg.model.init_from:
+            try:
+                source = load_network(cfg.model.init_from, resolve_uri(cfg.tracking), map_location="cpu")
+            except InitFromError as exc:
+                raise ConfigError(str(exc)) from None
+            method.set_init_from_architecture(source.get("architecture"))
         declared = method.phases(cfg) if method is not None else None
         if not declared:
             declared = [Phase("train", cfg.schedule.epochs, cfg.optim.lr, cfg.schedule)]
@@ -69,6 +83,4 @@ class PhasePlan:
 
 def total_epochs(cfg: Any) -> int:
     """How many epochs run ``cfg`` trains in all (its method's phases added up)."""
-    from we_dist.methods import create_method
-
     return PhasePlan.for_run(cfg, create_method(cfg)).total_epochs
