@@ -45,6 +45,8 @@ from torch import nn
 
 from we_dist import network
 from we_dist.config import ConfigError, TrackingConfig, config_from_dict
+from we_dist.data import DatasetError, check_beton, make_val_loader
+from we_dist.data.convert import scan_imagefolder
 from we_dist.methods import create_method
 from we_dist.tracking import TrackingError, check_reachable, resolve_uri
 from we_dist.tracking.model import MODEL_DIR, NETWORK_FILE, NETWORK_INFO, preprocessing
@@ -153,9 +155,6 @@ def class_names(cfg: Any, explicit: str | None = None) -> list[str] | None:
     if explicit:
         path = Path(explicit).expanduser()
         if path.is_dir():
-            from we_dist.data.convert import scan_imagefolder
-            from we_dist.data.beton import DatasetError
-
             try:
                 return scan_imagefolder(path)[0]
             except DatasetError as exc:
@@ -216,9 +215,6 @@ def preprocess(image: Any, data: Any) -> torch.Tensor:
 def evaluate_beton(net: LoadedNetwork, path: str, batch_size: int = 256) -> dict[str, float]:
     """Top-1/top-5 (and loss) of ``net`` on a .beton, read with the project's validation loader
     in this process (the run's resolution, crop ratio and normalisation)."""
-    from we_dist.data import make_val_loader
-    from we_dist.data.beton import DatasetError, check_beton
-
     try:
         info = check_beton(path, num_classes=net.cfg.model.num_classes)
     except DatasetError as exc:
@@ -236,9 +232,6 @@ def evaluate_folder(net: LoadedNetwork, root: str, classes: Sequence[str] | None
     """Top-1/top-5 of ``net`` on an ImageFolder tree (``root/<class>/<image>``; labels by the
     sorted folder names, as `we-dist convert folder` assigns them, or by ``classes``)."""
     import torch.nn.functional as F
-
-    from we_dist.data.beton import DatasetError
-    from we_dist.data.convert import scan_imagefolder
 
     try:
         _, samples = scan_imagefolder(root, classes)

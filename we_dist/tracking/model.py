@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from we_dist.network import describe, from_state, is_pruned
+from we_dist.tracking.store import redact
 
 _log = logging.getLogger(__name__)  # not `log`: that name is the function below
 
@@ -213,8 +214,6 @@ def register_or_warn(tracking_uri: str, run_id: str, name: str, strict: bool = F
     except Exception as exc:   # noqa: BLE001 - a registry failure must not fail a finished training
         if strict:
             raise
-        from we_dist.tracking.store import redact
-
         print(f"[we_dist] warning: could not register the model of MLflow run {run_id} as {name!r} in "
               f"{redact(tracking_uri)} ({type(exc).__name__}: {exc}); the model is logged at "
               f"runs:/{run_id}/model: register it later with mlflow.register_model", flush=True)
