@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
 def input_shape(cfg: "Config") -> tuple[int, int, int]:
     """One input's (C, H, W): FFCV decodes RGB; validation images are centre crops resized
-    to ``data.val_res``."""
-    return (3, cfg.data.val_res, cfg.data.val_res)
+    to ``data.val_res`` (:attr:`we_dist.config.DataConfig.input_shape`)."""
+    return cfg.data.input_shape
 
 
 def build(cfg: "Config", method: "Method", device: torch.device) -> nn.Module:

@@ -87,7 +87,7 @@ class LoopState:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """One input's (C, H, W) at validation."""
-        return (3, self.cfg.data.val_res, self.cfg.data.val_res)
+        return self.cfg.data.input_shape
 
     # -- the method's hooks ------------------------------------------------------------------
 
