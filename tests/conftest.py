@@ -52,7 +52,7 @@ def run_gloo(fn: Callable, world: int = 2, *args: Any, timeout: float = 180) -> 
     return [out[r] for r in range(world)]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")   # a function: module fixtures may use it too
 def gloo() -> Callable[..., list[Any]]:
     return run_gloo
 
