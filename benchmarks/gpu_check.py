@@ -28,6 +28,7 @@ Prints one table row per method and check; ``--json FILE`` writes every number.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -48,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from we_dist import network, sync  # noqa: E402
 from we_dist.config import load_config  # noqa: E402
 from we_dist.data.memory import memory_loaders  # noqa: E402
+from we_dist.evolution import WEConfig, WeightEvolution  # noqa: E402
 from we_dist.export import load_exported  # noqa: E402
 from we_dist.methods import FitContext, Method, create_method, registered_methods  # noqa: E402
 from we_dist.models import create_model  # noqa: E402
@@ -254,11 +256,11 @@ def check_decisions(name: str, workdir: Path, device: str, model: str = "cifar_r
 # --- throughput ---------------------------------------------------------------------------------
 
 
-def throughput(batch: int, res: int, steps: int = 30) -> dict[str, float]:
-    """ResNet-50 images/s through the loop and in a bare step, on the same batches in GPU memory."""
-    from we_dist.evolution import WEConfig, WeightEvolution
-
-    device = torch.device("cuda")
+def throughput(batch: int, res: int, steps: int = 30, device: str = "cuda") -> dict[str, float]:
+    """ResNet-50 images/s through the loop and in a bare step, on the same batches in the
+    device's memory (``device="cpu"`` only to try the code path)."""
+    device = torch.device(device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     x = torch.randn(batch * 4, 3, res, res, device=device)
     y = torch.randint(0, 1000, (batch * 4,), device=device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -267,10 +269,10 @@ def throughput(batch: int, res: int, steps: int = 30) -> dict[str, float]:
             f"data.val_res={res}", f"data.batch_size={batch}", "schedule.epochs=3", "schedule.milestones=[]",
             "schedule.warmup_epochs=0", f"train.max_steps_per_epoch={steps}", f"checkpoint.storage_path={tmp}",
             "tracking.enabled=false", "train.progress=false", "train.check_replicas=false", "train.export=false",
-            "train.accounting_repeats=0", "scaling.use_gpu=true", "train.precision=bf16", "train.channels_last=true"])
+            "train.accounting_repeats=0", "train.precision=bf16", "train.channels_last=true"])
         loaders = memory_loaders(x.repeat(steps // 4 + 1, 1, 1, 1), y.repeat(steps // 4 + 1), x[:batch], y[:batch],
                                  batch, device=device, channels_last=True)
-        run_training(cfg, _session(Path(tmp) / "throughput", "cuda"), loaders=loaders)
+        run_training(cfg, _session(Path(tmp) / "throughput", str(device)), loaders=loaders)
         history = load_state(Path(tmp) / "throughput" / "epoch_0002")["history"]
     loop_rate = statistics.median(h["throughput/train_images_per_s"] for h in history[1:])
     model = network.build(cfg, create_method(cfg), device).to(memory_format=torch.channels_last)
@@ -278,26 +280,30 @@ def throughput(batch: int, res: int, steps: int = 30) -> dict[str, float]:
     xb = x[:batch].contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast():
             loss = F.cross_entropy(model(xb), y[:batch])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    for _ in range(10):
+    def wait() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(min(10, steps)):
         step()
-    torch.cuda.synchronize()
+    wait()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    wait()
     bare_rate = batch * steps / (time.perf_counter() - t0)
     we, times = WeightEvolution(WEConfig.imagenet()), []
     for i in range(5):
-        torch.cuda.synchronize()
+        wait()
         t0 = time.perf_counter()
         we.step(model, epoch=10 + i)
-        torch.cuda.synchronize()
+        wait()
         times.append(time.perf_counter() - t0)
     we_s = statistics.median(times[1:])
     return {"batch": batch, "res": res, "loop_images_per_s": loop_rate, "bare_images_per_s": bare_rate,
