@@ -31,10 +31,19 @@ CIFAR ResNets here). On those networks only the first conv of each residual bloc
 ``bn2`` (the residual stream) are masked. On CIFAR ResNet-20 at ``percent=0.5`` with random
 scales about 168 channels are removed and 177 masked, 345 of 688 selected as by the authors'
 rule; ``slim/removed_fraction`` reports the removed share, ``slim/selected_fraction`` the
-authors' pruned ratio. (The paper's ResNet experiments use a pre-activation ResNet-164 whose
-channel-selection layer after each block's first BatchNorm drops those channels from the
-block's input; that network is not in this project.) ``threshold_over: removable`` restores
-the scope without masks: ``N`` counts only the channels that can be removed.
+authors' pruned ratio. ``threshold_over: removable`` restores the scope without masks: ``N``
+counts only the channels that can be removed.
+
+**The authors' ResNet.** Their ResNet experiments use a pre-activation ResNet-164 with a
+channel-selection layer after each block's first BatchNorm (``model.name=cifar_preresnet164``,
+:mod:`we_dist.models.preresnet`; ``recipes/cifar_preresnet164_slim.yaml`` is their CIFAR-10
+command). On a network with selection layers the method prunes as their ``resprune.py`` does
+(:func:`selection_decision`, then :func:`~we_dist.models.preresnet.prune_channels`): the same
+threshold, every selected channel of a block's ``bn2``/``bn3`` removed with its convs, and those
+of a block's ``bn1`` and of the last BatchNorm cut off by their selection layers (the residual
+stream keeps its width); nothing is masked. ``slim/masked_channels`` then counts the channels
+the selections cut off. Checked against their code on ResNet-20 and -164:
+``tests/methods/test_reference_preresnet.py``.
 
 **Limits, by design.** A group (and a BatchNorm, for the masked channels) never loses more than
 ``max_layer_prune`` of its channels and always keeps at least one, the smallest |gamma| going
@@ -82,6 +91,7 @@ from we_dist.methods.channels import apply_decision
 from we_dist.methods.base import FitContext, Method, Phase, ScoreHistogram
 from we_dist.methods.registry import register_method
 from we_dist.methods.settings.slimming import SlimmingSettings
+from we_dist.models.preresnet import has_channel_selection, prune_channels
 
 def bn_gammas(model: nn.Module) -> torch.Tensor:
     """|gamma| of every affine BatchNorm, concatenated in module order (CPU, float)."""
@@ -175,6 +185,31 @@ def slimming_decision(model: nn.Module, input_shape: tuple[int, ...], percent: f
             "removed": {name: sorted(idxs) for name, idxs in removed.items() if idxs}}
 
 
+def selection_decision(model: nn.Module, percent: float, max_layer_prune: float) -> dict[str, Any]:
+    """The authors' rule on a network with channel-selection layers (the pre-activation
+    ResNet, :mod:`we_dist.models.preresnet`): ``t`` is :func:`authors_threshold` over every
+    affine BatchNorm's |gamma|, and each BatchNorm keeps its channels with |gamma| > t (at most
+    ``max_layer_prune`` of its channels go, the smallest first; one always stays). Returns
+    ``{"threshold": t, "keep": {BatchNorm name: [indices kept]}}`` for
+    :func:`~we_dist.models.preresnet.prune_channels`."""
+    bns = [(n, m) for n, m in model.named_modules() if m in set(channels.affine_bns(model))]
+    pool = bn_gammas(model)
+    if pool.numel() == 0 or percent == 0:
+        return {"threshold": 0.0, "keep": {}}
+    if not bool(torch.isfinite(pool).all()):
+        raise ValueError("BatchNorm scales hold NaN or Inf (training diverged): no channel can be ranked")
+    threshold = authors_threshold(pool, percent)
+    keep: dict[str, list[int]] = {}
+    for name, bn in bns:
+        gam = bn.weight.detach().abs().float().cpu()
+        below = [i for i in range(gam.numel()) if float(gam[i]) <= threshold]
+        gone = set(sorted(below, key=lambda i: (float(gam[i]), i))[:min(int(max_layer_prune * gam.numel()),
+                                                                           gam.numel() - 1)])
+        if gone:
+            keep[name] = [i for i in range(gam.numel()) if i not in gone]
+    return {"threshold": threshold, "keep": keep}
+
+
 def mask_after_removal(decision: dict[str, Any]) -> dict[str, list[int]]:
     """``decision["mask"]`` in the BatchNorms' indices after ``decision["prune"]`` is removed
     (a masked channel moves down by the number of removed channels before it)."""
@@ -264,11 +299,17 @@ class NetworkSlimmingMethod(Method):
         st = self.settings
         before = sum(m.num_features for m in channels.affine_bns(ctx.model))
         gammas = bn_gammas(ctx.model)
-        decision = sync.decide_and_share(
-            lambda: slimming_decision(ctx.model, self.input_shape, st.percent, st.max_layer_prune, st.threshold_over))
-        apply_decision(ctx.model, self.input_shape, decision)
-        self.mask = mask_after_removal(decision)
-        masked = apply_mask(ctx.model, self.mask)
+        if has_channel_selection(ctx.model):
+            # The authors' network: its selection layers cut channels off the residual stream,
+            # so every selected channel goes (none is masked); masked_channels counts those cut off.
+            decision = sync.decide_and_share(lambda: selection_decision(ctx.model, st.percent, st.max_layer_prune))
+            masked = prune_channels(ctx.model, decision["keep"])
+        else:
+            decision = sync.decide_and_share(lambda: slimming_decision(
+                ctx.model, self.input_shape, st.percent, st.max_layer_prune, st.threshold_over))
+            apply_decision(ctx.model, self.input_shape, decision)
+            self.mask = mask_after_removal(decision)
+            masked = apply_mask(ctx.model, self.mask)
         self.pruned = True
         ctx.structure_changed()
         after = sum(m.num_features for m in channels.affine_bns(ctx.model))

@@ -18,6 +18,7 @@ from torch import nn
 
 from we_dist.models.blurpool import add_blurpool
 from we_dist.models.cifar import cifar_mobilenet_v2, cifar_resnet, cifar_shufflenet_v2
+from we_dist.models.preresnet import PreActResNet
 from we_dist.models.small import SmallCNN
 
 Builder = Callable[[int], nn.Module]
@@ -27,6 +28,7 @@ MODELS: dict[str, Builder] = {
     "cifar_resnet20": lambda n: cifar_resnet(20, n),
     "cifar_resnet56": lambda n: cifar_resnet(56, n),
     "cifar_resnet110": lambda n: cifar_resnet(110, n),
+    "cifar_preresnet164": lambda n: PreActResNet(164, n),   # Network Slimming's ResNet (channel selection)
     "cifar_mobilenet_v2": cifar_mobilenet_v2,
     "cifar_shufflenet_v2": cifar_shufflenet_v2,
     "resnet18": lambda n: torchvision.models.resnet18(num_classes=n),

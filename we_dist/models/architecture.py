@@ -23,8 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from we_dist.models.preresnet import ChannelSelection
+
 # layer type -> the attributes that fix its parameter and buffer shapes
 _SHAPE_ATTRS: dict[type, tuple[str, ...]] = {
+    ChannelSelection: ("num_channels",),      # and its index buffer's length: the channels it passes
     nn.Conv1d: ("in_channels", "out_channels", "groups"),
     nn.Conv2d: ("in_channels", "out_channels", "groups"),
     nn.Conv3d: ("in_channels", "out_channels", "groups"),
