@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+from scipy import stats
 
 from we_dist.config import load_config
 from we_dist.tune.compare import (CompareError, RunRecord, build_spec, change_metrics, mean_std, paired_difference,
@@ -82,6 +83,21 @@ def test_paired_difference_uses_common_seeds_in_order():
     assert math.isnan(mean_std([1.0])[1]) and all(math.isnan(x) for x in mean_std([]))     # NaNs, not zeros
 
 
+def test_the_paired_t_test_and_its_verdict():
+    better = paired_difference({0: 0.92, 1: 0.83, 2: 0.875}, {0: 0.90, 1: 0.80, 2: 0.85})   # +2, +3, +2.5 points
+    p, low, high = better.t_test()
+    assert p == pytest.approx(stats.ttest_rel([0.92, 0.83, 0.875], [0.90, 0.80, 0.85]).pvalue)
+    assert p < 0.05 and low < better.mean < high and low > 0
+    assert better.verdict().startswith("better than the baseline (95% CI [+")
+    worse = paired_difference({0: 0.88, 1: 0.77, 2: 0.825}, {0: 0.90, 1: 0.80, 2: 0.85})
+    assert worse.verdict().startswith("worse than the baseline")
+    mixed = paired_difference({0: 0.90, 1: 0.80, 2: 0.86}, {0: 0.88, 1: 0.82, 2: 0.80})
+    assert mixed.t_test()[0] > 0.05 and mixed.verdict().startswith("no difference shown")
+    assert paired_difference({0: 0.9}, {0: 0.8}).verdict().startswith("one seed paired")
+    same = paired_difference({0: 0.9, 1: 0.8}, {0: 0.9, 1: 0.8})
+    assert same.t_test() == (1.0, 0.0, 0.0) and same.verdict().startswith("no difference shown")
+
+
 def _rec(variant, seed, curve, epochs=3, **kw):
     return RunRecord(variant=variant, method=variant.split(":")[0], seed=seed, curve=curve, epochs=epochs, **kw)
 
@@ -100,7 +116,9 @@ def test_summary_headline_is_final_epoch_not_best():
     assert s_we.incomplete == 1 and len(s_we.runs) == 2
     assert s_we.method_s == pytest.approx(2.0) and s_we.changes == {"receivers_conv per call": 3.0}
     md = render_markdown("t", [s_none, s_we], recs, epochs=3, seeds=[0, 1, 2])
-    assert "| `we` | 2 (+1 incomplete) | 76.50 ± 2.12 | +1.50 ± 4.95; 1/2 | 76.50 ± 2.12 |" in md
+    p_we = stats.ttest_rel([0.75, 0.78], [0.70, 0.80]).pvalue      # the same test, on the two series
+    assert f"| `we` | 2 (+1 incomplete) | 76.50 ± 2.12 | +1.50 ± 4.95; 1/2; p = {p_we:.2g} | 76.50 ± 2.12 |" in md
+    assert "- `we`: no difference shown (95% CI [" in md and "the interval includes 0)" in md
     assert "best-epoch top-1" in md and "params" not in md.split("## Runs")[0]     # no accounting logged: no column
 
 

@@ -279,6 +279,31 @@ class Paired:
         """Seeds where the variant beat the baseline (strictly)."""
         return sum(d > 0 for d in self.diffs)
 
+    def t_test(self) -> tuple[float, float, float]:
+        """The paired t-test of the differences against 0 (scipy's ``ttest_1samp``, two-sided,
+        the same as ``ttest_rel`` on the two series): ``(p-value, 95% CI low, high)`` of the mean
+        difference; NaN for fewer than two seeds. Identical differences (zero spread) give p = 1
+        when they are all 0 and p = 0 otherwise, with the CI collapsed onto the mean."""
+        if self.n < 2:
+            return math.nan, math.nan, math.nan
+        if self.std == 0 or math.isnan(self.std):
+            return (1.0 if self.mean == 0 else 0.0), self.mean, self.mean
+        from scipy import stats   # scipy is imported only when a report is made
+
+        result = stats.ttest_1samp(self.diffs, 0.0)
+        half = float(stats.t.ppf(0.975, self.n - 1)) * self.std / math.sqrt(self.n)
+        return float(result.pvalue), self.mean - half, self.mean + half
+
+    def verdict(self, alpha: float = 0.05) -> str:
+        """What the paired differences support, in words."""
+        p, low, high = self.t_test()
+        if math.isnan(p):
+            return "one seed paired: no statement about a difference (run more seeds)"
+        interval = f"95% CI [{100 * low:+.2f}, {100 * high:+.2f}] points, paired t-test p = {p:.2g}, {self.n} seeds"
+        if p < alpha:
+            return ("better than" if self.mean > 0 else "worse than") + f" the baseline ({interval})"
+        return f"no difference shown ({interval}: the interval includes 0)"
+
 
 def paired_difference(variant: Mapping[int, float], baseline: Mapping[int, float]) -> Paired:
     """Per-seed differences over the seeds both have, in seed order."""
@@ -364,7 +389,7 @@ def render_markdown(title: str, summaries: Sequence[VariantSummary], records: Se
     has_base = baseline is not None and any(s.label == baseline and s.runs for s in summaries)
     headers = ["method", "runs", "final top-1 % (mean ± std)"]
     if has_base:
-        headers.append(f"vs {baseline}: paired diff, points (mean ± std; seeds improved)")
+        headers.append(f"vs {baseline}: paired diff, points (mean ± std; seeds improved; paired t-test p)")
     headers += ["best-epoch top-1 % (mean ± std)"]
     headers += ["params"] if have_params else []
     headers += ["MACs"] if have_macs else []
@@ -380,8 +405,9 @@ def render_markdown(title: str, summaries: Sequence[VariantSummary], records: Se
                 row.append("-")
             else:
                 p = s.paired
+                pvalue = p.t_test()[0]
                 row.append(f"{100 * p.mean:+.2f}" + ("" if math.isnan(p.std) else f" ± {100 * p.std:.2f}")
-                           + f"; {p.improved}/{p.n}")
+                           + f"; {p.improved}/{p.n}" + ("" if math.isnan(pvalue) else f"; p = {pvalue:.2g}"))
         row.append(_pm(s.best))
         row += [_num(s.params)] if have_params else []
         row += [_num(s.macs)] if have_macs else []
@@ -405,7 +431,12 @@ def render_markdown(title: str, summaries: Sequence[VariantSummary], records: Se
     if has_base:
         parts += [f"Paired difference: for each seed, the variant's final top-1 minus `{baseline}`'s at the same "
                   "seed (same initial weights, same data order); mean and standard deviation of those "
-                  "differences in percentage points, and on how many seeds the variant was better.", ""]
+                  "differences in percentage points, on how many seeds the variant was better, and the "
+                  "two-sided paired t-test of the differences against 0 (scipy).", ""]
+        verdicts = [f"- `{s.label}`: {s.paired.verdict()}." for s in summaries
+                    if s.label != baseline and s.paired is not None and s.paired.n]
+        if verdicts:
+            parts += [f"**What the seeds support** (against `{baseline}`, 5% level):", "", *verdicts, ""]
     parts += ["Train time: sum of the epochs' wall time (`time/epoch_s`); method time: time inside the "
               "method's hooks (`time/method_s`), summed. Changes: WE's receivers per call by kind; other "
               "methods' count metrics summed over the run.", ""]
@@ -791,8 +822,10 @@ def _report_to_parent(uri: str, parent: str, md: str, records: Sequence[RunRecor
         values = {"final_top1_mean": s.final[0], "final_top1_std": s.final[1], "best_epoch_top1_mean": s.best[0],
                   "best_epoch_top1_std": s.best[1], "train_time_s": s.time_s, "method_time_s": s.method_s}
         if s.paired is not None and s.paired.n:
+            p_value, low, high = s.paired.t_test()
             values.update({"paired_diff_mean": s.paired.mean, "paired_diff_std": s.paired.std,
-                           "seeds_improved": float(s.paired.improved), "seeds_paired": float(s.paired.n)})
+                           "seeds_improved": float(s.paired.improved), "seeds_paired": float(s.paired.n),
+                           "paired_t_p": p_value, "paired_diff_ci95_low": low, "paired_diff_ci95_high": high})
         if s.params is not None:
             values["params"] = s.params
         if s.macs is not None:
