@@ -149,3 +149,29 @@ def test_mlflow_telemetry_is_off_for_the_cli_and_every_worker():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "disabled True" in out.stdout
+
+
+BOMB = "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
+               for k, p in zip("abcdefghi", [""] + list("abcdefgh")))     # 342 bytes, 9**9 values expanded
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "{bomb}"], "YAML aliases expand to more than 100,000 values"),
+    (["config", "{bomb}"], "YAML aliases expand to more than 100,000 values"),
+    (["train", DEMO, "name=" + "n" * 300], "name must be at most 100 characters"),
+    (["train", DEMO, "name=.."], "name '..' would write into checkpoint.storage_path's own folder or its parent"),
+    (["train", DEMO, "optim.lr=" + "[" * 2000 + "]" * 2000], "optim.lr"),
+])
+def test_hostile_input_is_one_line_exit_2_and_leaves_nothing(args, message, tmp_path):
+    """A YAML anchor bomb, a 300-character name, a name that points outside the storage and a
+    value nested 2,000 deep: refused by the config, before Ray, MLflow or a checkpoint folder."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BOMB)
+    work = tmp_path / "work"
+    work.mkdir()
+    storage = work / "runs"
+    out = we_dist(*[a.format(bomb=bomb) for a in args], f"checkpoint.storage_path={storage}", cwd=work)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr) < 1000 and len(out.stderr.strip().splitlines()) == 1
+    assert list(work.iterdir()) == []            # no mlflow.db, no runs/, no lock

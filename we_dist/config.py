@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import reprlib
 import typing
 from dataclasses import field, fields, is_dataclass, replace
 from pathlib import Path
@@ -262,8 +263,16 @@ class Config:
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
-        if not self.name or any(c in self.name for c in "/\\ \t\n"):
-            raise ValueError(f"name must be non-empty with no slashes or spaces, got {self.name!r}")
+        # The name is a folder under checkpoint.storage_path and part of the lock file's name.
+        if not self.name or any(c in self.name for c in "/\\") or any(c.isspace() or not c.isprintable()
+                                                                         for c in self.name):
+            raise ValueError(f"name must be non-empty with no slashes, spaces or control characters, "
+                             f"got {_shown(self.name)}")
+        if self.name in (".", ".."):
+            raise ValueError(f"name {self.name!r} would write into checkpoint.storage_path's own folder or its parent")
+        if len(self.name) > _MAX_NAME:
+            raise ValueError(f"name must be at most {_MAX_NAME} characters (it names the run's folder), "
+                             f"got {len(self.name)}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -316,10 +325,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+    value = safe_yaml(raw, f"override {key}: value {_shown(raw)}") if raw.strip() else ""
     return key, value
 
 
@@ -392,6 +398,51 @@ def _dotted(loc: tuple) -> str:
     return out
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 6, 6, 6, 6
+_REPR.maxstring = _REPR.maxother = 80
+_MAX_NAME = 100
+_MAX_YAML_VALUES = 100_000
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut short: a message names the value, never prints a huge one whole."""
+    return _REPR.repr(value)
+
+
+def _yaml_size(node: Any, memo: dict[int, int]) -> int:
+    """How many values ``node`` stands for once its aliases are expanded (each shared node
+    counted once per reference, computed without expanding anything)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1   # a recursive alias counts once instead of forever
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_yaml_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_yaml_size(k, memo) + _yaml_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[key] = size
+    return size
+
+
+def safe_yaml(text: str, what: str, error: type[ConfigError] = ConfigError) -> Any:
+    """``yaml.safe_load(text)``, refusing (with ``error`` naming ``what``) a document whose
+    aliases expand to more than 100,000 values: a few hundred bytes of nested anchors (a
+    "billion laughs") would otherwise take minutes and gigabytes once anything walks the value."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _yaml_size(node, {}) > _MAX_YAML_VALUES:
+            raise error(f"{what}: its YAML aliases expand to more than {_MAX_YAML_VALUES:,} values; "
+                        f"write the values out instead of nesting anchors")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{what} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise error(f"{what}: its YAML is nested too deeply") from None
+
+
 def _message(root: type, err: Mapping[str, Any]) -> str:
     loc, kind, ctx = tuple(err["loc"]), err["type"], err.get("ctx") or {}
     key, value = _dotted(loc), err.get("input")
@@ -410,18 +461,18 @@ def _message(root: type, err: Mapping[str, Any]) -> str:
     if kind == "literal_error":
         allowed = list(typing.get_args(info.annotation)) if info is not None else []
         if not allowed:
-            return f"{key} must be {ctx.get('expected', 'one of the allowed values')}, got {value!r}"
-        return f"{key} must be one of {allowed}, got {value!r}{did_you_mean(value, allowed)}"
+            return f"{key} must be {ctx.get('expected', 'one of the allowed values')}, got {_shown(value)}"
+        return f"{key} must be one of {allowed}, got {_shown(value)}{did_you_mean(value, allowed)}"
     if kind in _EXPECTS:
-        return f"{key} expects {_EXPECTS[kind]}, got {value!r}"
+        return f"{key} expects {_EXPECTS[kind]}, got {_shown(value)}"
     if kind in _BOUNDS:
         allowed = _range(info, ctx)
         if kind == "finite_number":
-            return f"{key} must be a finite number{' ' + allowed if allowed else ''}, got {value!r}"
-        return f"{key} must be {allowed}, got {value!r}"
+            return f"{key} must be a finite number{' ' + allowed if allowed else ''}, got {_shown(value)}"
+        return f"{key} must be {allowed}, got {_shown(value)}"
     if kind in ("dataclass_type", "dataclass_args_type", "dict_type"):
-        return f"{key} must be a mapping of keys to values, got {value!r}"
-    return f"{key}: {err['msg']}, got {value!r}" if key else str(err["msg"])
+        return f"{key} must be a mapping of keys to values, got {_shown(value)}"
+    return f"{key}: {err['msg']}, got {_shown(value)}" if key else str(err["msg"])
 
 
 def _config_error(exc: ValidationError, root: type) -> ConfigError:
@@ -458,7 +509,7 @@ def validate_section(cls: type, data: Any, where: str = "the recipe") -> Any:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where} must be a mapping of keys to values, got {data!r}")
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {_shown(data)}")
     try:
         return _adapter(cls).validate_python(_empty_sections(cls, data))
     except ValidationError as exc:
@@ -475,10 +526,7 @@ def read_yaml_mapping(path: str | os.PathLike[str], what: str, error: type[Confi
     p = Path(path)
     if not p.is_file():
         raise error(f"{what} not found: {p}")
-    try:
-        loaded = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise error(f"{what} {p} is not valid YAML: {exc}") from None
+    loaded = safe_yaml(p.read_text(), f"{what} {p}", error)
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
