@@ -264,10 +264,10 @@ class Config:
     @model_validator(mode="after")
     def _check(self) -> "Config":
         # The name is a folder under checkpoint.storage_path and part of the lock file's name.
-        if not self.name or any(c in self.name for c in "/\\") or any(c.isspace() or not c.isprintable()
-                                                                         for c in self.name):
-            raise ValueError(f"name must be non-empty with no slashes, spaces or control characters, "
-                             f"got {_shown(self.name)}")
+        if not self.name or any(c in self.name for c in "/\\") or any(c.isspace() for c in self.name):
+            raise ValueError(f"name must be non-empty with no slashes or spaces, got {_shown(self.name)}")
+        if not self.name.isprintable():
+            raise ValueError(f"name must have no control characters, got {_shown(self.name)}")
         if self.name in (".", ".."):
             raise ValueError(f"name {self.name!r} would write into checkpoint.storage_path's own folder or its parent")
         if len(self.name) > _MAX_NAME:
