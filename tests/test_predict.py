@@ -164,3 +164,50 @@ def test_read_image_and_preprocess_refuse_what_they_cannot_use(tmp_path):
     cfg = Config().override(["data.crop_ratio=0.5"])
     with pytest.raises(PredictError, match="too small"):
         preprocess(np.zeros((1, 1, 3), dtype=np.uint8), cfg.data)
+
+
+class _Payload:
+    """Pickled, it would write ``marker`` when unpickled: what a crafted checkpoint carries."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` pixels (a few dozen bytes in all)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_and_a_crafted_checkpoint_are_one_line_and_nothing_runs(tmp_path, capsys):
+    from PIL import Image
+
+    from we_dist.train.checkpoint import save_state
+
+    ckpt, cfg = _checkpoint(tmp_path)
+    bomb = _png_claiming(tmp_path / "bomb.png", 20000, 20000)
+    assert main(["predict", str(ckpt), str(bomb)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bomb.png: refused, its header claims more pixels" in err[0], err
+
+    marker = tmp_path / "payload-ran"
+    crafted = tmp_path / "runs" / "crafted" / "epoch_0000"
+    save_state(crafted, {"model": _Payload(marker), "epoch": 0}, epoch=0, step=0, run="crafted", method="none",
+               config=cfg.to_dict())           # a manifest whose hash matches the crafted state
+    image = tmp_path / "ok.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
+    assert main(["predict", str(crafted), str(image)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds objects other than tensors and plain data; refused" in err[0], err
+    assert not marker.exists()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pickle
 import re
 import sys
 import tempfile
@@ -123,7 +124,11 @@ def _from_mlflow(run_id: str, tracking_uri: str) -> LoadedNetwork:
                                f"it did not finish, trained with tracking.log_model=false, or was logged by an "
                                f"older we_dist; give its checkpoint directory instead") from None
         info = json.loads(Path(info_path).read_text())
-        weights = torch.load(weights_path, map_location="cpu", weights_only=True)
+        try:
+            weights = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise PredictError(f"MLflow run {run_id}: {MODEL_DIR}/{NETWORK_FILE} holds objects other than tensors "
+                               f"and plain data; refused, nothing of it was run") from None
     try:
         cfg = config_from_dict(info["config"])
     except ConfigError as exc:
@@ -184,6 +189,9 @@ def read_image(path: str | Path) -> Any:
     try:
         with Image.open(p) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Image.DecompressionBombError as exc:
+        # A few bytes of header can claim billions of pixels: PIL refuses before decoding.
+        raise PredictError(f"{path}: refused, its header claims more pixels than PIL's limit ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise PredictError(f"{path}: not an image PIL can read ({type(exc).__name__})") from None
 

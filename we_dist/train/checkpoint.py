@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,12 @@ def save_state(directory: str | os.PathLike[str], state: dict[str, Any], **info:
 def load_state(directory: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_state`, verifying it first."""
     verify(directory)
-    return torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # weights_only refuses anything but tensors and plain data: a crafted file is not run.
+        raise CheckpointError(f"{directory}: {STATE_FILE} holds objects other than tensors and plain data; "
+                              f"refused, nothing of it was run") from None
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
