@@ -64,6 +64,26 @@ def test_restart_replays_epochs_without_duplicates_or_gaps(run, client):
     assert top1[3] == pytest.approx(0.3 + 100)     # the half-logged epoch got its missing key
 
 
+def test_a_resume_claims_discarded_epochs_only_for_epoch_metrics(run, client):
+    """System metrics (one step per sample) and model/* (step 0 and step = epochs) share the
+    run with the epochs; a resume at epoch 2 discarded nothing when MLflow held epochs 0-1."""
+    uri, run_id = run
+    first = RunLogger(uri, run_id, enabled=True, strict=True)
+    for epoch in range(2):
+        first.log_metrics(_epoch_metrics(epoch), step=epoch)
+    first.log_metrics({"model/params": 1000.0}, step=0)
+    for sample in range(12):
+        first.log_metrics({"system/cpu_utilization_percentage": 50.0}, step=sample)
+    second = RunLogger(uri, run_id, enabled=True, strict=True)
+    assert second.replace_from(2) == []
+    assert "we_dist.discarded_epochs" not in client.get_run(run_id).data.tags
+    first.log_metrics({"model/params": 900.0}, step=4)            # a finished run's end accounting
+    first.log_metrics({"val/top1": 0.5}, step=2)                  # an epoch past the checkpoint
+    third = RunLogger(uri, run_id, enabled=True, strict=True)
+    assert third.replace_from(2) == [2]                           # the epoch, not model/* or system/*
+    assert "steps 2-2" in client.get_run(run_id).data.tags["we_dist.discarded_epochs"]
+
+
 def test_non_finite_values_are_skipped_with_a_tag(run, client):
     uri, run_id = run
     logger = RunLogger(uri, run_id, enabled=True, strict=True)

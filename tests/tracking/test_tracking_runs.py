@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from we_dist.config import Config, config_from_dict
-from we_dist.tracking import TrackingError, finish_run, open_run
+from we_dist.tracking import START_PARAMS, RunLogger, TrackingError, finish_run, open_run
 from we_dist.tracking.runs import MAX_PARAM_VALUE, config_params
 
 
@@ -64,6 +64,22 @@ def test_resume_with_changed_config_notes_it_and_keeps_params(tracking_cfg, clie
     assert "optim.lr" in note and "schedule.epochs" in note and "optim.momentum" not in note
     assert run.data.params["optim.lr"] == "0.1"                # params are immutable in MLflow
     assert "config/resume_1.yaml" in _artifact_paths(client, run_id)
+
+
+def test_a_resume_with_the_same_config_notes_nothing_after_the_workers_logged_their_checksums(tracking_cfg,
+                                                                                              client):
+    """The loop logs what a run starts from (START_PARAMS) beside the config's params; a resume
+    with the same config compared those too and noted a difference that was not there."""
+    cfg = Config(name="same", tracking=tracking_cfg)
+    run_id = open_run(tracking_cfg, run_name="same", config_dict=cfg.to_dict())
+    RunLogger(tracking_cfg.uri, run_id, enabled=True, strict=True).log_params(
+        {"init/param_checksum": "123", "data/first_batch_checksum": "45:6.7e+01"})
+    assert set(START_PARAMS) == {"init/param_checksum", "data/first_batch_checksum"}
+    assert open_run(tracking_cfg, run_name="same", config_dict=cfg.to_dict()) == run_id
+    assert "we_dist.config_note" not in client.get_run(run_id).data.tags
+    open_run(tracking_cfg, run_name="same", config_dict=cfg.override(["optim.lr=0.05"]).to_dict())
+    note = client.get_run(run_id).data.tags["we_dist.config_note"]
+    assert "optim.lr" in note and "checksum" not in note       # a real change is still noted, alone
 
 
 def test_resume_false_and_other_names_create_new_runs(tracking_cfg, client):

@@ -59,6 +59,9 @@ HTTP_RETRY_DEFAULTS = {
 _BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")   # what MLflow accepts in metric names
 
 
+NOT_EPOCH_METRICS = ("system/", "model/")   # metrics whose step is not an epoch
+
+
 def metric_name(key: str) -> str:
     """``key`` with the characters MLflow refuses in metric names replaced by ``_``."""
     return _BAD_NAME_CHARS.sub("_", key).strip("/") or "_"
@@ -187,7 +190,10 @@ class RunLogger:
         cannot be read now)."""
         if not self.enabled or not self._attempt("read the metric history", self._known_steps):
             return []
-        discarded = sorted({s for steps in self._steps.values() for s in steps if s >= step})
+        # Epoch metrics only: system/* are samples of the machine (steps count samples) and
+        # model/* the network at the start (step 0) and at the end (step = epochs).
+        epochs = [steps for key, steps in self._steps.items() if not key.startswith(NOT_EPOCH_METRICS)]
+        discarded = sorted({s for steps in epochs for s in steps if s >= step})
         if discarded:
             for steps in self._steps.values():
                 steps.difference_update(discarded)

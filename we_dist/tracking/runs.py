@@ -29,6 +29,9 @@ RUN_NAME_TAG = "we_dist.run_name"
 PARENT_TAG = "mlflow.parentRunId"          # MLflow's own nesting tag
 RESUMES_TAG = "we_dist.resumes"            # how many times the run was resumed
 CONFIG_NOTE_TAG = "we_dist.config_note"    # set when a resume brought a different config
+# What a fresh run starts from, logged as params by rank 0 at its first step (checksums of the
+# initial weights and of the first batch): not config, so a resume does not compare them.
+START_PARAMS = ("init/param_checksum", "data/first_batch_checksum")
 TRUNCATED_TAG = "we_dist.truncated_params"
 NOTE_TAG = "mlflow.note.content"           # MLflow's run description
 # Experiments we create are marked as model development: MLflow 3's UI then shows its
@@ -239,7 +242,7 @@ def _resume(client, run, config: dict | None) -> None:
     if config is None:
         return
     params, _ = config_params(config)
-    logged = run.data.params
+    logged = {k: v for k, v in run.data.params.items() if k not in START_PARAMS}
     changed = sorted(k for k in params.keys() | logged.keys() if params.get(k) != logged.get(k))
     if not changed:
         return

@@ -58,6 +58,7 @@ from typing import Any, Mapping, Sequence
 
 from we_dist.config import Config, ConfigError, load_config, parse_override
 from we_dist.methods.registry import method_class, registered_methods
+from we_dist.tracking import START_PARAMS
 
 COMPARE_STATE = "we_dist_compare.json"
 REPORT_FILE = "report.md"
@@ -65,7 +66,6 @@ PLOT_NAME = "val_top1_vs_epoch.png"
 METRIC = "val/top1"
 # Fingerprints of a run's start, if the worker loop logs them as MLflow params (initial
 # parameter checksum, checksum of the first batch's labels): runs of one seed must agree.
-START_PARAMS = ("init/param_checksum", "data/first_batch_checksum")
 BASELINE = "none"
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from we_dist import sync
+from we_dist.tracking import START_PARAMS
 from we_dist.train.events import Callback
 
 
@@ -52,8 +53,9 @@ class Tracking(Callback):
         if sync.is_distributed():
             dist.all_reduce(batch)
         if loop.rank == 0:
-            loop.logger.log_params({"init/param_checksum": str(int(sync.parameter_checksum(loop.model))),
-                                    "data/first_batch_checksum": f"{batch[0].item():.0f}:{batch[1].item():.6e}"})
+            weights, first_batch = START_PARAMS
+            loop.logger.log_params({weights: str(int(sync.parameter_checksum(loop.model))),
+                                    first_batch: f"{batch[0].item():.0f}:{batch[1].item():.6e}"})
 
     def on_epoch_committed(self, loop: Any) -> None:
         if loop.rank == 0:
