@@ -32,15 +32,15 @@ from we_dist.train.state import TrainState, default_param_groups
 def choose_resume(offered: str | None, resume_from: str | None, run_dir: str | None, rank: int = 0) -> str | None:
     """The checkpoint directory to resume from, or None for a fresh start.
 
-    ``offered`` is Ray's latest registered checkpoint (None on a fresh start), ``resume_from``
-    the driver's choice (the newest that verifies, which may be newer: written but not yet
-    registered when the run stopped), ``run_dir`` the run's local checkpoint folder, searched
-    for a newer complete checkpoint when Ray restarts the workers. The newest that verifies
-    wins; if none verifies, loading it raises.
+    ``offered`` is Ray's latest registered checkpoint (None on a fresh start, and on a restart
+    before Ray registered any), ``resume_from`` the driver's choice (the newest that verified
+    when the command started), ``run_dir`` the run's local checkpoint folder (the driver passes
+    it for local storage only). The newest that verifies wins; if none verifies, loading raises.
     """
-    if run_dir and offered:
+    if run_dir:
         # A restart within the run (a worker died): a checkpoint written after the one Ray
-        # registered last may be on disk already; take the newest that verifies.
+        # registered last, or before Ray registered any, may be complete on disk already.
+        # On a first start the folder holds nothing newer than the driver's choice.
         try:
             resume_from = newer_checkpoint(latest_loadable(run_dir)[0], resume_from)
         except (CheckpointError, OSError):
