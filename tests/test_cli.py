@@ -175,3 +175,40 @@ def test_hostile_input_is_one_line_exit_2_and_leaves_nothing(args, message, tmp_
     assert message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr) < 1000 and len(out.stderr.strip().splitlines()) == 1
     assert list(work.iterdir()) == []            # no mlflow.db, no runs/, no lock
+
+
+def _small_cnn_checkpoint(directory: Path) -> Path:
+    """A real checkpoint of the demo's small CNN (10 classes), with its config in the manifest."""
+    import torch
+
+    from we_dist.config import load_config
+    from we_dist.models import architecture, create_model
+    from we_dist.train.checkpoint import save_state
+
+    cfg = load_config(DEMO)
+    net = create_model("small_cnn", 10)
+    save_state(directory, {"model": net.state_dict(), "architecture": architecture.describe(net), "epoch": 0,
+                           "step": 1, "metrics": {}, "history": []},
+               epoch=0, step=1, run="base", method="none", config=cfg.to_dict())
+    return directory
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.name=cifar_resnet20", "holds a network with model.name='small_cnn', but this run has "
+                                  "model.name='cifar_resnet20'"),
+    ("model.num_classes=12", "holds a network with model.num_classes=10, but this run has model.num_classes=12"),
+    ("data.batch_size=5000", "data.batch_size=5000 is more than each of the 2 workers' 719 training samples"),
+])
+def test_a_run_that_cannot_train_is_refused_before_ray_and_mlflow(override, message, tmp_path, digits_betons):
+    """An init_from network of another model or class count (the latter used to train the
+    checkpoint's 10-class network while the config said 12), and a batch larger than a worker's
+    share of the data: exit 2, one line, no Ray session, no MLflow store, no checkpoint folder."""
+    train_path, val_path = digits_betons
+    base = _small_cnn_checkpoint(tmp_path / "base" / "epoch_0000")
+    work = tmp_path / "work"
+    work.mkdir()
+    out = we_dist("train", DEMO, f"data.train_path={train_path}", f"data.val_path={val_path}",
+                  f"model.init_from={base}", f"checkpoint.storage_path={work / 'runs'}", override, cwd=work)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert list(work.iterdir()) == []           # no mlflow.db (tracking is on by default), no runs/

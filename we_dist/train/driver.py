@@ -83,13 +83,20 @@ def preflight(cfg: Config) -> tuple[str | None, list[str]]:
         try:
             # Labels the model cannot score would fail only inside the loss, after the
             # MLflow run and the workers exist: refuse them here.
-            check_beton(path, num_classes=cfg.model.num_classes)
+            info = check_beton(path, num_classes=cfg.model.num_classes)
         except LabelRangeError as exc:
             raise PreflightError(f"{key}: {path} has labels {exc.low}..{exc.high} but model.num_classes="
                                  f"{cfg.model.num_classes} allows only 0..{cfg.model.num_classes - 1}; "
                                  f"set model.num_classes to match the data (labels must be >= 0)") from None
         except DatasetError as exc:
             raise PreflightError(f"{key}: {exc}") from None
+        # Training drops incomplete batches: a batch larger than a worker's share trains nothing.
+        per_worker = -(-info.num_samples // cfg.scaling.num_workers)
+        if key == "data.train_path" and per_worker < cfg.data.batch_size:
+            raise PreflightError(f"data.batch_size={cfg.data.batch_size} is more than each of the "
+                                 f"{cfg.scaling.num_workers} workers' {per_worker} training samples ({path} has "
+                                 f"{info.num_samples}); training drops incomplete batches, so nothing would train: "
+                                 f"lower data.batch_size (it is per worker)")
 
     done = completed_checkpoints(cfg.checkpoint.storage_path, cfg.name)
     run_dir = checkpoint_run_dir(cfg.checkpoint.storage_path, cfg.name)
@@ -110,10 +117,10 @@ def preflight(cfg: Config) -> tuple[str | None, list[str]]:
             raise PreflightError(f"tracking: {exc} (or set tracking.enabled=false)") from None
     if cfg.model.init_from and not done:
         # Found and verified now (hash checked), so a bad one is refused before anything starts.
-        from we_dist.train.init_from import InitFromError, resolve
+        from we_dist.train.init_from import InitFromError, check_compatible, resolve
 
         try:
-            resolve(cfg.model.init_from, uri or _tracking_uri_for_lookup(cfg))
+            check_compatible(resolve(cfg.model.init_from, uri or _tracking_uri_for_lookup(cfg)), cfg.model)
         except InitFromError as exc:
             raise PreflightError(str(exc)) from None
     return uri, done

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from we_dist import storage
-from we_dist.train.checkpoint import MANIFEST_FILE, CheckpointError, latest_loadable, load_state, run_dir, verify
+from we_dist.train.checkpoint import (MANIFEST_FILE, CheckpointError, latest_loadable, load_state, read_manifest,
+                                      run_dir, verify)
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -68,6 +69,19 @@ def _from_mlflow(run_id: str, tracking_uri: str | None) -> str:
     except CheckpointError as exc:
         raise InitFromError(f"model.init_from={run_id}: {exc}") from None
     return found
+
+
+def check_compatible(directory: str, model: Any) -> None:
+    """Refuse a ``model.init_from`` checkpoint whose network is not the one this run builds
+    (``model``: the run's ``ModelConfig``): another ``model.name``, ``model.num_classes`` or
+    ``model.blurpool``. Read from the checkpoint's manifest (its recorded config), so nothing
+    heavy is loaded; a checkpoint that recorded no config is not checked."""
+    saved = (read_manifest(directory).get("config") or {}).get("model") or {}
+    for key in ("name", "num_classes", "blurpool"):
+        if key in saved and saved[key] != getattr(model, key):
+            raise InitFromError(f"model.init_from={directory} holds a network with model.{key}={saved[key]!r}, "
+                                f"but this run has model.{key}={getattr(model, key)!r}: train the same network, "
+                                f"or start it without model.init_from")
 
 
 def load_network(spec: str, tracking_uri: str | None = None, map_location: Any = "cpu") -> dict[str, Any]:
