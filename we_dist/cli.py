@@ -115,6 +115,22 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+UMASK_ENV = "WE_DIST_UMASK"
+
+
+def _umask() -> int:
+    """What this process tree creates is its user's alone unless ``WE_DIST_UMASK`` (octal, e.g.
+    022) says otherwise: checkpoints hold the weights, ``~/.ray/auth_token`` is the local Ray's
+    credential, the local Ray's session folder its sockets and logs. 0o077: files 0600,
+    folders 0700. (A shared storage for a team sets ``WE_DIST_UMASK=027``.)"""
+    text = os.environ.get(UMASK_ENV, "").strip()
+    try:
+        return int(text, 8) if text else 0o077
+    except ValueError:
+        print(f"we-dist: {UMASK_ENV}={text!r} is not an octal umask (e.g. 077 or 022); using 077", file=sys.stderr)
+        return 0o077
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `we-dist` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -122,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     # which races with numba (FFCV's loaders) reading it; a local Ray's workers inherit this too.
     # See worker_env in we_dist/train/driver.py.
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    os.umask(_umask())
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())   # no heavy import: help must be instant
         return 0 if argv else 2

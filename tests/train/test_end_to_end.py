@@ -52,3 +52,13 @@ def test_train_command_logs_everything_to_a_real_mlflow_server(tmp_path, digits_
         weights = torch.load(local, weights_only=True)
         assert "fc.weight" in weights and torch.isfinite(weights["fc.weight"]).all()
         assert {"model/architecture.json", "model/exported.pt2", "model/exported.json"} <= paths("model")
+
+        # What holds the weights is the user's alone (the CLI's umask, 077 unless WE_DIST_UMASK).
+        run_dir = tmp_path / "runs" / "e2e"
+        written = [run_dir, *run_dir.rglob("*")]
+        assert any(p.name == "state.pt" for p in written)
+        loose = [f"{p} {oct(p.stat().st_mode & 0o777)}" for p in written if p.stat().st_mode & 0o077]
+        assert loose == [], loose
+        token = Path.home() / ".ray" / "auth_token"
+        if token.exists() and token.stat().st_uid == os.getuid():
+            assert token.stat().st_mode & 0o077 == 0

@@ -156,6 +156,18 @@ def _ray_node_on_loopback() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
+def _private_token() -> None:
+    """``~/.ray/auth_token`` (the local Ray's credential) readable by its owner only: Ray writes it
+    with the process's umask (we-dist's is 077), but one written earlier may be 0644."""
+    token = Path.home() / ".ray" / "auth_token"
+    try:
+        st = token.lstat()
+        if token.is_file() and not token.is_symlink() and st.st_uid == os.getuid() and st.st_mode & 0o077:
+            token.chmod(0o600)
+    except OSError:
+        pass   # no token yet: Ray writes it under our umask
+
+
 def start_local_ray(num_cpus: float | None = None) -> None:
     """Start a local Ray that listens on 127.0.0.1 only, with its dashboard on 127.0.0.1.
 
@@ -170,6 +182,7 @@ def start_local_ray(num_cpus: float | None = None) -> None:
     README's "Security" section.
     """
     _ray_node_on_loopback()
+    _private_token()
     import ray
 
     port = free_port(LOOPBACK)
