@@ -135,3 +135,4 @@ def test_deleted_experiment_is_reported(tracking_cfg, client):
 def test_finish_run_rejects_unknown_status(store_uri):
     with pytest.raises(ValueError, match="FINISHED"):
         finish_run(store_uri, "0" * 32, "DONE")
+

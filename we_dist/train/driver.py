@@ -390,14 +390,15 @@ def _mark_status(tracking_uri: str | None, run_id: str, status: str, timeout_s: 
 
 
 def fit_tracked(trainer: Any, tracking_uri: str | None, run_id: str | None,
-                wait_s: float = END_STATUS_TIMEOUT_S, check_complete: bool = False) -> Any:
+                wait_s: float = END_STATUS_TIMEOUT_S, check_complete: bool = False,
+                artifacts: Sequence[str] = ()) -> Any:
     """``trainer.fit()``, closing the MLflow run as FINISHED, FAILED or (Ctrl-C) KILLED.
 
     Ctrl-C (see :class:`_Interrupts`) ends in :class:`KeyboardInterrupt` once the MLflow
     run is marked KILLED (its ``killed_recorded`` attribute says whether the store took it).
-    With ``check_complete`` (``we-dist train``), a finished training whose last epoch or
-    status the store did not take (an outage at the end; asked within ``wait_s``) raises
-    :class:`TrackingIncomplete`. Sweep trials do not check: a trial stopped early by its
+    With ``check_complete`` (``we-dist train``), a finished training whose last epoch, one of
+    ``artifacts`` (the final model's files, see :func:`expected_artifacts`) or status the store
+    did not take (an outage; asked within ``wait_s``) raises :class:`TrackingIncomplete`. Sweep trials do not check: a trial stopped early by its
     scheduler may end before its last epoch is logged.
     """
     interrupts = _Interrupts()
@@ -428,7 +429,7 @@ def fit_tracked(trainer: Any, tracking_uri: str | None, run_id: str | None,
         raise stop
     if run_id:
         last = int((result.metrics or {}).get("epoch", -1)) if check_complete else -1
-        if not _has_epoch(tracking_uri, run_id, last, wait_s) or \
+        if not _has_record(tracking_uri, run_id, last, artifacts if check_complete else (), wait_s) or \
                 not _mark_status(tracking_uri, run_id, "FINISHED", wait_s):
             if check_complete:
                 raise TrackingIncomplete(run_id)
@@ -453,9 +454,19 @@ class TrackingIncomplete(RuntimeError):
         self.run_id = run_id
 
 
-def _has_epoch(tracking_uri: str | None, run_id: str, epoch: int, wait_s: float) -> bool:
-    """Whether MLflow holds ``val/top1`` at step ``epoch`` (asked within ``wait_s``)."""
-    if epoch < 0:
+def expected_artifacts(cfg: Config) -> list[str]:
+    """The files a finished run's MLflow record holds under ``model/`` (what the last epoch
+    logs, and what a re-run's :func:`repair_tracking` sends when it is missing). The MLflow
+    model (``model/MLmodel``) is not among them: a network it cannot be made of is a warning,
+    not an incomplete record."""
+    out = ["model/exported.pt2", "model/exported.json"] if cfg.train.export else []
+    return out + (["model/final_weights.pt"] if cfg.tracking.log_model else [])
+
+
+def _has_record(tracking_uri: str | None, run_id: str, epoch: int, artifacts: Sequence[str], wait_s: float) -> bool:
+    """Whether MLflow holds ``val/top1`` at step ``epoch`` (none asked when negative) and every
+    one of ``artifacts`` (asked within ``wait_s``)."""
+    if epoch < 0 and not artifacts:
         return True
     found: list[bool] = []
 
@@ -463,8 +474,10 @@ def _has_epoch(tracking_uri: str | None, run_id: str, epoch: int, wait_s: float)
         try:
             from mlflow.tracking import MlflowClient
 
-            history = MlflowClient(tracking_uri).get_metric_history(run_id, "val/top1")
-            found.append(any(m.step == epoch for m in history))
+            client = MlflowClient(tracking_uri)
+            history = client.get_metric_history(run_id, "val/top1") if epoch >= 0 else []
+            present = {a.path for a in client.list_artifacts(run_id, "model")} if artifacts else set()
+            found.append((epoch < 0 or any(m.step == epoch for m in history)) and set(artifacts) <= present)
         except Exception:
             found.append(False)
 
@@ -667,7 +680,8 @@ def _train_locked(cfg: Config, address: str | None, tracking_uri: str | None, do
               + (f"; MLflow run {run_id} at {tracking_uri}" if run_id else ""), flush=True)
         result = fit_tracked(build_trainer(cfg, tracking_uri, run_id, resume_from=plan.path,
                                            run_dir=None if "://" in run_dir else run_dir), tracking_uri, run_id,
-                             wait_s=max(cfg.tracking.final_flush_s, 5.0), check_complete=True)
+                             wait_s=max(cfg.tracking.final_flush_s, 5.0), check_complete=True,
+                             artifacts=expected_artifacts(cfg))
     except KeyboardInterrupt as exc:
         kept = completed_checkpoints(cfg.checkpoint.storage_path, cfg.name)
         # Interrupted before fit() (starting Ray, opening the MLflow run): nothing marked it.
