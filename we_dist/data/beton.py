@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 
-def _ffcv_types() -> Any:
+def _ffcv_types() -> tuple[Any, Any, Any, int]:
     """FFCV's file-format types, imported on first use: importing this module (and so the
     training loop, which can run on in-memory loaders) needs no FFCV. Importing FFCV calls
     torch.set_num_threads(1) (its JIT compiler's default), which would silently make every
@@ -42,7 +42,8 @@ def _ffcv_types() -> Any:
     import ffcv.types
 
     torch.set_num_threads(threads)
-    return ffcv.types
+    t = ffcv.types
+    return t.HeaderType, t.FieldDescType, t.ALLOC_TABLE_TYPE, t.CURRENT_VERSION
 
 # Field names and FFCV type ids (ffcv.types.TYPE_ID_HANDLER: 1 IntField, 2 RGBImageField).
 SCHEMA: tuple[tuple[str, int, str], ...] = (
@@ -121,9 +122,7 @@ def check_beton(path: str | os.PathLike[str], num_classes: int | None = None) ->
         raise DatasetError(f"{p}: not a regular file")
     if not os.access(p, os.R_OK):
         raise DatasetError(f"{p}: not readable (permission denied)")
-    types = _ffcv_types()
-    HeaderType, FieldDescType, ALLOC_TABLE_TYPE = types.HeaderType, types.FieldDescType, types.ALLOC_TABLE_TYPE
-    CURRENT_VERSION = types.CURRENT_VERSION
+    HeaderType, FieldDescType, ALLOC_TABLE_TYPE, CURRENT_VERSION = _ffcv_types()
     size = p.stat().st_size
     if size < HeaderType.itemsize:
         raise DatasetError(f"{p}: not an FFCV .beton file ({size} bytes, shorter than the "
