@@ -251,21 +251,30 @@ def mask_macs(model: nn.Module, input_shape: Sequence[int], mask: dict[str, Sequ
 
 
 def choose_mask(scores: dict[str, torch.Tensor], macs: MacModel, target: float,
-                max_layer_prune: float) -> dict[str, list[int]]:
+                max_layer_prune: float, forced: dict[str, Sequence[int]] | None = None) -> dict[str, list[int]]:
     """The lowest-scoring channels over all groups, one at a time, until the MACs are at most
     ``(1 - target)`` of the full network's (the last channel added crosses the line: the
     result is within one channel's MACs of the target); a group keeps ``>= 1`` channel and
-    loses at most ``max_layer_prune`` of them. Ties go by group name, then index."""
-    if target <= 0:
+    loses at most ``max_layer_prune`` of them. Ties go by group name, then index.
+
+    ``forced`` (``{root: [indices]}``) are masked first, whatever their score, and the greedy
+    continues from there: the last epoch's mask contains the previous one (ranking the old
+    channels first is not enough, since the greedy may cross the target before it has
+    re-added all of them, and would release the rest untrained)."""
+    forced = {root: list(idxs) for root, idxs in (forced or {}).items() if idxs}
+    if target <= 0 and not forced:
         return {}
     goal = (1.0 - target) * macs.full
     order = sorted(((float(s[i]), root, i) for root, s in scores.items() for i in range(s.numel())))
-    removed: dict[str, int] = {}
-    chosen: dict[str, list[int]] = {}
+    removed: dict[str, int] = {root: len(idxs) for root, idxs in forced.items()}
+    chosen: dict[str, list[int]] = {root: list(idxs) for root, idxs in forced.items()}
+    taken = {(root, i) for root, idxs in forced.items() for i in idxs}
     current = macs.macs(removed)
     for _, root, i in order:
         if current <= goal:
             break
+        if (root, i) in taken:
+            continue
         n = macs.channels[root]
         if removed.get(root, 0) + 1 > min(int(max_layer_prune * n), n - 1):
             continue
@@ -430,7 +439,7 @@ class DynamicAttentionPruningMethod(Method):
                 elif remembered is not None and remembered.numel() == n:
                     fresh = torch.where(alive, fresh, remembered.double())
                 scores[root] = fresh
-            mask = choose_mask(scores, macs, target, st.max_layer_prune)
+            mask = choose_mask(scores, macs, target, st.max_layer_prune, forced=old if last else None)
             return {"mask": mask, "scores": {k: v.float() for k, v in scores.items()}}
 
         decision = sync.decide_and_share(decide)
