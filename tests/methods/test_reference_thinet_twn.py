@@ -80,3 +80,32 @@ def test_the_ternary_layers_forward_weight_is_the_authors(case):
     theirs = case["codes"].float() * case["alpha"]      # caffe_cpu_scale(alpha, binary)
     assert torch.allclose(layer.effective_weight(), theirs, rtol=1e-6, atol=0)
     assert isinstance(layer, (nn.Conv2d, nn.Linear))
+
+
+def _chain(channels: int) -> nn.Module:
+    """conv(3 -> channels) -> BN -> ReLU -> conv(channels -> 8): one prunable pair of ``channels``."""
+    return nn.Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
+                         nn.Conv2d(channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+
+
+def test_thinet_keeps_as_many_channels_as_the_authors_but_where_docs_say():
+    """The project's ``ratio`` removes ``round(ratio * C)``; the authors keep ``int(C * rate)``,
+    i.e. remove ``ceil``: one channel more stays here where ``ratio * C`` has a fraction in
+    (0, 0.5] (docs/faithfulness.md, the ``thinet`` row)."""
+    import math
+
+    from we_dist.methods.calibration import keep_counts
+
+    differ = 0
+    for case in THINET:
+        channels = case["x"].shape[1]
+        ratio = 1 - case["compress_rate"]
+        ours = keep_counts(_chain(channels), (3, 8, 8), ratio, 0.0)[0]["3"]
+        theirs = case["kept"].numel()
+        removed = ratio * channels
+        frac = removed - math.floor(round(removed, 9))
+        expected_gap = 1 if 1e-9 < frac <= 0.5 + 1e-9 else 0
+        assert ours - theirs == expected_gap, (case["name"], ours, theirs)
+        differ += expected_gap
+    assert differ == 1      # 32 channels at their 0.3 (our 0.7): 10 kept here, 9 theirs
