@@ -19,7 +19,7 @@ traced):
 * the MACs of a conv are ``positions * kh * kw * out * in / groups`` (a depthwise conv:
   ``positions * kh * kw * channels``), of a linear ``out * in``.
 
-Imports only ``math``, ``struct`` and ``torch`` (to run the network and read its tensors).
+Imports only ``struct`` and ``torch`` (to run the network and read its tensors).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ and the filter's rank is ``O_f = sum_j P[f, j] / J``. The filters with the highe
 (the most overlap with their layer) are dropped, ranked over the whole network; after the
 drop period they come back orthogonal to the filters that were kept.
 
-This module imports only ``math`` and ``torch`` (to read weights); every number is a Python
-float. Two choices the paper leaves open are parameters here, so a test can state the
+This module imports only ``math``, ``operator`` and ``torch.nn`` (to find the layers and read
+their weights); every number is a Python float. Two choices the paper leaves open are parameters here, so a test can state the
 project's choice explicitly:
 
 * ``denominator``: ``"paper"`` divides by ``J``, ``"others"`` by ``J - 1`` (the number of
@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import operator
 
-import torch
 from torch import nn
 
 

@@ -12,7 +12,7 @@ Per masked layer with ``n`` weights, a relaxed mask ``m`` in ``[0, 1]^n``:
 * the loss gradient reaches ``m`` straight through ``P``: ``dL/dm = dL/d(W * z) * W``;
 * after the step ``m`` is clipped to ``[0, 1]``.
 
-Imports only ``itertools`` and ``math``; everything is a Python list of floats.
+Imports only ``itertools``; everything is a Python list of floats.
 """
 
 from __future__ import annotations
