@@ -147,6 +147,94 @@ def _in_process_run(tmp_path, digits, store_uri, experiment, *overrides):
     return cfg, run_id
 
 
+def test_the_runs_model_is_a_logged_model_linked_to_the_run(tmp_path, digits_betons, store_uri, client,
+                                                          monkeypatch):
+    """MLflow 3's own model: a LoggedModel named ``model`` that search_logged_models finds, linked
+    to the run (source run, model output at the selected epoch, that epoch's metrics), with the
+    metadata and signature, registered as a version of it; runs:/<id>/model loads it, and the
+    run's own artifacts keep the last epoch's files under final/, with no model/ of their own."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.models import get_model_info
+
+    from we_dist.predict import load_network
+
+    cfg, run_id = _in_process_run(tmp_path, digits_betons, store_uri, "mm_logged", "train.export=true",
+                                  "tracking.register_as=mm_logged_cnn")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)
+    run = client.get_run(run_id)
+    (model,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert (model.name, model.source_run_id, model.status) == ("model", run_id, LoggedModelStatus.READY)
+    assert model.model_type == "image-classifier" and model.params == run.data.params
+    assert model.tags["we_dist.selected"] == "best" and model.tags["we_dist.method"] == "none"
+    top1 = {m.step: m.value for m in client.get_metric_history(run_id, "val/top1")}
+    best = max(e for e, v in top1.items() if v == max(top1.values()))
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(model.model_id, best)]
+    linked = {m.key: m for m in model.metrics}
+    assert linked["val/top1"].value == top1[best] and linked["val/top1"].step == best
+    assert not any(k.startswith("system/") for k in linked)
+    assert [m.step for m in client.get_metric_history(run_id, "val/top1")] == [0, 1, 2]   # no point added
+    info = get_model_info(f"runs:/{run_id}/model")
+    assert info.model_id == model.model_id and info.model_uri == f"models:/{model.model_id}"
+    assert info.metadata["epoch"] == best and info.metadata["selected"] == "best"
+    assert list(info.signature.inputs.inputs[0].shape) == [-1, 3, 32, 32]
+    assert mlflow_model.has_model(client, run_id) and mlflow_model.logged_model(client, run_id).model_id == model.model_id
+    # The run's own artifacts: final/ (the last epoch's files), no model/ folder.
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    own = {a.path for a in get_artifact_repository(run.info.artifact_uri).list_artifacts()}
+    assert "final" in own and "model" not in own
+    assert {"final/final_weights.pt", "final/architecture.json", "final/exported.pt2", "final/exported.json"} <= {
+        a.path for a in client.list_artifacts(run_id, "final")}
+    # runs:/<id>/model is the best epoch's network, as the checkpoint keeps it and as predict loads it.
+    loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    from_checkpoint, from_run = load_network(str(tmp_path / cfg.name)), load_network(run_id, store_uri)
+    assert from_checkpoint.epoch == from_run.epoch == best and from_run.source == f"runs:/{run_id}/model"
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.allclose(loaded(x), from_checkpoint.module(x), rtol=0, atol=1e-5)
+    assert torch.allclose(from_run.module(x), from_checkpoint.module(x), rtol=0, atol=1e-5)
+    # tracking.register_as: a version of the LoggedModel (its files; on a tracking server the
+    # source is models:/<model id>), which lists it, as the Models tab shows.
+    (version,) = client.search_model_versions("name='mm_logged_cnn'")
+    assert (version.run_id, version.source) == (run_id, model.artifact_location)
+    assert json.loads(client.get_logged_model(model.model_id).tags["mlflow.modelVersions"]) == [
+        {"name": "mm_logged_cnn", "version": version.version}]
+    assert torch.allclose(mlflow.pytorch.load_model(f"models:/mm_logged_cnn/{version.version}")(x), loaded(x))
+
+
+def test_a_run_logged_in_the_previous_layout_still_loads_evaluates_and_registers(tmp_path, store_uri, client,
+                                                                                 monkeypatch):
+    """Runs of an older we_dist kept the MLflow model's files and the last epoch's in their own
+    model/ folder, with no LoggedModel: runs:/<id>/model, we-dist evaluate/predict's loader,
+    registration and the repair's check of what is there still read it."""
+    import mlflow.pytorch
+
+    from we_dist.predict import load_network
+    from we_dist.tracking import RunLogger, open_run
+    from we_dist.train.driver import _final_files
+
+    torch.manual_seed(0)
+    cfg = Config().override(["data.val_res=32", "name=old_layout", f"tracking.uri={store_uri}",
+                             "tracking.experiment=mm_old_layout"])
+    run_id = open_run(cfg.tracking, run_name=cfg.name, config_dict=cfg.to_dict())
+    net = network.deployed(create_model("small_cnn", 10)).eval()
+    info = mlflow_model.network_info(cfg, net, epoch=1, val_top1=0.5, selected="best", pruned=False)
+    path = mlflow_model.save(net, info, tmp_path / "model")                 # what the older we_dist logged
+    client.log_artifacts(run_id, str(path), "model")
+    RunLogger(store_uri, run_id, enabled=True, strict=True).log_state_dict(net.state_dict(), artifact_path="model")
+    assert mlflow_model.logged_model(client, run_id) is None and mlflow_model.has_model(client, run_id)
+    assert "final_weights.pt" in _final_files(client, run_id)               # a repair sends nothing again
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(mlflow.pytorch.load_model(f"runs:/{run_id}/model")(x), net(x))
+    loaded = load_network(run_id, store_uri)
+    assert (loaded.epoch, loaded.selected) == (1, "best") and torch.allclose(loaded.module(x), net(x), atol=1e-6)
+    assert mlflow_model.register(store_uri, run_id, "mm_old_layout_cnn") == "1"
+    (version,) = client.search_model_versions("name='mm_old_layout_cnn'")
+    assert version.source.rstrip("/").endswith("/model") and version.run_id == run_id
+
+
 def test_model_epoch_last_and_the_repair_of_a_run_without_a_model(tmp_path, digits_betons, store_uri, client,
                                                                   monkeypatch):
     """A run trained without an MLflow model (log_model=false) gets one from its last
@@ -164,6 +252,9 @@ def test_model_epoch_last_and_the_repair_of_a_run_without_a_model(tmp_path, digi
     cfg = cfg.override(["tracking.log_model=true", "tracking.model_epoch=last"])
     assert repair_tracking(cfg, store_uri, str(last)) == run_id
     assert mlflow_model.has_model(client, run_id)
+    repaired = mlflow_model.logged_model(client, run_id)          # a LoggedModel, linked to the run
+    assert repaired.source_run_id == run_id and repaired.tags["we_dist.selected"] == "last"
+    assert [(o.model_id, o.step) for o in client.get_run(run_id).outputs.model_outputs] == [(repaired.model_id, 2)]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)   # what runs:/ URIs are resolved against
     meta = get_model_info(f"runs:/{run_id}/model").metadata
     top1 = {m.step: m.value for m in client.get_metric_history(run_id, "val/top1")}
@@ -205,34 +296,18 @@ def test_the_best_network_rides_in_every_checkpoint_and_survives_a_resume(tmp_pa
     assert (meta["selected"], meta["epoch"], meta["val_top1"]) == ("best", best_epoch, max(top1))
 
 
-# --- slow: one real `we-dist train` (2 Ray workers) against a real `mlflow server` ------------------
-
-REGISTERED = "digits_small_cnn"
+# --- slow: the session's real `we-dist train` (2 Ray workers, WE, a real `mlflow server`) -----------
+# (:func:`demo_run` in tests/conftest.py: WE changes weights after validation, so the kept
+# network must be the scored one; registered as ``demo_run.registered_model``.)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, digits_betons):
-    """One short real training: 2 workers, WE (which changes weights after validation, so the
-    kept network must be the scored one), registered as ``REGISTERED``."""
-    from we_dist.tracking.server import LocalMLflowServer
+def trained(demo_run):
+    from mlflow.tracking import MlflowClient
 
-    tmp = tmp_path_factory.mktemp("mlflow_model_e2e")
-    train_path, val_path = digits_betons
-    with LocalMLflowServer(tmp / "mlflow") as server:
-        cmd = [WE_DIST, "train", str(ROOT / "recipes" / "demo.yaml"), "name=mm", f"data.train_path={train_path}",
-               f"data.val_path={val_path}", f"checkpoint.storage_path={tmp / 'runs'}", f"tracking.uri={server.uri}",
-               "tracking.experiment=mm", f"tracking.register_as={REGISTERED}", "schedule.epochs=3",
-               "schedule.milestones=[2]", "method.we.milestones=[0, 2]", "method.we.stage_divisors=[1, 2]",
-               "method.we.ramp_tau=1.0", "train.progress=false", "train.accounting_repeats=0"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_ADDRESS": ""},
-                              cwd=tmp)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(server.uri)
-        (run,) = client.search_runs([client.get_experiment_by_name("mm").experiment_id])
-        yield {"uri": server.uri, "run_id": run.info.run_id, "client": client, "run_dir": tmp / "runs" / "mm",
-               "val": val_path, "tmp": tmp, "stdout": proc.stdout}
+    return {"uri": demo_run.uri, "run_id": demo_run.run_id, "client": MlflowClient(demo_run.uri),
+            "run_dir": demo_run.run_dir, "val": str(demo_run.data[1]), "tmp": demo_run.tmp,
+            "stdout": demo_run.stdout, "registered": demo_run.registered_model, "epochs": demo_run.epochs}
 
 
 @pytest.mark.slow
@@ -244,7 +319,7 @@ def test_the_logged_model_is_the_best_epochs_network_and_loads_with_mlflow(train
 
     client, run_id = trained["client"], trained["run_id"]
     top1 = {m.step: m.value for m in client.get_metric_history(run_id, "val/top1")}
-    assert sorted(top1) == [0, 1, 2]
+    assert sorted(top1) == list(range(trained["epochs"]))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["uri"])
     meta = get_model_info(f"runs:/{run_id}/model").metadata
     loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
@@ -257,17 +332,22 @@ def test_the_logged_model_is_the_best_epochs_network_and_loads_with_mlflow(train
     assert from_checkpoint.epoch == best_epoch and from_checkpoint.selected == "best"
     x = torch.randn(6, 3, 32, 32)
     assert torch.allclose(loaded(x), from_checkpoint.module(x), rtol=0, atol=1e-5)
-    # The files that were always there are still there.
-    paths = {a.path for a in client.list_artifacts(run_id, "model")}
-    assert {"model/MLmodel", "model/final_weights.pt", "model/architecture.json", "model/exported.pt2",
+    # The files that were always there are still there: the model's in its LoggedModel, the last
+    # epoch's under final/.
+    paths = {a.path for a in client.list_artifacts(run_id, "model")} | {a.path for a in client.list_artifacts(run_id, "final")}
+    assert {"model/MLmodel", "final/final_weights.pt", "final/architecture.json", "final/exported.pt2",
             "model/network.pt", "model/network.json"} <= paths
+    (model,) = client.search_logged_models([client.get_run(run_id).info.experiment_id],
+                                           filter_string=f"source_run_id = '{run_id}'")
+    assert model.name == "model" and get_model_info(f"runs:/{run_id}/model").model_id == model.model_id
 
 
 @pytest.mark.slow
 def test_register_as_creates_a_model_version_of_the_run(trained):
-    versions = trained["client"].search_model_versions(f"name='{REGISTERED}'")
+    versions = trained["client"].search_model_versions(f"name='{trained['registered']}'")
     assert [v.run_id for v in versions] == [trained["run_id"]]
-    assert versions[0].source.rstrip("/").endswith("/model")
+    model = mlflow_model.logged_model(trained["client"], trained["run_id"])
+    assert versions[0].source == f"models:/{model.model_id}"                # the run's LoggedModel
 
 
 @pytest.mark.slow

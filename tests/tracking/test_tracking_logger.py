@@ -84,6 +84,87 @@ def test_a_resume_claims_discarded_epochs_only_for_epoch_metrics(run, client):
     assert "steps 2-2" in client.get_run(run_id).data.tags["we_dist.discarded_epochs"]
 
 
+def _loop_epoch(epoch):
+    """One epoch of the training loop's own metric dict (the keys Tune and the console read)."""
+    return {"epoch": float(epoch), "step": 10.0 * (epoch + 1), "phase": 0.0, "lr": 0.1 / (epoch + 1),
+            "train/loss": 2.0 / (epoch + 1), "train/top1": 0.1 * epoch, "val/top1": 0.1 * epoch,
+            "throughput/train_images_per_s": 1000.0, "time/epoch_s": 3.5, "replicas/checksum_ok": 1.0,
+            "we/receivers_conv": float(epoch)}
+
+
+def test_epochs_are_logged_under_mlflows_names(run, client):
+    uri, run_id = run
+    logger = RunLogger(uri, run_id, enabled=True, strict=True)
+    logger.log_epoch(_loop_epoch(0))                          # a run of several phases (the default)
+    logger.log_history([_loop_epoch(0), _loop_epoch(1)], phased=True)   # epoch 0 again: skipped
+    assert set(client.get_run(run_id).data.metrics) == {
+        "train/phase", "train/lr", "train/loss", "train/top1", "val/top1", "workload/throughput/train_images_per_s",
+        "workload/time/epoch_s", "workload/replicas/checksum_ok", "we/receivers_conv"}
+    assert _history(client, run_id, "train/lr") == [(0, pytest.approx(0.1)), (1, pytest.approx(0.05))]
+    assert [s for s, _ in _history(client, run_id, "train/phase")] == [0, 1]
+
+
+def test_a_run_of_one_phase_charts_no_phase_index(tracking_cfg, client):
+    run_id = open_run(tracking_cfg, run_name="one_phase")
+    logger = RunLogger(tracking_cfg.uri, run_id, enabled=True, strict=True)
+    logger.log_epoch(_loop_epoch(0), phased=False)
+    logger.log_history([_loop_epoch(e) for e in range(3)])    # every epoch in phase 0: one phase
+    metrics = set(client.get_run(run_id).data.metrics)
+    assert "train/phase" not in metrics and "train/lr" in metrics
+    assert [s for s, _ in _history(client, run_id, "val/top1")] == [0, 1, 2]
+
+
+def test_a_run_logged_with_the_loops_names_keeps_them_when_resumed(run, client):
+    """An older we_dist logged the loop's dict as it is; resumed now, the run's series go on under
+    those names (no second set of charts starting halfway), and its gaps are filled."""
+    uri, run_id = run
+    old = RunLogger(uri, run_id, enabled=True, strict=True)
+    for epoch in range(2):
+        old.log_metrics(_loop_epoch(epoch), step=epoch)       # what the older Tracking callback did
+    resumed = RunLogger(uri, run_id, enabled=True, strict=True)
+    resumed.log_history([_loop_epoch(e) for e in range(3)])   # the checkpoint's history: epoch 2 is new
+    resumed.log_epoch(_loop_epoch(3))
+    keys = set(client.get_run(run_id).data.metrics)
+    assert keys == set(_loop_epoch(0)) and not any(k.startswith(("train/lr", "workload/")) for k in keys)
+    for key in _loop_epoch(0):
+        assert [s for s, _ in _history(client, run_id, key)] == [0, 1, 2, 3], key
+
+
+def test_an_epoch_logged_while_the_store_is_away_waits_for_the_runs_names(run, client, monkeypatch):
+    uri, run_id = run
+    RunLogger(uri, run_id, enabled=True, strict=True).log_metrics(_loop_epoch(0), step=0)   # an older run
+    logger = RunLogger(uri, run_id, enabled=True)
+    real_get_run = logger._client.get_run
+
+    def away(*args, **kwargs):
+        raise ConnectionError("tracking server unreachable")
+
+    monkeypatch.setattr(logger._client, "get_run", away)
+    logger.log_epoch(_loop_epoch(1))                          # its names are not known yet: it waits
+    assert logger.failures == 1 and logger._unsent() == len(_loop_epoch(1))
+    monkeypatch.setattr(logger._client, "get_run", real_get_run)
+    assert logger.drain(5.0) == 0
+    assert _history(client, run_id, "lr") == [(0, pytest.approx(0.1)), (1, pytest.approx(0.05))]
+    assert "train/lr" not in client.get_run(run_id).data.metrics
+
+
+def test_the_networks_accounting_is_a_set_of_tags(run, client):
+    uri, run_id = run
+    logger = RunLogger(uri, run_id, enabled=True, strict=True)
+    logger.log_network("start", {"model/params": 61770.0, "model/macs": 1.5e6, "model/cpu_latency_ms_b1": 0.123456})
+    logger.log_network("end", {"model/params": 30000.0})
+    logger.log_network("end", {"model/params": 29000.0})      # a resumed run trained further: the newer end
+    data = client.get_run(run_id).data
+    assert data.metrics == {}
+    assert data.tags["we_dist.network.start.params"] == "61770" and data.tags["we_dist.network.start.macs"] == "1500000"
+    assert data.tags["we_dist.network.start.cpu_latency_ms_b1"] == "0.123456"
+    assert data.tags["we_dist.network.end.params"] == "29000"
+    from we_dist.tracking.names import network_from_tags
+
+    assert network_from_tags(data.tags, "start") == {"model/params": 61770.0, "model/macs": 1.5e6,
+                                                     "model/cpu_latency_ms_b1": 0.123456}
+
+
 def test_non_finite_values_are_skipped_with_a_tag(run, client):
     uri, run_id = run
     logger = RunLogger(uri, run_id, enabled=True, strict=True)
@@ -144,8 +225,8 @@ def test_state_dict_artifact_loads_with_weights_only(run, client, tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     logger = RunLogger(uri, run_id, enabled=True, strict=True)
     logger.log_state_dict(model.state_dict())
-    assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/final_weights.pt"]
-    local = client.download_artifacts(run_id, "model/final_weights.pt", str(tmp_path))
+    assert [a.path for a in client.list_artifacts(run_id, "final")] == ["final/final_weights.pt"]
+    local = client.download_artifacts(run_id, "final/final_weights.pt", str(tmp_path))
     loaded = torch.load(local, weights_only=True)
     assert loaded.keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():

@@ -20,7 +20,7 @@ def _artifact_paths(client, run_id, path=None):
 
 
 def test_open_run_creates_with_params_and_yaml_then_resumes(tracking_cfg, client, tmp_path):
-    cfg = Config(name="resnet_demo", tracking=tracking_cfg)
+    cfg = Config(name="resnet_demo", tracking=tracking_cfg).override(["method.name=we"])
     run_id = open_run(tracking_cfg, run_name=cfg.name, config_dict=cfg.to_dict())
 
     run = client.get_run(run_id)
@@ -32,7 +32,10 @@ def test_open_run_creates_with_params_and_yaml_then_resumes(tracking_cfg, client
     assert run.data.params["optim.lr"] == "0.1"
     assert run.data.params["method.we.interval_unit"] == "epoch"
     assert run.data.params["data.mean"].startswith("[123.675")
-    assert set(run.data.params) == set(flat)
+    # Of the method section, the active method's settings only (all of it is config/resolved.yaml).
+    active = {k for k in flat if not k.startswith("method.") or k == "method.name" or k.startswith("method.we.")}
+    assert set(run.data.params) == active
+    assert len(active) < len(flat) and not any(k.startswith("method.slim.") for k in run.data.params)
     # Artifacts sit next to the database, whichever directory the process ran in.
     store_dir = tracking_cfg.uri[len("sqlite:///"):].rsplit("/", 1)[0]
     assert run.info.artifact_uri.startswith(f"file://{store_dir}/mlruns/")
@@ -80,6 +83,25 @@ def test_a_resume_with_the_same_config_notes_nothing_after_the_workers_logged_th
     open_run(tracking_cfg, run_name="same", config_dict=cfg.override(["optim.lr=0.05"]).to_dict())
     note = client.get_run(run_id).data.tags["we_dist.config_note"]
     assert "optim.lr" in note and "checksum" not in note       # a real change is still noted, alone
+
+
+def test_a_run_logged_by_an_older_we_dist_resumes_without_a_false_config_note(tracking_cfg, client):
+    """Older runs logged every method's settings and the start checksums as params; a resume with
+    the same config compares only what a run logs now, and still notes a real change."""
+    from mlflow.entities import Param
+
+    from we_dist.tracking.runs import param_value
+
+    cfg = Config(name="old_layout", tracking=tracking_cfg).override(["method.name=we"])
+    run_id = open_run(tracking_cfg, run_name=cfg.name)
+    old = [Param(k, param_value(v)) for k, v in cfg.flat().items()]
+    old += [Param(k, "1") for k in START_PARAMS]
+    client.log_batch(run_id, params=old)
+    assert open_run(tracking_cfg, run_name=cfg.name, config_dict=cfg.to_dict()) == run_id
+    assert "we_dist.config_note" not in client.get_run(run_id).data.tags
+    open_run(tracking_cfg, run_name=cfg.name, config_dict=cfg.override(["method.name=slim"]).to_dict())
+    note = client.get_run(run_id).data.tags["we_dist.config_note"]
+    assert "method.name" in note and "method.we." not in note
 
 
 def test_resume_false_and_other_names_create_new_runs(tracking_cfg, client):

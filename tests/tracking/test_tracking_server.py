@@ -80,9 +80,9 @@ def test_log_and_read_back_through_the_server(server, http_client, tmp_path):
     assert history == [(0, 0.0), (1, 0.2), (2, 0.4), (3, 0.7)]
 
     top = {a.path for a in http_client.list_artifacts(run_id)}
-    assert top == {"config", "model", "we_scores"}
+    assert top == {"config", "final", "we_scores"}
     assert [a.path for a in http_client.list_artifacts(run_id, "we_scores")] == ["we_scores/epoch0002_conv.png"]
-    weights = http_client.download_artifacts(run_id, "model/final_weights.pt", str(tmp_path))
+    weights = http_client.download_artifacts(run_id, "final/final_weights.pt", str(tmp_path))
     assert torch.equal(torch.load(weights, weights_only=True)["w"], torch.arange(6.0).reshape(2, 3))
     png = http_client.download_artifacts(run_id, "we_scores/epoch0002_conv.png", str(tmp_path))
     assert open(png, "rb").read(4) == b"\x89PNG"

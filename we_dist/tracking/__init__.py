@@ -20,11 +20,12 @@ is cheap and pulls in neither Ray nor FFCV. ``LocalMLflowServer`` lives in
 """
 
 from we_dist.tracking.logger import RunLogger
-from we_dist.tracking.runs import START_PARAMS, finish_run, open_run
+from we_dist.tracking.runs import START_PARAMS, START_TAGS, finish_run, open_run
 from we_dist.tracking.store import DEFAULT_URI, TrackingError, check_reachable, resolve_uri
 
 __all__ = [
     "START_PARAMS",
+    "START_TAGS",
     "DEFAULT_URI",
     "RunLogger",
     "TrackingError",

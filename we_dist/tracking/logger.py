@@ -20,10 +20,16 @@ Restarts: a metric (key, step) already present in the run is not logged again, s
 a worker group that resumes from a checkpoint and replays an epoch leaves exactly
 one point per epoch. The first value logged for a step wins.
 
+Names: :meth:`RunLogger.log_epoch` takes the training loop's metric dict and logs it under
+MLflow's names (:mod:`we_dist.tracking.names`: ``lr`` as ``train/lr``, ``time/*`` under
+``workload/``, no ``epoch``/``step``); :meth:`RunLogger.log_metrics` logs keys as given. A run
+logged by an older we_dist, with the loop's names, keeps them when it resumes (its series stay
+continuous). The network's accounting is a set of tags (:meth:`RunLogger.log_network`).
+
 Example::
 
     logger = RunLogger(uri, run_id, enabled=(rank == 0))
-    logger.log_metrics({"train/loss": 1.9, "val/top1": 0.41}, step=epoch)
+    logger.log_epoch(loop.metrics)     # {"epoch": 3.0, "lr": 0.1, "val/top1": 0.41, ...} at step 3
     logger.log_figures(figures)        # what methods logged with ctx.log_figure
     logger.log_state_dict(model.state_dict())
     logger.finish()
@@ -41,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from we_dist.config import TrackingConfig
+from we_dist.tracking.names import FINAL_DIR, legacy_run, mlflow_metrics, network_tags
 from we_dist.tracking.runs import MAX_TAG_VALUE, RUN_STATUSES
 from we_dist.tracking.store import TrackingError, redact, resolve_uri
 
@@ -59,7 +66,9 @@ HTTP_RETRY_DEFAULTS = {
 _BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")   # what MLflow accepts in metric names
 
 
-NOT_EPOCH_METRICS = ("system/", "model/")   # metrics whose step is not an epoch
+# Metrics whose step is not an epoch: MLflow's system samples, and the network's accounting at the
+# start (step 0) and the end (step = epochs) that runs of an older we_dist logged as metrics.
+NOT_EPOCH_METRICS = ("system/", "model/")
 
 
 def metric_name(key: str) -> str:
@@ -89,7 +98,9 @@ class RunLogger:
         self.uri = uri
         self.failures = 0
         self._pending: list[Any] = []             # mlflow Metric objects not yet accepted
+        self._unnamed: list[tuple[dict[str, Any], int, bool]] = []   # epochs waiting to learn the run's names
         self._steps: dict[str, set[int]] | None = None   # steps present in the run, per key
+        self._legacy: bool | None = None          # the run uses the loop's names (an older we_dist's)
         self._client = None
         if not self.enabled:
             return
@@ -119,13 +130,16 @@ class RunLogger:
             return False
 
     def _known_steps(self) -> dict[str, set[int]]:
-        """Steps already in the run for each metric key, read once from the store."""
+        """Steps already in the run for each metric key, read once from the store (and whether
+        the run names its epoch metrics as an older we_dist did)."""
         if self._steps is None:
             run = self._client.get_run(self.run_id)
             self._steps = {
                 key: {m.step for m in self._client.get_metric_history(self.run_id, key)}
                 for key in run.data.metrics
             }
+            if self._legacy is None:
+                self._legacy = legacy_run(self._steps)
         return self._steps
 
     # --- public --------------------------------------------------------------------------
@@ -138,6 +152,29 @@ class RunLogger:
         """
         if not self.enabled:
             return
+        self._queue(metrics, step)
+        self._flush()
+
+    def log_epoch(self, metrics: dict[str, float], step: int | None = None, phased: bool = True) -> None:
+        """Log the training loop's metrics of one epoch (its own keys, ``epoch`` among them) at
+        ``step`` (default: ``metrics["epoch"]``) under their MLflow names
+        (:func:`~we_dist.tracking.names.mlflow_metrics`; ``phased=False``: a run of one phase,
+        without its phase index), or as they are for a run an older we_dist logged with those
+        names. Until the run's history has been read (the store may be away) the epoch waits,
+        unnamed, with the other unsent values."""
+        if not self.enabled:
+            return
+        self._unnamed.append((dict(metrics), int(metrics["epoch"]) if step is None else int(step), phased))
+        self._flush()
+
+    def log_network(self, stage: str, stats: dict[str, float]) -> None:
+        """The network's accounting (``{"model/params": ..., "model/macs": ...}``) at the
+        ``start`` or the ``end`` of training, as tags ``we_dist.network.<stage>.<name>``: a few
+        one-off numbers, not curves. A later end (a resumed run trained further) replaces them."""
+        if stats:
+            self.set_tags(network_tags(stage, stats))
+
+    def _queue(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -161,10 +198,9 @@ class RunLogger:
             log.warning("MLflow run %s: %s", self.run_id, note)
             self._attempt("set a warning tag", lambda: self._client.set_tag(self.run_id, NONFINITE_TAG, note[:MAX_TAG_VALUE]))
         self._pending.extend(fresh)
-        self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
+        if not self._pending and not self._unnamed:
             return
         if self._steps is None:
             # First call, or after a failure: without the run's history we cannot tell a
@@ -173,6 +209,11 @@ class RunLogger:
                 self._cap_pending()
                 return
             self._pending = [m for m in self._pending if m.step not in self._steps.get(m.key, ())]
+        unnamed, self._unnamed = self._unnamed, []
+        for metrics, step, phased in unnamed:    # the run's names are known now
+            self._queue(mlflow_metrics(metrics, legacy=bool(self._legacy), phased=phased), step)
+        if not self._pending:
+            return
         batch = list(self._pending)
         if self._attempt(f"log {len(batch)} metrics", lambda: self._client.log_batch(self.run_id, metrics=batch)):
             for m in batch:
@@ -204,12 +245,16 @@ class RunLogger:
                                                                                  note[:MAX_TAG_VALUE]))
         return discarded
 
-    def log_history(self, history: Iterable[dict[str, float]]) -> None:
-        """Log each epoch's metrics at its step (``metrics["epoch"]``); steps MLflow already
-        has are skipped, so this only fills gaps (epochs whose logging failed)."""
+    def log_history(self, history: Iterable[dict[str, float]], phased: bool | None = None) -> None:
+        """:meth:`log_epoch` of each of the loop's epochs (``metrics["epoch"]`` is the step); steps
+        MLflow already has are skipped, so this only fills gaps (epochs whose logging failed).
+        ``phased``: whether the run has several phases (default: whether ``history`` left its
+        first phase, which a finished run's whole history tells)."""
+        history = [m for m in history if "epoch" in m]
+        if phased is None:
+            phased = any(m.get("phase", 0) for m in history)
         for metrics in history:
-            if "epoch" in metrics:
-                self.log_metrics(metrics, step=int(metrics["epoch"]))
+            self.log_epoch(metrics, phased=phased)
 
     def drain(self, timeout_s: float) -> int:
         """Keep trying to send pending metrics for up to ``timeout_s`` seconds; returns how
@@ -220,9 +265,12 @@ class RunLogger:
         while True:
             self._flush()
             left = deadline - time.monotonic()
-            if not self._pending or left <= 0:
-                return len(self._pending)
+            if not self._unsent() or left <= 0:
+                return self._unsent()
             time.sleep(min(5.0, left))
+
+    def _unsent(self) -> int:
+        return len(self._pending) + sum(len(metrics) for metrics, _, _ in self._unnamed)
 
     def _cap_pending(self) -> None:
         if len(self._pending) > _MAX_PENDING:
@@ -260,8 +308,9 @@ class RunLogger:
                               lambda p=path, d=parent: self._client.log_artifact(
                                   self.run_id, str(p), None if d == "." else d))
 
-    def log_state_dict(self, state_dict: dict, name: str = "final_weights.pt") -> None:
-        """Save ``state_dict`` (moved to CPU) with ``torch.save`` and log it as ``model/<name>``.
+    def log_state_dict(self, state_dict: dict, name: str = "final_weights.pt", artifact_path: str = FINAL_DIR) -> None:
+        """Save ``state_dict`` (moved to CPU) with ``torch.save`` and log it as ``final/<name>``
+        (``artifact_path``; runs of an older we_dist have it under ``model/``).
 
         Load it back with ``torch.load(path, weights_only=True)``.
         """
@@ -272,7 +321,7 @@ class RunLogger:
         with tempfile.TemporaryDirectory(prefix="we_dist_weights_") as tmp:
             path = Path(tmp) / _file_name(name)
             torch.save(_to_cpu(state_dict), path)
-            self._attempt(f"log {path.name}", lambda: self._client.log_artifact(self.run_id, str(path), "model"))
+            self._attempt(f"log {path.name}", lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
 
     def log_files(self, paths: Iterable[str | Path], artifact_path: str) -> None:
         """Log local files as artifacts under ``artifact_path`` (e.g. the exported model)."""
@@ -318,8 +367,8 @@ class RunLogger:
         if status not in RUN_STATUSES:
             raise ValueError(f"status must be one of {list(RUN_STATUSES)}, got {status!r}")
         self._flush()
-        if self._pending:
-            log.warning("MLflow: %d metrics for run %s could not be sent", len(self._pending), self.run_id)
+        if self._unsent():
+            log.warning("MLflow: %d metrics for run %s could not be sent", self._unsent(), self.run_id)
         if self.failures:
             self._attempt("record logging failures",
                           lambda: self._client.set_tag(self.run_id, LOG_FAILURES_TAG, str(self.failures)))

@@ -1,15 +1,20 @@
-"""The run's network as an MLflow model: what ``runs:/<run id>/model`` loads.
+"""The run's network as an MLflow 3 model: a LoggedModel named ``model``, what
+``runs:/<run id>/model`` loads.
 
 At the end of training rank 0 logs the selected network (the epoch with the highest
-``val/top1``, or the last epoch with ``tracking.model_epoch=last``) into the run's ``model/``
-artifact folder, beside the files that were always there (``final_weights.pt``,
-``architecture.json``, ``exported.pt2``)::
+``val/top1``, or the last epoch with ``tracking.model_epoch=last``) as a LoggedModel of the
+run's experiment, named ``model``, linked to the run (its source run, and a model output of
+the run at the selected epoch, whose metrics it carries); the experiment's Models tab, the
+run's "Logged models" and the runs table's Models column show it. Its artifacts::
 
-    model/MLmodel, model/data/...     MLflow's PyTorch flavour (signature, input example,
-                                      metadata: the preprocessing a caller must apply)
-    model/network.pt                  the same network's state dict (torch.load(weights_only=True))
-    model/network.json                how to rebuild it: the run's config, its architecture
-                                      (pruned widths), epoch, val/top1, preprocessing
+    MLmodel, data/...    MLflow's PyTorch flavour (signature, input example, metadata: the
+                         preprocessing a caller must apply); MLmodel names the model_id
+    network.pt           the same network's state dict (torch.load(weights_only=True))
+    network.json         how to rebuild it: the run's config, its architecture (pruned
+                         widths), epoch, val/top1, preprocessing
+
+The run's own artifacts keep the last epoch's files under ``final/`` (``final_weights.pt``,
+``architecture.json``, ``exported.pt2``, ``exported.json``): not under ``model/``.
 
 Loading it::
 
@@ -17,14 +22,26 @@ Loading it::
     net = mlflow.pytorch.load_model("runs:/<run id>/model")     # an nn.Module, eval mode, CPU
     info = mlflow.models.get_model_info("runs:/<run id>/model")
     info.metadata["preprocessing"]                              # mean/std (0-255), resolution ...
+    mlflow.search_logged_models(filter_string=f"source_run_id = '<run id>'", output_format="list")
 
-Why the model's files go into the run's own artifacts and not through
-``mlflow.pytorch.log_model``: MLflow 3's ``log_model`` stores the model outside the run (a
-"LoggedModel" in the experiment), and ``runs:/<id>/model`` then resolves to the run's
-existing ``model/`` folder first; on a local store that folder (``final_weights.pt`` ...)
-has no ``MLmodel`` and loading fails. The flavour's own ``save_model`` writes the same files
-(MLmodel, pickled module, signature, input example, requirements), which are then logged
-under ``model/``, so the URI loads with every store.
+Why ``runs:/<id>/model`` loads it (MLflow 3.17, ``mlflow/store/artifact/runs_artifact_repo.py``):
+``RunsArtifactRepository.download_artifacts`` copies the run's own ``model/`` folder, if any,
+and then the artifacts of the experiment's LoggedModel whose name is the path's first part
+(``model``) and whose ``source_run_id`` is the run (``_get_logged_model_artifact_repo``, newest
+first) into the same folder, the model's files overwriting the run's of the same name;
+``list_artifacts`` lists both. ``MlflowClient.list_artifacts``/``download_artifacts`` go
+through it too (``mlflow.artifacts``, a ``runs:/`` URI). So the run keeps no ``model/`` folder
+of its own: every load would download the last epoch's files with the model, and the run's
+artifact page would show a ``model/`` that is not the model. A run logged by an older
+we_dist has the MLflow model's files in its own ``model/`` folder (no LoggedModel): the same
+URI loads it, through the same code.
+
+The LoggedModel is made with the client calls ``mlflow.pytorch.log_model`` makes
+(``Model.log`` in ``mlflow/models/model.py``: ``create_logged_model``, ``log_outputs``, the
+run's metrics at the step relinked with the ``model_id``, ``save_model`` with an ``MLmodel``
+naming the model, ``log_model_artifacts``, ``finalize_logged_model``), on an explicit
+tracking URI (``log_model`` resolves MLflow's global one), with ``network.pt``/``network.json``
+beside ``MLmodel``.
 
 The network is logged as it is deployed (:func:`we_dist.export.deployable`: masked and
 ternary layers become plain conv/linear layers). When ``torch.fx`` can trace it, the pickle
@@ -43,12 +60,15 @@ import torch
 from torch import nn
 
 from we_dist.network import describe, from_state, is_pruned
+from we_dist.tracking.names import MODEL_DIR
 from we_dist.tracking.store import redact
 
 _log = logging.getLogger(__name__)  # not `log`: that name is the function below
 
-MODEL_DIR = "model"
 MLMODEL_FILE = "MLmodel"
+MODEL_TYPE = "image-classifier"
+# Tags of the run the LoggedModel repeats (what MLflow's own log_model records of its caller).
+RUN_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit", "we_dist.dataset")
 NETWORK_FILE = "network.pt"
 NETWORK_INFO = "network.json"
 INFO_FORMAT = 1
@@ -126,9 +146,11 @@ def _traced(net: nn.Module, example: torch.Tensor) -> nn.Module:
         return net
 
 
-def save(network: nn.Module, info: dict[str, Any], directory: str | Path) -> Path:
+def save(network: nn.Module, info: dict[str, Any], directory: str | Path, mlflow_model: Any = None) -> Path:
     """Write the MLflow model (PyTorch flavour) and ``network.pt``/``network.json`` into
-    ``directory`` (which must not exist yet). ``network`` is a deployed, eval-mode CPU network."""
+    ``directory`` (which must not exist yet). ``network`` is a deployed, eval-mode CPU network.
+    ``mlflow_model``: the :class:`mlflow.models.Model` whose ``MLmodel`` is written (one naming
+    its LoggedModel, :func:`log`), else a new one."""
     import mlflow
     import mlflow.pytorch
     import numpy as np
@@ -151,7 +173,7 @@ def save(network: nn.Module, info: dict[str, Any], directory: str | Path) -> Pat
     try:
         mlflow.pytorch.save_model(
             net, str(directory), signature=infer_signature(example, out), input_example=example,
-            metadata=metadata(info), serialization_format="pickle",
+            metadata=metadata(info), serialization_format="pickle", mlflow_model=mlflow_model,
             # Pinned rather than inferred: inference loads the model in a subprocess (slow, and
             # it would list the whole training environment).
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
@@ -164,35 +186,145 @@ def save(network: nn.Module, info: dict[str, Any], directory: str | Path) -> Pat
     return directory
 
 
-def log(client: Any, run_id: str, network: nn.Module, info: dict[str, Any]) -> None:
-    """:func:`save` into a temporary folder, then log it as the run's ``model/`` artifacts.
-    MLflow errors propagate (the caller decides whether they end anything)."""
-    with tempfile.TemporaryDirectory(prefix="we_dist_mlflow_model_") as tmp:
-        path = save(network, info, Path(tmp) / MODEL_DIR)
-        client.log_artifacts(run_id, str(path), MODEL_DIR)
+def _selected_metrics(client: Any, run_id: str, keys: Any, step: int, model_id: str) -> list[Any]:
+    """The run's metric values at ``step`` (the selected epoch), again with ``model_id``: what
+    the LoggedModel shows as its metrics. Same key, value, timestamp and step, so the run's own
+    history gains no point (MLflow's store drops the duplicate). ``system/*`` steps are samples."""
+    from mlflow.entities import Metric
+
+    out = []
+    for key in keys:
+        if key.startswith("system/"):
+            continue
+        for m in client.get_metric_history(run_id, key):
+            if m.step == step and m.model_id is None:
+                out.append(Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id))
+    return out
+
+
+def log(client: Any, run_id: str, network: nn.Module, info: dict[str, Any]) -> str:
+    """Log ``network`` as the run's LoggedModel ``model`` (the module docstring); returns its
+    model id. MLflow errors propagate (the caller decides whether they end anything); a model
+    that could not be completed is marked FAILED and deleted, so ``runs:/<id>/model`` never
+    finds half of one."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    run = client.get_run(run_id)
+    epoch = max(int(info["epoch"]), 0)
+    tags = {k: run.data.tags[k] for k in RUN_TAGS if k in run.data.tags}
+    tags.update({"we_dist.method": info["config"]["method"]["name"], "we_dist.model": info["config"]["model"]["name"],
+                 "we_dist.selected": str(info["selected"]), "we_dist.epoch": str(info["epoch"])})
+    model = client.create_logged_model(run.info.experiment_id, name=MODEL_DIR, source_run_id=run_id,
+                                       params=dict(run.data.params), tags=tags, model_type=MODEL_TYPE)
+    try:
+        client.log_outputs(run_id, models=[LoggedModelOutput(model.model_id, step=epoch)])
+        linked = _selected_metrics(client, run_id, run.data.metrics, epoch, model.model_id)
+        if linked:
+            client.log_batch(run_id, metrics=linked)
+        with tempfile.TemporaryDirectory(prefix="we_dist_mlflow_model_") as tmp:
+            spec = Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
+                         model_id=model.model_id)
+            path = save(network, info, Path(tmp) / MODEL_DIR, mlflow_model=spec)
+            client.log_model_artifacts(model.model_id, str(path))
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    except BaseException:
+        for undo in (lambda: client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED),
+                     lambda: client.delete_logged_model(model.model_id)):
+            try:
+                undo()
+            except Exception:   # noqa: BLE001 - the store is away: the original error says so
+                pass
+        raise
+    return model.model_id
+
+
+def logged_model(client: Any, run_id: str) -> Any | None:
+    """The run's LoggedModel ``model`` (READY, the newest: the one ``runs:/<id>/model`` loads),
+    or None."""
+    from mlflow.entities import LoggedModelStatus
+
+    experiment = client.get_run(run_id).info.experiment_id
+    token = None
+    while True:
+        page = client.search_logged_models(
+            experiment_ids=[experiment], filter_string=f"name = '{MODEL_DIR}' AND source_run_id = '{run_id}'",
+            order_by=[{"field_name": "creation_timestamp", "ascending": False}], page_token=token)
+        found = next((m for m in page if m.source_run_id == run_id and m.status == LoggedModelStatus.READY), None)
+        if found is not None or not page.token:
+            return found
+        token = page.token
+
+
+def _legacy_model(client: Any, run_id: str) -> bool:
+    """Whether the run's own ``model/`` folder holds an MLflow model (a run of an older we_dist)."""
+    from we_dist.tracking.store import run_artifacts
+
+    return f"{MODEL_DIR}/{MLMODEL_FILE}" in {a.path for a in run_artifacts(client, run_id, MODEL_DIR)}
+
+
+def download_model_file(client: Any, run_id: str, name: str, directory: str) -> str:
+    """Download ``name`` (e.g. ``network.json``) of the run's model to ``directory``: from its
+    LoggedModel, or from the run's own ``model/`` folder (a run of an older we_dist); returns the
+    local path. Raises MLflow's exception or ``OSError`` when neither has it.
+
+    The repository is opened on the client's store explicitly: the ``runs:/<id>/model`` route
+    (``MlflowClient.download_artifacts``) resolves a LoggedModel through the process-wide
+    registry URI, whatever the client was given (MLflow 3.17), and so looks in ./mlflow.db."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    model = logged_model(client, run_id)
+    if model is not None:
+        repo = get_artifact_repository(model.artifact_location, tracking_uri=client.tracking_uri)
+        return repo.download_artifacts(name, directory)
+    run = client.get_run(run_id)
+    repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=client.tracking_uri)
+    return repo.download_artifacts(f"{MODEL_DIR}/{name}", directory)
 
 
 def has_model(client: Any, run_id: str) -> bool:
-    """Whether the run already holds an MLflow model at ``model/``."""
-    return f"{MODEL_DIR}/{MLMODEL_FILE}" in {a.path for a in client.list_artifacts(run_id, MODEL_DIR)}
+    """Whether the run already has its MLflow model: its LoggedModel ``model``, or (logged by an
+    older we_dist) an ``MLmodel`` in its own ``model/`` folder."""
+    return logged_model(client, run_id) is not None or _legacy_model(client, run_id)
 
 
 def register(tracking_uri: str, run_id: str, name: str) -> str:
-    """Register ``runs:/<run_id>/model`` under ``name``; returns the new version."""
+    """Register the run's model (``runs:/<run_id>/model``) under ``name``; returns the new version.
+
+    The version's source is the LoggedModel, as with ``mlflow.register_model``: ``models:/<model
+    id>`` on a tracking server; on a local store the model's artifact location (MLflow's SQL
+    registry resolves a ``models:/`` source with a client on the process's global tracking URI,
+    which need not be this store), and the LoggedModel's ``mlflow.modelVersions`` tag, which a
+    server sets, is set here. A run of an older we_dist registers its ``model/`` folder."""
+    import json
+
     from mlflow.tracking import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
     client = MlflowClient(tracking_uri)
     try:
         client.get_registered_model(name)
     except Exception:   # noqa: BLE001 - absent: create it (a real failure shows again below)
         client.create_registered_model(name)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_DIR}"
-    version = client.create_model_version(name, source, run_id=run_id)
+    model = logged_model(client, run_id)
+    if model is None:
+        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_DIR}"
+        return str(client.create_model_version(name, source, run_id=run_id).version)
+    remote = tracking_uri.startswith(("http://", "https://"))
+    source = f"models:/{model.model_id}" if remote else model.artifact_location
+    version = client.create_model_version(name, source, run_id=run_id, model_id=model.model_id)
+    if not remote:
+        # A tracking server tags the LoggedModel with its versions (what the Models tab shows);
+        # in-process MLflow leaves that to the server, so it is done here.
+        versions = json.loads(client.get_logged_model(model.model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+        entry = {"name": name, "version": version.version}   # as a tracking server writes it
+        if entry not in versions:
+            client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*versions, entry])})
     return str(version.version)
 
 
 def log_selected(logger: Any, network: nn.Module, info: dict[str, Any], register_as: str = "") -> bool:
-    """Rank 0's end of training: log ``network`` as the run's MLflow model through ``logger``
+    """Rank 0's end of training: log ``network`` as the run's MLflow model (:func:`log`) through ``logger``
     (a :class:`~we_dist.tracking.RunLogger`), then register it as ``register_as`` if set.
 
     A failure is a warning, as for every logging call (``strict`` loggers raise): the run's

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import yaml
 
 from we_dist.config import TrackingConfig, flatten
+from we_dist.tracking.names import START_PARAMS, START_TAGS  # noqa: F401 - re-exported
 from we_dist.tracking.store import TrackingError, check_reachable, local_store_dir, redact, resolve_uri
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,9 @@ RUN_NAME_TAG = "we_dist.run_name"
 PARENT_TAG = "mlflow.parentRunId"          # MLflow's own nesting tag
 RESUMES_TAG = "we_dist.resumes"            # how many times the run was resumed
 CONFIG_NOTE_TAG = "we_dist.config_note"    # set when a resume brought a different config
-# What a fresh run starts from, logged as params by rank 0 at its first step (checksums of the
-# initial weights and of the first batch): not config, so a resume does not compare them.
-START_PARAMS = ("init/param_checksum", "data/first_batch_checksum")
+# What a fresh run starts from (checksums of the initial weights and of the first batch): tags
+# set by rank 0 at its first step (START_TAGS); runs of an older we_dist logged them as params
+# (START_PARAMS), which are not config, so a resume does not compare them. Both re-exported.
 TRUNCATED_TAG = "we_dist.truncated_params"
 NOTE_TAG = "mlflow.note.content"           # MLflow's run description
 # Experiments we create are marked as model development: MLflow 3's UI then shows its
@@ -62,8 +63,22 @@ def param_value(value: Any) -> str:
     return str(value)
 
 
+def active_method_only(flat: Mapping[str, Any], method: str | None = None) -> dict[str, Any]:
+    """``flat`` (dotted keys) without the settings of the methods the run does not use: every
+    ``method.<other>.*`` where ``<other>`` is not ``method`` (default: ``flat["method.name"]``).
+    A config holds a section per registered method; a run uses one (a method reads only its
+    own section, :func:`we_dist.methods.registry.create_method`). Unchanged without a method."""
+    method = method if method is not None else flat.get("method.name")
+    if not method:
+        return dict(flat)
+    return {k: v for k, v in flat.items()
+            if not (k.startswith("method.") and k.count(".") >= 2 and not k.startswith(f"method.{method}."))}
+
+
 def config_params(config: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
-    """Flat dotted params for ``config`` (nested or already flat) within MLflow's limits.
+    """Flat dotted params for ``config`` (nested or already flat) within MLflow's limits: the
+    active method's settings only (:func:`active_method_only`; the whole config is the
+    ``config/resolved.yaml`` artifact).
 
     Returns the params and the keys whose values were cut to fit (the full values
     are in the ``config/resolved.yaml`` artifact). Keys too long for MLflow are left out
@@ -71,7 +86,7 @@ def config_params(config: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]
     """
     params: dict[str, str] = {}
     cut: list[str] = []
-    for key, value in flatten(config).items():
+    for key, value in active_method_only(flatten(config)).items():
         text = param_value(value)
         if len(key) > MAX_KEY:
             cut.append(key[:80] + "...")
@@ -150,7 +165,8 @@ def open_run(
     * ``cfg.parent_run_id``: the run is tagged as its child (``mlflow.parentRunId``);
       the parent must exist.
     * ``config_dict`` (nested or dotted, or a ``Config``): on creation, logged as params
-      (dotted keys) and as the artifact ``config/resolved.yaml``. MLflow params cannot
+      (dotted keys; of the ``method`` section only the active method's settings) and as the
+      artifact ``config/resolved.yaml`` (all of it). MLflow params cannot
       change, so on resume a different config is recorded in the tag
       ``we_dist.config_note`` and the new YAML as ``config/resume_<n>.yaml``.
     * ``tags`` (e.g. :func:`~we_dist.tracking.provenance.provenance_tags`): set on the run,
@@ -242,7 +258,9 @@ def _resume(client, run, config: dict | None) -> None:
     if config is None:
         return
     params, _ = config_params(config)
-    logged = {k: v for k, v in run.data.params.items() if k not in START_PARAMS}
+    # A run logged by an older we_dist has every method's settings and its checksums as params.
+    logged = {k: v for k, v in active_method_only(run.data.params, params.get("method.name")).items()
+              if k not in START_PARAMS}
     changed = sorted(k for k in params.keys() | logged.keys() if params.get(k) != logged.get(k))
     if not changed:
         return

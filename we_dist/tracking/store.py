@@ -222,3 +222,19 @@ def _check_with_client(uri: str, timeout: float) -> None:
         raise _unreachable(uri, f"no answer within {timeout:g} s")
     if outcome[0] is not None:
         raise _unreachable(uri, _short(outcome[0]))
+
+
+def run_artifacts(client, run_id: str, folder: str) -> list:
+    """The files and folders of the run's own artifact folder ``folder`` (``FileInfo``s, paths
+    relative to the run's artifact root), read from the store ``client`` was made for.
+
+    Not ``client.list_artifacts``: in MLflow 3 that lists through a ``runs:/`` URI, which adds
+    the files of a LoggedModel named like the folder's first part and looks that model up
+    through the process-wide tracking URI (``./mlflow.db`` unless set), not ``client``'s. Once
+    the run has its LoggedModel ``model``, listing any folder then fails with "Logged model
+    ... not found" (a re-run of a finished run did, against an ``mlflow server``).
+    """
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    root = client.get_run(run_id).info.artifact_uri
+    return list(get_artifact_repository(root, tracking_uri=client.tracking_uri).list_artifacts(folder))
