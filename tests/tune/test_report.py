@@ -67,3 +67,43 @@ def test_optuna_samples_the_space_within_bounds():
         assert 0.01 <= cfg["optim.lr"] <= 0.3 and 0.05 <= cfg["method.we.ratio_conv"] <= 0.3
         assert cfg["method.we.interval"] in (1, 2) and 1 <= cfg["method.we.elements_per_channel"] < 4
         searcher.on_trial_complete(f"t{i}", {"val/top1": 0.5 + i / 10, "training_iteration": 1})
+
+
+def test_the_live_status_line_counts_every_run_of_a_comparison():
+    """Tune creates trials as it goes: at the first start of a 4-run comparison its list holds
+    one trial. The line said `sweep: 1 trials, 0 running, 0 done`; it counts all 4 runs now."""
+    import io
+    from types import SimpleNamespace
+
+    from we_dist.tune.report import LiveTable
+
+    def trial(i, status):
+        return SimpleNamespace(trial_id=f"c_{i:05d}", status=status, config={"variant": "we", "seed": i},
+                               last_result={}, metric_analysis={})
+
+    stream = io.StringIO()
+    table = LiveTable(["variant", "seed"], "val/top1", "max", 3, stream=stream, total=4, kind="comparison")
+    table.on_trial_start(0, [trial(0, "PENDING")], None)
+    assert "[we_dist] comparison: 4 runs, 0 running, 0 done, 4 waiting (" in stream.getvalue()
+    later = [trial(0, "TERMINATED"), trial(1, "ERROR"), trial(2, "RUNNING")]
+    assert table.status_line(later) == "comparison: 4 runs, 1 running, 1 done, 1 failed, 1 waiting"
+    sweep = LiveTable(["seed"], "val/top1", "max", 3, total=1)
+    assert sweep.status_line([trial(0, "RUNNING")]) == "sweep: 1 trial, 1 running, 0 done"
+
+
+def test_trial_lines_round_floats_for_reading():
+    """`ratio_conv=0.19562513565326956` on the console is 0.1956 now (4 significant digits);
+    the table did so already. Integers, strings and small numbers are shown as they are."""
+    from we_dist.tune.report import display_config, display_value
+    from we_dist.tune.trial import trial_line
+
+    config = {"optim.lr": 0.012345678901, "method.we.ratio_conv": 0.19562513565326956, "method.we.interval": 2,
+              "variant": "we:lab=0.3", "method.we.milestones": [0.5, 1 / 3]}
+    line = trial_line("a_00001", False, "sweep-a_00001", config)
+    assert line == ("[we_dist] trial a_00001: starting run sweep-a_00001 with optim.lr=0.01235, "
+                    "method.we.ratio_conv=0.1956, method.we.interval=2, variant=we:lab=0.3, "
+                    "method.we.milestones=[0.5, 0.3333]")
+    assert display_value(1e-4) == "0.0001" and display_value(None) == "-" and display_value(3) == "3"
+    assert display_config({"seed": 0}) == "seed=0"
+    table = render_table([TrialRow("a_00001", "RUNNING", config)], list(config)[:2], "val/top1", 3)
+    assert "0.1956" in table and "0.19562513565326956" not in table

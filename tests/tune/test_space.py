@@ -62,6 +62,17 @@ def test_cli_overrides_split_into_sweep_settings_and_config(tmp_path):
     assert spec.overrides["scaling.num_workers"] == 1
 
 
+def test_a_paired_objective_scores_the_gain_across_the_search_seeds(tmp_path):
+    spec = load_sweep(write(tmp_path, with_changes(objective={"paired_with": "none", "seeds": [4, 5]})),
+                      ["objective.seeds=[4, 5, 6]"])
+    assert spec.paired and spec.paired_with == "none" and spec.seeds == (4, 5, 6)
+    assert spec.metric == "gain/val/top1" and spec.compared_metric == "val/top1" and spec.mode == "max"
+    assert spec.trial_epochs == 9 and spec.scheduler.max_t == 9     # 3 epochs x 3 seeds: ASHA's axis
+    assert spec.to_dict()["objective"] == {"paired_with": "none", "seeds": [4, 5, 6]}
+    plain = load_sweep(write(tmp_path, GOOD, "plain.yaml"))
+    assert not plain.paired and plain.metric == "val/top1" and plain.trial_epochs == 3
+
+
 def test_grid_multiplies_samples(tmp_path):
     doc = with_changes(search="grid", search_space={"method.we.lab": {"grid": [0.05, 0.1, 0.2]},
                                                      "method.we.interval": {"grid": [1, 2]}}, num_samples=2)
@@ -101,6 +112,13 @@ def test_default_space_covers_we_and_lr(tmp_path):
     (with_changes(scheduler={"name": "asha", "grace": 1}), ["scheduler.grace"]),
     (with_changes(overrides={"optim.nosuch": 1}), ["overrides", "optim.nosuch"]),
     (with_changes(base_recipe="recipes/nope.yaml"), ["base_recipe", "nope.yaml"]),
+    (with_changes(objective="none"), ["objective must be a mapping"]),
+    (with_changes(objective={"paired_with": "nope", "seeds": [0]}), ["objective.paired_with", "nope"]),
+    (with_changes(objective={"seeds": []}), ["objective.seeds", "non-empty"]),
+    (with_changes(objective={"seeds": [0, 0]}), ["objective.seeds", "repeated"]),
+    (with_changes(objective={"seeds": [0], "pair": "none"}), ["objective.pair"]),
+    (with_changes(objective={"seeds": [0, 1]}, scheduler={"name": "asha", "max_t": 7}), ["max_t", "3 x 2 seeds"]),
+    (with_changes(objective={"seeds": [0]}, search_space={"seed": {"choice": [1, 2]}}), ["do not sweep the seed"]),
 ])
 def test_bad_sweeps_are_refused_with_the_key_named(tmp_path, doc, words):
     with pytest.raises(SweepError) as err:
@@ -156,3 +174,13 @@ def test_trials_get_absolute_data_paths(tmp_path, monkeypatch):
     again = spec_from_context(ctx)
     assert again.keys == spec.keys and again.scheduler == spec.scheduler
     assert again.base_config.data.train_path == str(tmp_path / "data/d/train.beton")
+
+
+def test_a_sweep_that_stops_trials_starts_its_local_ray_with_the_dashboard(tmp_path):
+    """ASHA stops trials; Ray Train frees a stopped trial's workers through the state API, which
+    the dashboard serves. Without it, on a machine that fits one trial at a time, the next trial
+    waited for those workers until Ray Train gave up (a paired WE search hung so, issue 26)."""
+    from we_dist.tune.sweep import needs_dashboard
+
+    assert needs_dashboard(load_sweep(write(tmp_path, GOOD)))
+    assert not needs_dashboard(load_sweep(write(tmp_path, with_changes(scheduler="none"), "plain.yaml")))

@@ -1,21 +1,21 @@
 """A real sweep: Ray Tune + Ray Train (2 gloo workers per trial) + ASHA + a real MLflow store.
 
-One sweep of 4 trials on the digits recipe is started with the `we-dist tune` command,
-interrupted with SIGINT (Ctrl-C) once a trial has finished, and continued with
-`we-dist tune --resume`. Then the MLflow parent and child runs, ASHA's early stops, the
+One sweep of 2 trials on the digits recipe is started with the `we-dist tune` command,
+interrupted with SIGINT (Ctrl-C) once the first trial has finished, and continued with
+`we-dist tune --resume`. Then the MLflow parent and child runs, ASHA's early stop, the
 absence of repeated trials, and the best-config recipe (trained as written) are checked.
 
-Deterministic by construction (it used to fail on a loaded machine):
+Deterministic by construction:
 
-* one trial at a time (``max_concurrent_trials: 1``). With two at once, whether ASHA stops
-  a trial depended on which of the two reached a rung first: a poor trial reaching the
-  first rung before the good one is compared against nothing and continues. In file
-  order (lr 1e-4, 0.1, 1e-4, 0.1, one seed, so the two trials of an lr have the same
-  epoch-1 value) the third trial always meets the first two at its first rung and is
-  stopped there, or at the next rung if the two lrs tie at epoch 1;
-* ``--resume`` restores ASHA's rungs (:class:`we_dist.tune.asha.ResumableASHA`). Tune does
-  not save a scheduler's state, so before, the resumed sweep judged the remaining trials
-  against empty rungs and, depending on where the interruption fell, stopped none;
+* one trial at a time (``max_concurrent_trials: 1``), in grid order: a good LR (0.1) first,
+  then a poor one (1e-4, which barely moves the network). The poor trial reaches ASHA's first
+  rung (grace period 1, reduction factor 2) after the good one and falls below the rung's
+  cutoff (the good trial's value): ASHA stops it there;
+* the interruption falls after the first trial and before the second finishes, so the
+  resumed sweep judges the second trial against the first's rung only because
+  ``--resume`` restores ASHA's rungs (:class:`we_dist.tune.asha.ResumableASHA`: Tune does
+  not save a scheduler's state). Without that, it would meet an empty rung, run to the
+  end, and the check that ASHA stopped a trial fails;
 * a trial ASHA stops keeps training until the stop reaches it: its MLflow run may hold
   one epoch more than Tune saw (rank 0 logs an epoch before reporting it, and Ray Train's
   report does not wait for Tune's decision). The check allows exactly that one epoch.
@@ -39,11 +39,14 @@ REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 3
 
 
-def _env() -> dict[str, str]:
+def _env(tmp_path: Path) -> dict[str, str]:
+    from we_dist.tune.state_guard import KEY_ENV
+
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"})
+    env[KEY_ENV] = str(tmp_path / "keys" / "state_key")   # the resume guard's key: the test's own
     return env
 
 
@@ -52,15 +55,13 @@ def _cli(*args: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run(_cli("convert", "digits", "--out", str(out)), check=True, env=_env(), cwd=REPO,
-                   capture_output=True, timeout=300)
-    return out
+def digits(digits_betons) -> Path:
+    """The folder of the session's digits .beton files."""
+    return Path(digits_betons[0]).parent
 
 
 def _sweep_file(tmp_path: Path, digits: Path) -> Path:
-    # A bad LR (1e-4) next to a good one (0.1), twice each: ASHA has something to stop.
+    # A good LR (0.1), then a bad one (1e-4): ASHA has something to stop.
     doc = {
         "name": "tsweep",
         "base_recipe": str(REPO / "recipes" / "demo.yaml"),
@@ -74,12 +75,12 @@ def _sweep_file(tmp_path: Path, digits: Path) -> Path:
             "tracking.log_model": False,
         },
         "search_space": {
-            "optim.lr": {"grid": [0.0001, 0.1]},
+            "optim.lr": {"grid": [0.1, 0.0001]},
             "method.we.ratio_conv": {"uniform": [0.05, 0.3]},
         },
         "metric": "val/top1",
         "mode": "max",
-        "num_samples": 2,
+        "num_samples": 1,
         "search": "random",
         "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
         "max_concurrent_trials": 1,     # ASHA's decisions must not depend on which trial reports first
@@ -122,7 +123,7 @@ def test_sweep_with_asha_interrupt_resume_and_best_recipe(tmp_path, digits):
     sweep_dir = tmp_path / "runs" / "tsweep"
     log1 = open(tmp_path / "first.log", "w")
     t0 = time.monotonic()
-    first = subprocess.Popen(_cli("tune", str(sweep_file), "--num-cpus", "4"), cwd=tmp_path, env=_env(),
+    first = subprocess.Popen(_cli("tune", str(sweep_file), "--num-cpus", "4"), cwd=tmp_path, env=_env(tmp_path),
                              stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         # Interrupt (Ctrl-C) as soon as the saved experiment state has a finished trial
@@ -133,7 +134,7 @@ def test_sweep_with_asha_interrupt_resume_and_best_recipe(tmp_path, digits):
                 break
             trials = _saved_trials(sweep_dir)
             finished_before = [t for t in trials if t.status == "TERMINATED"]
-            if finished_before and len(finished_before) < 4:
+            if finished_before and len(finished_before) < 2:
                 break
             time.sleep(2)
         assert first.poll() is None, "the sweep ended before it could be interrupted:\n" + \
@@ -150,18 +151,18 @@ def test_sweep_with_asha_interrupt_resume_and_best_recipe(tmp_path, digits):
 
     saved = {t.trial_id: t for t in _saved_trials(sweep_dir)}
     done_ids = {tid for tid, t in saved.items() if t.status == "TERMINATED"}
-    assert done_ids and len(done_ids) < 4
+    assert done_ids and len(done_ids) < 2
     done_results = {tid: dict(saved[tid].last_result) for tid in done_ids}
     train_files = {tid: _files_with_mtimes(sweep_dir / "train" / f"tsweep-{tid}") for tid in done_ids}
 
     # The interrupted sweep continues: finished trials are kept, the others run or resume.
     second = subprocess.run(_cli("tune", "--resume", str(sweep_dir), "--num-cpus", "4"), cwd=tmp_path,
-                            env=_env(), capture_output=True, text=True, timeout=1200)
+                            env=_env(tmp_path), capture_output=True, text=True, timeout=1200)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-3000:]
     assert "best trial" in second.stdout and "we-dist train" in second.stdout
 
     trials = {t.trial_id: t for t in _saved_trials(sweep_dir)}
-    assert len(trials) == 4 and all(t.status == "TERMINATED" for t in trials.values())
+    assert len(trials) == 2 and all(t.status == "TERMINATED" for t in trials.values())
     for tid in done_ids:           # not re-run: same result, same checkpoint files
         assert trials[tid].last_result["time_total_s"] == done_results[tid]["time_total_s"]
         assert _files_with_mtimes(sweep_dir / "train" / f"tsweep-{tid}") == train_files[tid]
@@ -206,7 +207,7 @@ def test_sweep_with_asha_interrupt_resume_and_best_recipe(tmp_path, digits):
     assert {"results/trials.csv", "best/best.yaml", "plots/val_top1_vs_optim.lr.png",
             "plots/val_top1_vs_method.we.ratio_conv.png"} <= artifacts
     table = client.download_artifacts(parent.info.run_id, "results/trials.csv", str(tmp_path))
-    assert len(Path(table).read_text().strip().splitlines()) == 5      # header + 4 trials
+    assert len(Path(table).read_text().strip().splitlines()) == 3      # header + 2 trials
     best_value = parent.data.metrics["best/val/top1"]
     finished_values = [t.last_result["val/top1"] for t in trials.values() if epochs_done[t.trial_id] == EPOCHS]
     assert best_value == pytest.approx(max(finished_values))
@@ -220,7 +221,7 @@ def test_sweep_with_asha_interrupt_resume_and_best_recipe(tmp_path, digits):
     assert recipe["method"]["we"]["ratio_conv"] == pytest.approx(best_trial.config["method.we.ratio_conv"])
     assert recipe["tracking"]["parent_run_id"] in ("", None)
     train = subprocess.run(_cli("train", str(best)), cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                           env={**_env(), "WE_DIST_STORAGE": str(tmp_path / "best_runs")})
+                           env={**_env(tmp_path), "WE_DIST_STORAGE": str(tmp_path / "best_runs")})
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     best_runs = client.search_runs([exp.experiment_id], "tags.`we_dist.run_name` = 'tsweep-best'")
     assert len(best_runs) == 1 and "val/top1" in best_runs[0].data.metrics

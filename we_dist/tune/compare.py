@@ -25,9 +25,9 @@ and the loader order with ``cfg.seed`` only (tests/tune/test_compare.py checks t
 the runs' first-epoch metrics, which agree to the bit across methods that do not act
 during the first epoch). Random crops and flips are paired too: the training loader
 seeds them per sample from the run's seed and the epoch's order
-(:mod:`we_dist.data.augment`). If the runs log the
-params :data:`START_PARAMS`, the report checks that every variant of a seed logged the
-same values.
+(:mod:`we_dist.data.augment`). If the runs logged the
+tags :data:`START_TAGS` (runs of an older we_dist: the params :data:`START_PARAMS`), the
+report checks that every variant of a seed logged the same values.
 
 **Report** (console, markdown file ``--out``, default ``<dir>/report.md``, and the
 parent MLflow run: ``compare/report.md``, ``compare/runs.csv``,
@@ -35,10 +35,15 @@ parent MLflow run: ``compare/report.md``, ``compare/runs.csv``,
 mean and standard deviation over seeds of the **final-epoch** ``val/top1`` (the
 headline) and of the best-epoch ``val/top1`` (labelled "best epoch"), the paired
 difference to ``none`` (per seed: variant minus ``none``; their mean, standard deviation
-and how many seeds improved), parameters and MACs when the runs logged ``model/params``
-and ``model/macs``, training time (sum of the epochs' ``time/epoch_s``), time inside the
-method (sum of ``time/method_s``) and how much the method changed the network (WE:
-receivers per call by kind; other methods: their count metrics summed).
+and how many seeds improved), parameters and MACs of the network at the end when the runs
+recorded them (the tags ``we_dist.network.end.params`` and ``.macs``), training time (sum of
+the epochs' ``time/epoch_s``, in MLflow ``workload/time/epoch_s``), time inside the method
+(sum of ``time/method_s``) and how much the method changed the network (WE: receivers per
+call by kind; other methods: their count metrics summed). Runs logged by an older we_dist,
+under the loop's own names, are read too. Below the table, in words, what the seeds support
+against ``none``: a paired t-test from :data:`MIN_TEST_SEEDS` seeds on; on fewer,
+"inconclusive" and how many seeds the observed spread would need. A note names the runs that
+do not look converged (the rule, :func:`not_converged`, is stated in the report).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import shlex
 import sys
@@ -58,15 +64,25 @@ from typing import Any, Mapping, Sequence
 
 from we_dist.config import Config, ConfigError, load_config, parse_override
 from we_dist.methods.registry import method_class, registered_methods
-from we_dist.tracking import START_PARAMS
+from we_dist.tracking import START_PARAMS, START_TAGS
+from we_dist.tracking.names import loop_key, network_from_tags
 
 COMPARE_STATE = "we_dist_compare.json"
 REPORT_FILE = "report.md"
 PLOT_NAME = "val_top1_vs_epoch.png"
 METRIC = "val/top1"
-# Fingerprints of a run's start, if the worker loop logs them as MLflow params (initial
-# parameter checksum, checksum of the first batch's labels): runs of one seed must agree.
+# Fingerprints of a run's start (START_TAGS: the initial parameters' checksum, the first batch's
+# checksum) are read from each run by start_of(): runs of one seed must agree.
 BASELINE = "none"
+# A paired t-test on fewer seeds than this is not offered as a verdict: at 2 seeds it has one
+# degree of freedom, and its 95% interval is 12.7 standard errors wide on each side.
+MIN_TEST_SEEDS = 3
+# When a run does not look converged (stated in the report): over its last CONVERGED_EPOCHS
+# epochs, val/top1 rose by more than CONVERGED_RISE (last minus first) or spanned more than
+# CONVERGED_SPREAD (max minus min). Fractions: 0.01 is one point of top-1.
+CONVERGED_EPOCHS = 3
+CONVERGED_RISE = 0.01
+CONVERGED_SPREAD = 0.02
 
 
 class CompareError(ConfigError):
@@ -90,8 +106,21 @@ class Variant:
 
     @property
     def slug(self) -> str:
-        """The label with only ``[A-Za-z0-9_.-]`` (run names, MLflow metric names, files)."""
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label.replace(":", "-")).strip("_") or "variant"
+        """The label with only ``[A-Za-z0-9_.-]`` (run names, MLflow metric names, files). A label
+        longer than :data:`MAX_SLUG` (a variant with many settings) keeps its start and gets 8
+        hex digits of its hash: run names must fit the config's name limit, and stay distinct."""
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label.replace(":", "-")).strip("_") or "variant"
+        if len(slug) <= MAX_SLUG:
+            return slug
+        import hashlib
+
+        digest = hashlib.sha1(self.label.encode()).hexdigest()[:8]
+        return f"{slug[:MAX_SLUG - 9].rstrip('_.-')}-{digest}"
+
+
+# A variant's part of its runs' names: `<name>-<slug>-seed<seed>` must stay within the config's
+# 100-character name limit (the name of the run's checkpoint folder).
+MAX_SLUG = 40
 
 
 def _split_top(text: str, sep: str) -> list[str]:
@@ -221,7 +250,7 @@ class RunRecord:
     macs: float | None = None
     run_id: str = ""
     status: str = "finished"
-    start: tuple[str, ...] = ()               # START_PARAMS values, when the run logged them
+    start: tuple[str, ...] = ()               # START_TAGS values, when the run logged them
 
     @property
     def complete(self) -> bool:
@@ -294,11 +323,33 @@ class Paired:
         half = float(stats.t.ppf(0.975, self.n - 1)) * self.std / math.sqrt(self.n)
         return float(result.pvalue), self.mean - half, self.mean + half
 
+    def seeds_to_show(self, alpha: float = 0.05, most: int = 1000) -> int | None:
+        """How many seeds a paired t-test would need to show a difference of this mean at the
+        ``alpha`` level if the differences kept this spread: the smallest n (at least
+        :data:`MIN_TEST_SEEDS`) whose two-sided interval excludes 0. None without a spread or a
+        difference to go on (one seed, or a mean of 0); ``most + 1`` when ``most`` would not do."""
+        if self.n < 2 or math.isnan(self.std) or self.std == 0 or self.mean == 0:
+            return None
+        from scipy import stats
+
+        for n in range(MIN_TEST_SEEDS, most + 1):
+            if float(stats.t.ppf(1 - alpha / 2, n - 1)) * self.std / math.sqrt(n) < abs(self.mean):
+                return n
+        return most + 1
+
     def verdict(self, alpha: float = 0.05) -> str:
-        """What the paired differences support, in words."""
+        """What the paired differences support, in words: with fewer than :data:`MIN_TEST_SEEDS`
+        seeds, that they are too few for a test (and how many this spread would need)."""
+        if self.n < MIN_TEST_SEEDS:
+            seeds = "one seed" if self.n == 1 else f"{self.n} seeds"
+            text = f"inconclusive at {seeds}: too few for a test (a paired t-test needs at least {MIN_TEST_SEEDS})"
+            need = self.seeds_to_show(alpha)
+            if need is not None:
+                about = f"about {need}" if need <= 1000 else "more than 1,000"
+                text += (f"; at this spread ({100 * self.std:.2f} points), a mean difference of "
+                         f"{100 * self.mean:+.2f} points would need {about} seeds to show")
+            return text
         p, low, high = self.t_test()
-        if math.isnan(p):
-            return "one seed paired: no statement about a difference (run more seeds)"
         interval = f"95% CI [{100 * low:+.2f}, {100 * high:+.2f}] points, paired t-test p = {p:.2g}, {self.n} seeds"
         if p < alpha:
             return ("better than" if self.mean > 0 else "worse than") + f" the baseline ({interval})"
@@ -406,8 +457,9 @@ def render_markdown(title: str, summaries: Sequence[VariantSummary], records: Se
             else:
                 p = s.paired
                 pvalue = p.t_test()[0]
+                test = "too few seeds for a test" if p.n < MIN_TEST_SEEDS else f"p = {pvalue:.2g}"
                 row.append(f"{100 * p.mean:+.2f}" + ("" if math.isnan(p.std) else f" ± {100 * p.std:.2f}")
-                           + f"; {p.improved}/{p.n}" + ("" if math.isnan(pvalue) else f"; p = {pvalue:.2g}"))
+                           + f"; {p.improved}/{p.n}; {test}")
         row.append(_pm(s.best))
         row += [_num(s.params)] if have_params else []
         row += [_num(s.macs)] if have_macs else []
@@ -437,6 +489,7 @@ def render_markdown(title: str, summaries: Sequence[VariantSummary], records: Se
                     if s.label != baseline and s.paired is not None and s.paired.n]
         if verdicts:
             parts += [f"**What the seeds support** (against `{baseline}`, 5% level):", "", *verdicts, ""]
+    parts += convergence_notes(summaries)
     parts += ["Train time: sum of the epochs' wall time (`time/epoch_s`); method time: time inside the "
               "method's hooks (`time/method_s`), summed. Changes: WE's receivers per call by kind; other "
               "methods' count metrics summed over the run.", ""]
@@ -447,6 +500,40 @@ def render_markdown(title: str, summaries: Sequence[VariantSummary], records: Se
     if commands:
         parts += ["## Reproduce", "", "```", *commands, "```", ""]
     return "\n".join(parts)
+
+
+def not_converged(curve: Sequence[float]) -> str | None:
+    """Why a run's val/top1 curve does not look converged (the rule of :data:`CONVERGED_EPOCHS`,
+    :data:`CONVERGED_RISE`, :data:`CONVERGED_SPREAD`), or None; "1 epoch, cannot tell" for a single epoch."""
+    tail = list(curve[-CONVERGED_EPOCHS:])
+    if len(tail) < 2:
+        return "1 epoch, cannot tell" if tail else None
+    rise, spread = tail[-1] - tail[0], max(tail) - min(tail)
+    if rise > CONVERGED_RISE:
+        return f"rose {100 * rise:+.2f} points"
+    if spread > CONVERGED_SPREAD:
+        return f"spanned {100 * spread:.2f} points"
+    return None
+
+
+def convergence_notes(summaries: Sequence[VariantSummary]) -> list[str]:
+    """Report lines naming the variants whose complete runs do not look converged, with the
+    rule; nothing when every run looks settled."""
+    found = []
+    for s in summaries:
+        why = [(r.seed, not_converged(r.curve)) for r in s.runs]
+        why = [(seed, reason) for seed, reason in why if reason]
+        if why:
+            found.append(f"- `{s.label}`: {len(why)} of {len(s.runs)} runs ("
+                         + "; ".join(f"seed {seed}: {reason}" for seed, reason in why) + ")")
+    if not found:
+        return []
+    return [f"**The runs do not look converged**, so the numbers above compare networks still "
+            f"learning; train longer (schedule.epochs) before reading a difference into them. Rule: over "
+            f"a run's last {CONVERGED_EPOCHS} epochs, validation top-1 rose by more than "
+            f"{100 * CONVERGED_RISE:g} point (last minus first) or spanned more than "
+            f"{100 * CONVERGED_SPREAD:g} points (max minus min); a run of 1 epoch cannot be judged.", "",
+            *found, ""]
 
 
 def runs_csv(records: Sequence[RunRecord]) -> str:
@@ -462,33 +549,44 @@ def runs_csv(records: Sequence[RunRecord]) -> str:
     return out.getvalue()
 
 
-def plot_curves(summaries: Sequence[VariantSummary], path: str | Path, title: str = "") -> Path:
-    """Val top-1 against epoch: the mean over seeds per variant, with the min-max band."""
+def curves_figure(summaries: Sequence[VariantSummary], title: str = "") -> Any:
+    """The matplotlib figure of :func:`plot_curves` (the caller closes it): epochs 0-based, as
+    in the logs and MLflow's steps, with integer ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, s in enumerate(summaries):
+        curves = [r.curve for r in s.runs if r.curve]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        xs = list(range(n))
+        cols = [[c[e] for c in curves] for e in range(n)]
+        mean = [sum(col) / len(col) for col in cols]
+        color = f"C{i % 10}"
+        ax.plot(xs, mean, color=color, label=f"{s.label} ({len(curves)} seeds)", marker="o", ms=3)
+        if len(curves) > 1:
+            ax.fill_between(xs, [min(col) for col in cols], [max(col) for col in cols], color=color, alpha=0.18)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch (0-based)")
+    ax.set_ylabel("val top-1 (mean; band: min-max over seeds)")
+    ax.set_title(title or "validation top-1 by epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(summaries: Sequence[VariantSummary], path: str | Path, title: str = "") -> Path:
+    """Val top-1 against epoch: the mean over seeds per variant, with the min-max band."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(summaries, title)
     try:
-        for i, s in enumerate(summaries):
-            curves = [r.curve for r in s.runs if r.curve]
-            if not curves:
-                continue
-            n = min(len(c) for c in curves)
-            xs = list(range(1, n + 1))
-            cols = [[c[e] for c in curves] for e in range(n)]
-            mean = [sum(col) / len(col) for col in cols]
-            color = f"C{i % 10}"
-            ax.plot(xs, mean, color=color, label=f"{s.label} ({len(curves)} seeds)", marker="o", ms=3)
-            if len(curves) > 1:
-                ax.fill_between(xs, [min(col) for col in cols], [max(col) for col in cols], color=color, alpha=0.18)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("val top-1 (mean; band: min-max over seeds)")
-        ax.set_title(title or "validation top-1 by epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
         path = Path(path)
         fig.savefig(path, format="png", dpi=100)
     finally:
@@ -549,12 +647,32 @@ def same_start_notes(records: Sequence[RunRecord]) -> list[str]:
     return notes
 
 
+def start_of(run: Any) -> tuple[str, ...]:
+    """What an MLflow run logged of its start: the tags :data:`START_TAGS`, or for a run of an
+    older we_dist the params :data:`START_PARAMS`; empty when neither is complete."""
+    for keys, values in ((START_TAGS, run.data.tags), (START_PARAMS, run.data.params)):
+        if all(k in values for k in keys):
+            return tuple(values[k] for k in keys)
+    return ()
+
+
+READ = (METRIC, "time/epoch_s", "time/method_s", "model/params", "model/macs")   # + the method's own
+
+
 def _mlflow_histories(client: Any, run_id: str, method: str) -> dict[str, list[tuple[int, float]]]:
+    """The metrics the report reads, from a child run, under the loop's names: MLflow names some
+    of them otherwise (:mod:`we_dist.tracking.names`: ``time/epoch_s`` is
+    ``workload/time/epoch_s``), a run of an older we_dist does not; the network's size at the end
+    is a tag (an older run's last ``model/*`` point)."""
     run = client.get_run(run_id)
-    keys = [k for k in run.data.metrics
-            if k in (METRIC, "time/epoch_s", "time/method_s", "model/params", "model/macs")
-            or k.startswith(f"{method}/")]
-    return {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys}
+    out: dict[str, list[tuple[int, float]]] = {}
+    for key in run.data.metrics:
+        name = loop_key(key)
+        if name in READ or name.startswith(f"{method}/"):
+            out.setdefault(name, []).extend((m.step, m.value) for m in client.get_metric_history(run_id, key))
+    end = network_from_tags(run.data.tags, "end")
+    out.update({key: [(0, end[key])] for key in ("model/params", "model/macs") if key in end})
+    return out
 
 
 def _tune_histories(trial: Any, method: str) -> dict[str, list[tuple[int, float]]]:
@@ -603,6 +721,13 @@ def build_spec(recipe: str, variants: Sequence[Variant], seeds: Sequence[int], o
     name = name or f"compare-{Path(recipe).stem}"
     if any(c in name for c in "/\\ \t\n"):
         raise CompareError(f"--name must have no slashes or spaces, got {name!r}")
+    for v in variants:      # every run's name, checked by the config now rather than in its trial
+        run = f"{name}-{v.slug}-seed{max(seeds)}"
+        try:
+            base.override({"name": run})
+        except ConfigError as exc:
+            raise CompareError(f"--name {name!r}: the run name {run!r} is refused: {exc}; choose a shorter "
+                               f"--name") from None
     return SweepSpec(
         name=name, source=str(Path(recipe).resolve()), base_recipe=str(Path(recipe).resolve()),
         overrides=dict(parse_override(o) for o in overrides),
@@ -628,11 +753,14 @@ def run_compare(spec: Any, variants: Sequence[Variant], *, out: str | None = Non
     from ray.tune import Tuner
 
     from we_dist.train.driver import PreflightError
-    from we_dist.tune.sweep import KIND_TAG, _prepare, _read_text, _write_text, build_tuner, open_parent
+    from we_dist.tune.state_guard import try_write_record
+    from we_dist.tune.sweep import (KIND_TAG, _prepare, _read_text, _write_text, build_tuner, check_state_key,
+                                    open_parent)
 
     if _read_text(f"{spec.sweep_dir}/{COMPARE_STATE}") is not None or Tuner.can_restore(spec.sweep_dir):
         raise PreflightError(f"comparison {spec.name!r} already exists in {spec.sweep_dir}; continue it with "
                              f"`we-dist compare --resume {spec.sweep_dir}` or start another with --name")
+    check_state_key()
     tracking_uri, mct = _prepare(spec, address, num_cpus)
     parent = None
     if tracking_uri:
@@ -653,6 +781,8 @@ def run_compare(spec: Any, variants: Sequence[Variant], *, out: str | None = Non
 
             finish_run(tracking_uri, parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+    finally:
+        try_write_record(spec.sweep_dir)      # what Tune saved last, signed for --resume
     return finish_compare(spec, ctx)
 
 
@@ -667,15 +797,20 @@ def load_context(compare_dir: str) -> dict:
     return json.loads(text)
 
 
-def resume_compare(compare_dir: str, *, address: str | None = None, num_cpus: float | None = None
-                   ) -> CompareOutcome:
+def resume_compare(compare_dir: str, *, address: str | None = None, num_cpus: float | None = None,
+                   trust_state: bool = False) -> CompareOutcome:
     """Continue the comparison in ``compare_dir``: finished runs stay, unfinished ones resume
-    from their last epoch checkpoint, runs not yet started run."""
+    from their last epoch checkpoint, runs not yet started run.
+
+    First of all, before Ray reads anything there, the state guard
+    (:func:`we_dist.tune.sweep.guard_state`; ``trust_state``: ``--trust-state``)."""
     from ray.tune import Tuner
 
     from we_dist.train.driver import PreflightError
-    from we_dist.tune.sweep import _client, _prepare, _trainable, spec_from_context
+    from we_dist.tune.state_guard import try_write_record
+    from we_dist.tune.sweep import _client, _prepare, _trainable, guard_state, spec_from_context
 
+    guard_state(compare_dir, "comparison", trust_state)
     ctx = load_context(compare_dir)
     spec = spec_from_context(ctx)
     if not Tuner.can_restore(compare_dir):
@@ -695,6 +830,8 @@ def resume_compare(compare_dir: str, *, address: str | None = None, num_cpus: fl
 
             finish_run(uri, parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+    finally:
+        try_write_record(compare_dir)
     return finish_compare(spec, ctx)
 
 
@@ -729,9 +866,7 @@ def collect_records(spec: Any, ctx: Mapping[str, Any], trials: Sequence[Any], ro
             hist = _tune_histories(by_id[row.trial_id], method) if row.trial_id in by_id else {}
         record = record_from_history(label, method, seed, epochs, hist, run_id=row.mlflow_run_id, status=status)
         if client is not None and row.mlflow_run_id:
-            params = client.get_run(row.mlflow_run_id).data.params
-            if all(k in params for k in START_PARAMS):
-                record.start = tuple(params[k] for k in START_PARAMS)
+            record.start = start_of(client.get_run(row.mlflow_run_id))
         out.append(record)
     return out
 
@@ -853,8 +988,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent", type=int, default=None,
                         help="runs at once (default: as many as the cluster's CPUs/GPUs fit)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted comparison")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
-    parser.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of the local Ray started here")
+    from we_dist.train.driver import add_ray_arguments
+    from we_dist.tune.sweep import add_trust_argument
+
+    add_trust_argument(parser, "comparison")
+    add_ray_arguments(parser, num_cpus=True)
     # `we-dist compare RECIPE --methods a,b --seeds 3 key=value ...`: overrides after the
     # options. Plain parse_args gives every positional to the first run of positionals and
     # refuses the rest; parse_intermixed_args collects them wherever they stand.
@@ -864,13 +1002,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """`we-dist compare`: exit 0 when done, 2 on bad input, 130 when interrupted."""
     from we_dist.tracking import TrackingError
-    from we_dist.train.driver import PreflightError
+    from we_dist.train.driver import PreflightError, use_ray_arguments
 
+    use_ray_arguments(args)
     try:
         if args.resume:
             target = args.recipe
             if target and Path(target).expanduser().is_dir():
-                compare_dir = str(Path(target).expanduser().resolve())
+                # Absolute but not resolved: the state guard must see a symbolic link to refuse it.
+                compare_dir = os.path.abspath(os.path.expanduser(target))
             elif target:
                 base = load_config(target, list(args.overrides))
                 variants = parse_methods(args.methods)
@@ -881,7 +1021,8 @@ def run(args: argparse.Namespace) -> int:
                 print("we-dist compare --resume: give the comparison directory (or the recipe and --name)",
                       file=sys.stderr)
                 return 2
-            outcome = resume_compare(compare_dir, address=args.address, num_cpus=args.num_cpus)
+            outcome = resume_compare(compare_dir, address=args.address, num_cpus=args.num_cpus,
+                                     trust_state=args.trust_state)
         else:
             if not args.recipe:
                 print("we-dist compare: give a recipe, e.g. we-dist compare recipes/demo.yaml --methods none,we "

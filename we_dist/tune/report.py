@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Mapping, Sequence, TextIO
 
 from ray.tune import Callback
 
@@ -53,21 +53,31 @@ def short_key(key: str, keys: Sequence[str]) -> str:
     return key
 
 
-def _fmt(value: Any) -> str:
+def display_value(value: Any) -> str:
+    """A value as the console shows it: a float to 4 significant digits (``0.1956``, not
+    ``0.19562513565326956``; files keep the exact value), lists item by item, None as ``-``."""
     if value is None:
         return "-"
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
         return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(display_value(v) for v in value) + "]"
     return str(value)
+
+
+def display_config(config: Mapping[str, Any]) -> str:
+    """``key=value, ...`` for the console, values by :func:`display_value`."""
+    return ", ".join(f"{k}={display_value(v)}" for k, v in config.items())
+
 
 
 def render_table(rows: Sequence[TrialRow], keys: Sequence[str], metric: str, max_epochs: int) -> str:
     """A fixed-width table: trial, status, swept values, epochs, last and best metric."""
     headers = ["trial", "status"] + [short_key(k, keys) for k in keys] + ["epochs", metric, f"best {metric}"]
-    body = [[r.trial_id, r.status(max_epochs)] + [_fmt(r.config.get(k)) for k in keys]
-            + [f"{r.epochs_done}/{max_epochs}", _fmt(r.metric), _fmt(r.best_metric)] for r in rows]
+    body = [[r.trial_id, r.status(max_epochs)] + [display_value(r.config.get(k)) for k in keys]
+            + [f"{r.epochs_done}/{max_epochs}", display_value(r.metric), display_value(r.best_metric)] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in body)) if body else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
     lines.append("  ".join("-" * w for w in widths))
@@ -159,16 +169,26 @@ def trial_row(trial: Any, keys: Sequence[str], metric: str, mode: str) -> TrialR
 
 class LiveTable(Callback):
     """Tune callback: prints the trial table when a trial starts, reports or ends
-    (at most every ``min_interval_s`` seconds, except for starts and ends)."""
+    (at most every ``min_interval_s`` seconds, except for starts and ends).
+
+    ``total``: how many trials the experiment has in all (Tune creates them as it goes, so its
+    list holds only those started so far); ``kind``: ``"sweep"`` (its trials) or
+    ``"comparison"`` (its runs), for the status line."""
+
+    total: int | None = None     # class defaults: a LiveTable pickled before these existed resumes
+    kind: str = "sweep"
 
     def __init__(self, keys: Sequence[str], metric: str, mode: str, max_epochs: int,
-                 min_interval_s: float = 10.0, stream: TextIO | None = None) -> None:
+                 min_interval_s: float = 10.0, stream: TextIO | None = None, total: int | None = None,
+                 kind: str = "sweep") -> None:
         self.keys = list(keys)
         self.metric = metric
         self.mode = mode
         self.max_epochs = max_epochs
         self.min_interval_s = min_interval_s
         self.stream = stream
+        self.total = total
+        self.kind = kind
         self._last = 0.0
 
     # Tune pickles its run config (and so this callback) into the experiment state for
@@ -185,12 +205,21 @@ class LiveTable(Callback):
         if not force and now - self._last < self.min_interval_s:
             return
         self._last = now
-        done = sum(t.status == "TERMINATED" for t in trials)
-        running = sum(t.status == "RUNNING" for t in trials)
         stream = self.stream or sys.stdout
-        print(f"\n[we_dist] sweep: {len(trials)} trials, {running} running, {done} done "
-              f"({time.strftime('%H:%M:%S')})\n" + render_table(self.rows(trials), self.keys, self.metric,
-                                                                self.max_epochs), file=stream, flush=True)
+        print(f"\n[we_dist] {self.status_line(trials)} ({time.strftime('%H:%M:%S')})\n"
+              + render_table(self.rows(trials), self.keys, self.metric, self.max_epochs), file=stream, flush=True)
+
+    def status_line(self, trials: Sequence[Any]) -> str:
+        """``sweep: 6 trials, 2 running, 3 done, 1 waiting`` (a comparison counts runs): every
+        trial of the experiment, not only those Tune has created so far."""
+        noun = "run" if self.kind == "comparison" else "trial"
+        total = max(self.total or 0, len(trials))
+        counts = {"running": sum(t.status == "RUNNING" for t in trials),
+                  "done": sum(t.status == "TERMINATED" for t in trials),
+                  "failed": sum(t.status == "ERROR" for t in trials)}
+        counts["waiting"] = total - sum(counts.values())
+        shown = [f"{n} {word}" for word, n in counts.items() if n or word in ("running", "done")]
+        return f"{self.kind}: {total} {noun}{'' if total == 1 else 's'}, " + ", ".join(shown)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._print(trials, force=True)

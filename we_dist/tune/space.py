@@ -19,6 +19,11 @@ keys (any key of :class:`~we_dist.config.Config`)::
     scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # or none
     max_concurrent_trials: 2            # default: what the cluster fits
     storage_path: ~/we_dist_runs        # default: the recipe's checkpoint.storage_path
+    objective: {paired_with: none, seeds: [0, 1]}   # optional: score the gain over a baseline
+
+With ``objective``, a trial is scored by its paired gain over the baseline method on the same
+search seeds (same initial weights, sample order and crops, as ``we-dist compare`` pairs them),
+not by the raw metric: see :class:`SweepSpec` and ``tunes/README.md``.
 
 Distributions: ``uniform``/``loguniform`` ``[low, high]``, ``quniform`` ``[low, high, q]``,
 ``randint`` ``[low, high]`` (high exclusive), ``choice`` ``[v, ...]`` (sampled) and
@@ -61,8 +66,10 @@ KNOWN_METRICS = ("val/top1", "val/top5", "val/loss", "train/loss", "train/top1")
 KNOWN_METRIC_PREFIXES = ("throughput/", "time/")
 
 TOP_LEVEL_KEYS = ("name", "base_recipe", "overrides", "search_space", "metric", "mode", "num_samples",
-                  "search", "scheduler", "max_concurrent_trials", "storage_path")
+                  "search", "scheduler", "max_concurrent_trials", "storage_path", "objective")
 SCHEDULER_KEYS = ("name", "grace_period", "reduction_factor", "max_t")
+OBJECTIVE_KEYS = ("paired_with", "seeds")
+GAIN_PREFIX = "gain/"                # a paired sweep's Tune metric: gain/<metric>
 
 # Keys a `search_space: default` sweeps: WE's hyperparameters and the learning rate
 # (the LR range is centred on the base recipe's, see :func:`default_space`).
@@ -202,6 +209,27 @@ class SweepSpec:
     max_concurrent_trials: int | None
     storage_path: str                    # absolute or remote; the sweep lives in <storage_path>/<name>
     base_config: Config = field(repr=False)
+    # A paired objective: each trial trains its setting once per search seed, and the metric
+    # Tune sees (``metric``, then ``gain/<compared metric>``) is its gain over the method
+    # ``paired_with`` trained on the same seeds (once per seed, before the trials).
+    paired_with: str = ""
+    seeds: tuple[int, ...] = ()
+
+    @property
+    def paired(self) -> bool:
+        """Whether trials are scored by their gain over a baseline (``objective:`` given)."""
+        return bool(self.paired_with)
+
+    @property
+    def compared_metric(self) -> str:
+        """What the workers report and the gain is taken of (``val/top1`` for ``gain/val/top1``)."""
+        return self.metric[len(GAIN_PREFIX):] if self.paired else self.metric
+
+    @property
+    def trial_epochs(self) -> int:
+        """Epochs a trial trains when it runs to the end: the recipe's, once per search seed
+        (Tune's time axis ``epochs_done`` counts across a paired trial's seeds)."""
+        return self.base_config.schedule.epochs * max(1, len(self.seeds))
 
     @property
     def sweep_dir(self) -> str:
@@ -230,6 +258,7 @@ class SweepSpec:
             "scheduler": {"name": self.scheduler.name, "grace_period": self.scheduler.grace_period,
                           "reduction_factor": self.scheduler.reduction_factor, "max_t": self.scheduler.max_t},
             "max_concurrent_trials": self.max_concurrent_trials, "storage_path": self.storage_path,
+            **({"objective": {"paired_with": self.paired_with, "seeds": list(self.seeds)}} if self.paired else {}),
         }
 
 
@@ -270,7 +299,7 @@ def _split_cli(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     for text in overrides:
         key, value = parse_override(text)
         head = key.split(".", 1)[0]
-        if key in settable or (head == "scheduler" and "." in key):
+        if key in settable or (head in ("scheduler", "objective") and "." in key):
             sweep[key] = value
         else:
             config.append(text)
@@ -291,7 +320,11 @@ def load_sweep(path: str | os.PathLike[str], cli_overrides: Sequence[str] = ()) 
 
     cli_sweep, cli_config = _split_cli(cli_overrides)
     for key, value in cli_sweep.items():
-        if key.startswith("scheduler."):
+        if key.startswith("objective."):
+            objective = raw.get("objective")
+            raw["objective"] = dict(objective) if isinstance(objective, dict) else {}
+            raw["objective"][key.split(".", 1)[1]] = value
+        elif key.startswith("scheduler."):
             sched = raw.get("scheduler")
             if not isinstance(sched, dict):
                 sched = {"name": sched} if isinstance(sched, str) else {}
@@ -334,6 +367,9 @@ def load_sweep(path: str | os.PathLike[str], cli_overrides: Sequence[str] = ()) 
         raise SweepError(f"{p}: metric {metric!r} is not reported by the workers; use one of "
                          f"{', '.join(KNOWN_METRICS)} (or a time/, throughput/ or <method>/ metric)")
     mode = raw.get("mode", "min" if metric.endswith("loss") else "max")
+    paired_with, seeds = _parse_objective(p, raw.get("objective"), space)
+    if paired_with:
+        metric = GAIN_PREFIX + metric           # what Tune, ASHA and the report rank trials by
     if mode not in MODES:
         raise SweepError(f"{p}: mode must be one of {list(MODES)}, got {mode!r}")
     num_samples = raw.get("num_samples", 1)
@@ -352,7 +388,7 @@ def load_sweep(path: str | os.PathLike[str], cli_overrides: Sequence[str] = ()) 
         if bad:
             raise SweepError(f"{p}: search: optuna cannot take grid values ({', '.join(bad)}); use choice instead")
 
-    scheduler = _parse_scheduler(p, raw.get("scheduler", "none"), base)
+    scheduler = _parse_scheduler(p, raw.get("scheduler", "none"), base, max(1, len(seeds)))
     mct = raw.get("max_concurrent_trials")
     if mct is not None and (isinstance(mct, bool) or not isinstance(mct, int) or mct < 1):
         raise SweepError(f"{p}: max_concurrent_trials must be an integer >= 1 (or left out), got {mct!r}")
@@ -365,7 +401,36 @@ def load_sweep(path: str | os.PathLike[str], cli_overrides: Sequence[str] = ()) 
 
     return SweepSpec(name=name, source=str(p.resolve()), base_recipe=str(recipe), overrides=overrides, space=space,
                      metric=metric, mode=mode, num_samples=num_samples, search=search, scheduler=scheduler,
-                     max_concurrent_trials=mct, storage_path=storage_root(storage), base_config=base)
+                     max_concurrent_trials=mct, storage_path=storage_root(storage), base_config=base,
+                     paired_with=paired_with, seeds=seeds)
+
+
+def _parse_objective(p: Path, raw: Any, space: tuple[Dimension, ...]) -> tuple[str, tuple[int, ...]]:
+    """``objective: {paired_with: none, seeds: [0, 1]}`` -> (``"none"``, ``(0, 1)``); absent: ``("", ())``."""
+    if raw is None:
+        return "", ()
+    if not isinstance(raw, dict):
+        raise SweepError(f"{p}: objective must be a mapping like {{paired_with: none, seeds: [0, 1]}}, got {raw!r}")
+    for key in raw:
+        if key not in OBJECTIVE_KEYS:
+            raise SweepError(f"{p}: unknown key objective.{key}{did_you_mean(str(key), OBJECTIVE_KEYS)}; "
+                             f"allowed: {', '.join(OBJECTIVE_KEYS)}")
+    baseline = raw.get("paired_with", "none")
+    if baseline not in known_names():
+        raise SweepError(f"{p}: objective.paired_with must be a method ({', '.join(sorted(known_names()))}), "
+                         f"got {baseline!r}")
+    seeds = raw.get("seeds")
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise SweepError(f"{p}: objective.seeds must be a non-empty list of seeds (integers >= 0), got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise SweepError(f"{p}: objective.seeds has repeated seeds: {seeds}")
+    if any(d.key == "seed" for d in space):
+        raise SweepError(f"{p}: search_space.seed: a paired objective trains every trial on objective.seeds; "
+                         f"do not sweep the seed")
+    return str(baseline), tuple(seeds)
 
 
 def _check_space_against_config(p: Path, base: Config, space: tuple[Dimension, ...]) -> None:
@@ -386,7 +451,9 @@ def _check_space_against_config(p: Path, base: Config, space: tuple[Dimension, .
                 raise SweepError(f"{p}: search_space.{d.key} {d.describe()}: value {value!r} is refused: {exc}") from None
 
 
-def _parse_scheduler(p: Path, raw: Any, base: Config) -> SchedulerSpec:
+def _parse_scheduler(p: Path, raw: Any, base: Config, seeds: int = 1) -> SchedulerSpec:
+    """``scheduler:``; its epochs count across a paired trial's ``seeds`` runs (Tune's time
+    axis): ``max_t`` defaults to and may not exceed ``schedule.epochs * seeds``."""
     if raw is None or raw == "none":
         return SchedulerSpec()
     if isinstance(raw, str):
@@ -405,7 +472,7 @@ def _parse_scheduler(p: Path, raw: Any, base: Config) -> SchedulerSpec:
         raise SweepError(f"{p}: scheduler.name must be one of {list(SCHEDULERS)}, got {name!r}")
     if name == "none":
         return SchedulerSpec()
-    epochs = base.schedule.epochs
+    epochs = base.schedule.epochs * seeds
     max_t = raw.get("max_t", epochs)
     grace = raw.get("grace_period", 1)
     rf = raw.get("reduction_factor", 2)
@@ -413,7 +480,8 @@ def _parse_scheduler(p: Path, raw: Any, base: Config) -> SchedulerSpec:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SweepError(f"{p}: scheduler.{key} must be an integer >= 1 (epochs), got {value!r}")
     if max_t > epochs:
-        raise SweepError(f"{p}: scheduler.max_t={max_t} is more than the trials' schedule.epochs={epochs}")
+        what = f"schedule.epochs={epochs}" if seeds == 1 else f"epochs ({base.schedule.epochs} x {seeds} seeds = {epochs})"
+        raise SweepError(f"{p}: scheduler.max_t={max_t} is more than the trials' {what}")
     if grace > max_t:
         raise SweepError(f"{p}: scheduler.grace_period={grace} must be <= max_t={max_t}")
     if not _is_number(rf) or rf <= 1:

@@ -25,10 +25,16 @@ What happens, in order:
 4. at the end (or on Ctrl-C) the parent run gets the results table, the best trial as a
    ready-to-run recipe (also written to ``<sweep dir>/best.yaml``) and a plot of the
    metric against each swept key, and the console prints the best trial and the command
-   that trains it.
+   that trains it. The parent's own metrics are what its charts in MLflow show before it is
+   expanded (:func:`report_to_parent`): the best trial's ``train/*`` and ``val/*`` curves per
+   epoch, each ended trial's metric at step = its number (``sweep/<metric>``) and the best
+   value (``best/<metric>``); how many trials finished, stopped early or failed are tags.
 
 State lives in ``<storage_path>/<name>``: Tune's experiment state, ``we_dist_sweep.json``
-(what ``--resume`` needs), the trials' Ray Train runs under ``train/`` and the reports.
+(what ``--resume`` needs), the trials' Ray Train runs under ``train/``, the reports and
+``we_dist_state.json``, the signed record of the files Ray unpickles on ``--resume``:
+``--resume`` refuses a folder whose state is not as this service left it, or that others
+could have written (:mod:`we_dist.tune.state_guard`; ``--trust-state`` overrides).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import tempfile
@@ -53,6 +60,12 @@ BEST_RECIPE = "best.yaml"
 KIND_TAG = "we_dist.kind"
 SWEEP_DIR_TAG = "we_dist.sweep_dir"
 EARLY_STOP_TAG = "we_dist.early_stopped"
+TRIALS_TAG = "we_dist.trials."           # + total, finished, stopped_early, error: the parent's counts
+BEST_TRIAL_TAG = "we_dist.best_trial"
+BEST_RUN_TAG = "we_dist.best_mlflow_run"
+BEST_CURVES_TAG = "we_dist.best_curves"
+CURVES = ("train/", "val/")              # the best trial's metrics the parent shows per epoch
+_BATCH = 1000                            # metrics per MLflow log_batch call (its limit)
 TRIAL_MEMORY = 64 * 2**20            # bytes of Ray's "memory" resource per trial (its driver function)
 
 
@@ -123,13 +136,16 @@ def spec_from_context(ctx: dict[str, Any]) -> SweepSpec:
                      overrides=s["overrides"], space=space, metric=s["metric"], mode=s["mode"],
                      num_samples=s["num_samples"], search=s["search"], scheduler=SchedulerSpec(**s["scheduler"]),
                      max_concurrent_trials=s["max_concurrent_trials"], storage_path=s["storage_path"],
-                     base_config=config_from_dict(ctx["base_config"]))
+                     base_config=config_from_dict(ctx["base_config"]),
+                     paired_with=(s.get("objective") or {}).get("paired_with", ""),
+                     seeds=tuple((s.get("objective") or {}).get("seeds", ())))
 
 
 def find_sweep_dir(target: str | None, overrides: list[str]) -> str:
     """The directory of the sweep to resume: given directly, via its sweep file, or the newest."""
     if target and (Path(target).expanduser().is_dir() or "://" in target):
-        path = target if "://" in target else str(Path(target).expanduser().resolve())
+        # Absolute but not resolved: the state guard must see a symbolic link to refuse it.
+        path = target if "://" in target else os.path.abspath(os.path.expanduser(target))
         if _read_text(f"{path}/{STATE_FILE}") is None:
             raise SweepError(f"{path} is not a sweep directory (no {STATE_FILE}); give the sweep file or its directory")
         return path
@@ -141,6 +157,26 @@ def find_sweep_dir(target: str | None, overrides: list[str]) -> str:
         raise SweepError(f"no sweep to resume in {root}; give the sweep file or its directory: "
                          f"we-dist tune --resume SWEEP.yaml")
     return str(found[-1].parent)
+
+
+# --- a paired objective: the baseline runs -------------------------------------------------
+
+
+def run_baselines(spec: SweepSpec, ctx: dict[str, Any]) -> None:
+    """A paired sweep's baseline (``objective.paired_with``) on each search seed, trained once,
+    one after another, before any trial (a finished one is read back, not trained again):
+    ``ctx["baseline"]`` becomes ``{seed: [metric per epoch]}``, saved with the sweep's state so
+    that the trials and a ``--resume`` read it. Nothing for an unpaired sweep."""
+    if not spec.paired or set(ctx.get("baseline") or {}) == {str(s) for s in spec.seeds}:
+        return
+    from we_dist.tune.trial import run_baseline
+
+    print(f"[we_dist] sweep {spec.name}: the baseline {spec.paired_with!r} on the {len(spec.seeds)} search seeds "
+          f"{list(spec.seeds)} first; each trial is scored by its gain over it on the same seeds", flush=True)
+    ctx["baseline"] = {str(seed): run_baseline(ctx, seed) for seed in spec.seeds}
+    _write_text(f"{spec.sweep_dir}/{STATE_FILE}", json.dumps(ctx, indent=2))
+    curves = ", ".join(f"seed {k}: {v[-1]:.4f}" for k, v in ctx["baseline"].items())
+    print(f"[we_dist] baseline {spec.compared_metric} at the last epoch: {curves}", flush=True)
 
 
 # --- building the Tuner ----------------------------------------------------------------------
@@ -200,6 +236,7 @@ def build_tuner(spec: SweepSpec, ctx: dict[str, Any], max_concurrent: int) -> An
     from ray import tune
 
     from we_dist.tune.report import LiveTable
+    from we_dist.tune.state_recorder import StateRecorder
 
     param_space = {d.key: d.to_tune() for d in spec.space}
     return tune.Tuner(
@@ -212,7 +249,10 @@ def build_tuner(spec: SweepSpec, ctx: dict[str, Any], max_concurrent: int) -> An
         ),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=spec.storage_path, verbose=0,
-            callbacks=[LiveTable(spec.keys, spec.metric, spec.mode, spec.base_config.schedule.epochs)],
+            callbacks=[LiveTable(spec.keys, spec.metric, spec.mode, spec.trial_epochs,
+                                 total=spec.num_trials(),
+                                 kind="comparison" if ctx.get("kind") == "compare" else "sweep"),
+                       StateRecorder()],
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
@@ -279,30 +319,71 @@ def _close_children(tracking_uri: str, parent_run_id: str, rows: list, max_epoch
             client.set_terminated(run.info.run_id, "KILLED")
 
 
+def _best_curves(client: Any, parent_run_id: str, best_run_id: str, again: bool) -> int:
+    """Copy the best trial's ``train/*`` and ``val/*`` series (its latest value per epoch) onto the
+    parent at the same steps: the parent's curves in the sweep's chart view. Steps the parent has
+    are skipped, unless ``again`` (the best trial changed since the last report: its values are
+    logged over the old ones, later, so they are the parent's). Returns how many were logged."""
+    from mlflow.entities import Metric
+
+    child = client.get_run(best_run_id)
+    now = int(time.time() * 1000)
+    batch = []
+    for key in sorted(k for k in child.data.metrics if k.startswith(CURVES)):
+        latest: dict[int, Any] = {}
+        for m in sorted(client.get_metric_history(best_run_id, key), key=lambda m: m.timestamp):
+            latest[m.step] = m
+        have = set() if again else {m.step for m in client.get_metric_history(parent_run_id, key)}
+        batch += [Metric(key, m.value, now, step) for step, m in sorted(latest.items()) if step not in have]
+    for start in range(0, len(batch), _BATCH):
+        client.log_batch(parent_run_id, metrics=batch[start:start + _BATCH])
+    return len(batch)
+
+
 def report_to_parent(spec: SweepSpec, rows: list, best: Any, best_yaml: str | None, tracking_uri: str,
                      parent_run_id: str, status: str) -> None:
-    """Results table, best recipe, plots and the best value, onto the parent run; then close it."""
+    """Results table, best recipe, plots and the parent's own metrics onto the parent run; then
+    close it.
+
+    The parent's metrics are what a sweep experiment's chart view shows while the parent is
+    collapsed: the best trial's ``train/*`` and ``val/*`` curves (:func:`_best_curves`; tag
+    ``we_dist.best_curves`` names the run they come from), ``sweep/<metric>``: each trial that
+    ended (finished or stopped early) at step = its number in trial order, and
+    ``best/<metric>`` (one step per report). The trial counts are tags
+    (``we_dist.trials.total``, ``.finished``, ``.stopped_early``, ``.error``), not charts."""
     from we_dist.tracking import RunLogger
     from we_dist.tracking.logger import metric_name
     from we_dist.tune.report import plot_metric_vs_key, render_table, results_csv
 
-    epochs = spec.base_config.schedule.epochs
+    epochs = spec.trial_epochs
     log = RunLogger(tracking_uri, parent_run_id, enabled=True)
     log.log_text(results_csv(rows, spec.keys, spec.metric, epochs), "results/trials.csv")
     log.log_text(render_table(rows, spec.keys, spec.metric, epochs) + "\n", "results/trials.txt")
     finished = [r for r in rows if r.status(epochs) == "finished"]
     stopped = [r for r in rows if r.status(epochs) == "stopped early"]
     client = _client(tracking_uri)
-    # One step per report (an interrupted sweep reports, then its resume reports again):
-    # the newest step is what MLflow shows as the run's value.
-    step = len(client.get_metric_history(parent_run_id, "trials/total"))
-    log.log_metrics({"trials/total": len(rows), "trials/finished": len(finished), "trials/stopped_early": len(stopped),
-                     "trials/error": sum(r.state == "ERROR" for r in rows)}, step=step)
+    log.set_tags({f"{TRIALS_TAG}total": len(rows), f"{TRIALS_TAG}finished": len(finished),
+                  f"{TRIALS_TAG}stopped_early": len(stopped), f"{TRIALS_TAG}error": sum(r.state == "ERROR" for r in rows)})
+    # A trial's value once it ended does not change; one still running at an interruption is
+    # logged by the report that sees it end. Rows are in trial order, new trials come last.
+    per_trial = metric_name(f"sweep/{spec.metric}")
+    for number, row in enumerate(rows):
+        if row.status(epochs) in ("finished", "stopped early") and row.metric is not None and math.isfinite(row.metric):
+            log.log_metrics({per_trial: row.metric}, step=number)
     if best is not None:
-        log.log_metrics({metric_name(f"best/{spec.metric}"): best.metric}, step=step)
-        log.set_tags({"we_dist.best_trial": best.trial_id, "we_dist.best_mlflow_run": best.mlflow_run_id})
+        best_key = metric_name(f"best/{spec.metric}")
+        # One step per report (an interrupted sweep reports, then its resume reports again):
+        # the newest step is what MLflow shows as the run's value.
+        step = len(client.get_metric_history(parent_run_id, best_key))
+        log.log_metrics({best_key: best.metric}, step=step)
+        before = client.get_run(parent_run_id).data.tags.get(BEST_RUN_TAG)
+        log.set_tags({BEST_TRIAL_TAG: best.trial_id, BEST_RUN_TAG: best.mlflow_run_id})
         for d in spec.space:
             log.set_tags({f"best.{d.key}": str(best.config.get(d.key))})
+        if best.mlflow_run_id:
+            _best_curves(client, parent_run_id, best.mlflow_run_id, again=bool(before) and before != best.mlflow_run_id)
+            log.set_tags({BEST_CURVES_TAG: f"train/* and val/* per epoch: those of the best trial {best.trial_id}, "
+                                           f"MLflow run {best.mlflow_run_id}"})
     if best_yaml is not None:
         log.log_text(best_yaml, f"best/{BEST_RECIPE}")
     with tempfile.TemporaryDirectory(prefix="we_dist_sweep_plots_") as tmp:
@@ -365,9 +446,9 @@ def load_trials(sweep_dir: str) -> list:
 
 
 def _finish(spec: SweepSpec, ctx: dict[str, Any]) -> SweepOutcome:
-    from we_dist.tune.report import pick_best, render_table
+    from we_dist.tune.report import display_config, pick_best, render_table
 
-    epochs = spec.base_config.schedule.epochs
+    epochs = spec.trial_epochs
     rows = sorted(_rows_from_trials(spec, load_trials(spec.sweep_dir)), key=lambda r: r.trial_id)
     interrupted = any(r.state not in ("TERMINATED", "ERROR") for r in rows) or len(rows) < spec.num_trials()
     uri, parent = ctx.get("tracking_uri"), ctx.get("parent_run_id")
@@ -385,8 +466,8 @@ def _finish(spec: SweepSpec, ctx: dict[str, Any]) -> SweepOutcome:
     print(f"\n[we_dist] sweep {spec.name} {'interrupted' if interrupted else 'done'}: {len(rows)} trials\n"
           + render_table(rows, spec.keys, spec.metric, epochs), flush=True)
     if best is not None:
-        print(f"[we_dist] best trial {best.trial_id}: {spec.metric} {best.metric:.4f} with "
-              + ", ".join(f"{k}={best.config.get(k)}" for k in spec.keys), flush=True)
+        print(f"[we_dist] best trial {best.trial_id}: {spec.metric} {best.metric:.4f} with "   # exact in best.yaml
+              + display_config({k: best.config.get(k) for k in spec.keys}), flush=True)
         print(f"[we_dist] train it: we-dist train {shlex.quote(best_path)}", flush=True)
     if uri and parent:
         print(f"[we_dist] MLflow: parent run {parent} in {uri} (view: mlflow ui --backend-store-uri {uri} "
@@ -398,6 +479,15 @@ def _finish(spec: SweepSpec, ctx: dict[str, Any]) -> SweepOutcome:
                         parent_run_id=parent or None, tracking_uri=uri, interrupted=interrupted)
 
 
+def needs_dashboard(spec: SweepSpec) -> bool:
+    """Whether the local Ray of this sweep needs its dashboard (on 127.0.0.1): when a scheduler
+    stops trials early (ASHA). Ray Train frees a stopped trial's workers through the state API,
+    which the dashboard serves; without it the workers stay reserved, and on a machine that fits
+    one trial at a time the next trial waits for them until Ray Train gives up
+    (``WorkerGroupStartupTimeoutError``, over and over)."""
+    return spec.scheduler.name == "asha"
+
+
 def _prepare(spec: SweepSpec, address: str | None, num_cpus: float | None = None) -> tuple[str | None, int]:
     """Check data, tracking and cluster (before anything is created); returns (URI, concurrency)."""
 
@@ -406,10 +496,38 @@ def _prepare(spec: SweepSpec, address: str | None, num_cpus: float | None = None
     probe = resolve_paths(spec.base_config.override({"name": f"{spec.name}-preflight",
                                                      "checkpoint.storage_path": f"{spec.sweep_dir}/train"}))
     tracking_uri, _ = preflight(probe)
-    connect_ray(address, num_cpus)
+    from we_dist.train.schedules import schedule_warnings
+
+    for line in schedule_warnings(probe.schedule):   # a searched schedule.* is checked per trial
+        print(f"[we_dist] warning: {line}", file=sys.stderr, flush=True)
+    connect_ray(address, num_cpus, dashboard=True if needs_dashboard(spec) else None)
     check_resources(probe)
     mct = spec.max_concurrent_trials or default_concurrency(probe)
     return tracking_uri, mct
+
+
+def check_state_key() -> None:
+    """The per-user key that signs the sweep's state (made if missing), checked before a
+    sweep starts: a key that cannot be used would only show at the next ``--resume``."""
+    from we_dist.train.driver import PreflightError
+    from we_dist.tune.state_guard import StateGuardError, load_key
+
+    try:
+        load_key(create=True)
+    except StateGuardError as exc:
+        raise PreflightError(str(exc)) from None
+
+
+def guard_state(experiment_dir: str, kind: str, trust_state: bool) -> None:
+    """Before Ray reads ``experiment_dir`` on ``--resume``: its state is the one this service
+    signed and nobody else could write it (:func:`we_dist.tune.state_guard.guard_resume`)."""
+    from we_dist.train.driver import PreflightError
+    from we_dist.tune.state_guard import StateGuardError, guard_resume
+
+    try:
+        guard_resume(experiment_dir, kind, trust_state)
+    except StateGuardError as exc:
+        raise PreflightError(str(exc)) from None
 
 
 def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: float | None = None) -> SweepOutcome:
@@ -421,6 +539,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: float | Non
     if _read_text(f"{spec.sweep_dir}/{STATE_FILE}") is not None or Tuner.can_restore(spec.sweep_dir):
         raise PreflightError(f"sweep {spec.name!r} already exists in {spec.sweep_dir}; continue it with "
                              f"`we-dist tune --resume {spec.sweep_dir}` or start another with name=...")
+    check_state_key()
     tracking_uri, mct = _prepare(spec, address, num_cpus)
     parent = open_parent(spec, tracking_uri) if tracking_uri else None
     ctx = sweep_context(spec, parent, tracking_uri)
@@ -428,7 +547,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: float | Non
     print(f"[we_dist] sweep {spec.name}: {spec.num_trials()} trials of {spec.base_config.scaling.num_workers} workers, "
           f"search {spec.search}, scheduler {spec.scheduler.name}, at most {mct} at once; metric {spec.metric} "
           f"({spec.mode}); in {spec.sweep_dir}" + (f"; MLflow parent run {parent}" if parent else ""), flush=True)
+    from we_dist.tune.state_guard import try_write_record
+
     try:
+        run_baselines(spec, ctx)
         tuner = build_tuner(spec, ctx, mct)
         tuner.fit()   # the outcome is read back from the saved experiment state
     except BaseException as exc:
@@ -437,31 +559,44 @@ def run_sweep(spec: SweepSpec, address: str | None = None, num_cpus: float | Non
 
             finish_run(tracking_uri, parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+    finally:
+        try_write_record(spec.sweep_dir)      # what Tune saved last, signed for --resume
     return _finish(spec, ctx)
 
 
-def resume_sweep(sweep_dir: str, address: str | None = None, num_cpus: float | None = None) -> SweepOutcome:
+def resume_sweep(sweep_dir: str, address: str | None = None, num_cpus: float | None = None,
+                 trust_state: bool = False) -> SweepOutcome:
     """Continue the sweep in ``sweep_dir``: finished trials stay as they are, unfinished ones
-    resume from their last epoch checkpoint, and the remaining samples run."""
+    resume from their last epoch checkpoint, and the remaining samples run.
+
+    First of all, before Ray reads anything there, :func:`guard_state` (``trust_state``:
+    ``--trust-state``, a failed check only warns)."""
     from ray.tune import Tuner
 
     from we_dist.train.driver import PreflightError
+    from we_dist.tune.state_guard import try_write_record
 
+    guard_state(sweep_dir, "sweep", trust_state)
     text = _read_text(f"{sweep_dir}/{STATE_FILE}")
     if text is None:
         raise PreflightError(f"{sweep_dir} has no {STATE_FILE}: not a we-dist sweep (or it never started)")
     ctx = json.loads(text)
     spec = spec_from_context(ctx)
-    if not Tuner.can_restore(sweep_dir):
+    restorable = Tuner.can_restore(sweep_dir)
+    if not restorable and not spec.paired:
         raise PreflightError(f"sweep {spec.name!r} in {sweep_dir} has no Tune experiment state to resume "
                              f"(it was stopped before its first trial); start it again without --resume")
-    _prepare(spec, address, num_cpus)
+    _, mct = _prepare(spec, address, num_cpus)
     uri, parent = ctx.get("tracking_uri"), ctx.get("parent_run_id")
     if uri and parent:
         _client(uri).update_run(parent, status="RUNNING")
     print(f"[we_dist] resuming sweep {spec.name} from {sweep_dir}", flush=True)
-    tuner = Tuner.restore(sweep_dir, trainable=_trainable(ctx), resume_unfinished=True, resume_errored=False)
     try:
+        run_baselines(spec, ctx)     # a paired sweep stopped before its trials: its baselines first
+        if restorable:
+            tuner = Tuner.restore(sweep_dir, trainable=_trainable(ctx), resume_unfinished=True, resume_errored=False)
+        else:
+            tuner = build_tuner(spec, ctx, spec.max_concurrent_trials or mct)
         tuner.fit()   # the outcome is read back from the saved experiment state
     except BaseException as exc:
         if uri and parent:
@@ -469,6 +604,8 @@ def resume_sweep(sweep_dir: str, address: str | None = None, num_cpus: float | N
 
             finish_run(uri, parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+    finally:
+        try_write_record(sweep_dir)
     return _finish(spec, ctx)
 
 
@@ -484,21 +621,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "overrides (scaling.num_workers=2)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted sweep without re-running its finished trials")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
-    parser.add_argument("--num-cpus", type=float, default=None,
-                        help="logical CPUs of the local Ray this command starts (default: the machine's cores)")
+    add_trust_argument(parser, "sweep")
+    from we_dist.train.driver import add_ray_arguments
+
+    add_ray_arguments(parser, num_cpus=True)
+    # Overrides may follow the options too, as in `we-dist compare` and `train`.
+    parser.parse_args = parser.parse_intermixed_args  # type: ignore[method-assign]
+
+
+def add_trust_argument(parser: argparse.ArgumentParser, kind: str) -> None:
+    """``--trust-state`` (tune and compare)."""
+    parser.add_argument("--trust-state", action="store_true",
+                        help=f"with --resume: resume even when the {kind}'s folder fails the state check (no or a "
+                             f"bad signed record, files changed since we-dist saved them, writable by others). "
+                             f"Ray then unpickles whatever the folder holds, which runs any code in it: only for a "
+                             f"folder you trust (e.g. one made before the check existed, or after a kill -9)")
 
 
 def run(args: argparse.Namespace) -> int:
     """`we-dist tune`: exit 0 when done, 2 on a bad sweep or environment, 130 when interrupted."""
     from we_dist.tracking import TrackingError
-    from we_dist.train.driver import PreflightError
+    from we_dist.train.driver import PreflightError, use_ray_arguments
 
+    use_ray_arguments(args)
     try:
         if args.resume:
             outcome = resume_sweep(find_sweep_dir(args.sweep, list(args.overrides)), address=args.address,
-                                   num_cpus=args.num_cpus)
+                                   num_cpus=args.num_cpus, trust_state=args.trust_state)
         else:
             if not args.sweep:
                 print("we-dist tune: give a sweep file, e.g. we-dist tune tunes/demo_digits.yaml "
@@ -509,4 +658,8 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, PreflightError, TrackingError) as exc:
         print(f"we-dist tune: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:      # Ctrl-C during a paired sweep's baseline runs (Tune handles its own)
+        print("[we_dist] sweep interrupted; continue it with: we-dist tune --resume "
+              + (shlex.quote(args.sweep) if args.sweep else ""), flush=True)
+        return 130
     return 130 if outcome.interrupted else 0
