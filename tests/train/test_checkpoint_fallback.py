@@ -1,7 +1,8 @@
 """A broken latest checkpoint does not block a run (issue 9, item 3): the resume falls back
 to the newest checkpoint that verifies, says which and why, deletes nothing, and Ray's own
-checkpoint list is set aside when it names a broken one. A run whose checkpoints all fail
-is refused with exit 2, and its FINISHED MLflow run stays FINISHED.
+checkpoint list is set aside when it names a broken one; the epochs it redoes replace the
+discarded ones in MLflow (issue 9, item 4). A run whose checkpoints all fail is refused with
+exit 2, and its FINISHED MLflow run stays FINISHED.
 
 The unit tests write real checkpoints with :func:`save_state`; the end-to-end test runs the
 real `we-dist train` on a real local Ray, digits `.beton` files and a SQLite MLflow store.
@@ -104,35 +105,50 @@ def _train(tmp_path: Path, digits, *extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_we_dist_train_resumes_past_a_corrupt_checkpoint_and_refuses_an_unreadable_run(tmp_path, digits_betons):
+def test_we_dist_train_resumes_past_a_corrupt_checkpoint_replaces_the_redone_epochs_and_refuses_an_unreadable_run(
+        tmp_path, digits_betons):
+    """Epochs 0-2 are trained and logged; epoch 2's checkpoint is then corrupt, so the next run
+    (4 epochs, another LR) falls back to epoch 1's and redoes epoch 2: MLflow's latest value at
+    step 2 is the redone one (the discarded one is kept, older, and named in a tag). Then a
+    finished run with another config is refused, and so is a run whose checkpoints all fail."""
     from mlflow.tracking import MlflowClient
 
-    first = _train(tmp_path, digits_betons, "schedule.epochs=2")
+    first = _train(tmp_path, digits_betons, "schedule.epochs=3")
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "runs" / "fb"
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs(client.get_experiment_by_name("we_dist_demo").experiment_id)
     assert run.info.status == "FINISHED"
-    _truncate(run_dir / "epoch_0001" / "state.pt")
+    old = {m.step: m for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert sorted(old) == [0, 1, 2]
+    _truncate(run_dir / "epoch_0002" / "state.pt")
 
-    second = _train(tmp_path, digits_betons, "schedule.epochs=3")
+    second = _train(tmp_path, digits_betons, "schedule.epochs=4", "optim.lr=0.02")
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-3000:]
-    assert "skipped checkpoint" in out and "epoch_0001 is corrupt" in out
-    assert f"resuming from {run_dir / 'epoch_0000'}" in out
-    assert "continuing at epoch 1" in out                                   # epoch 1 redone
-    # epoch_0000 predates Ray's fresh list, so Ray never deletes it (nothing good is ever deleted).
-    assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0000", "epoch_0001", "epoch_0002"]
+    assert "skipped checkpoint" in out and "epoch_0002 is corrupt" in out
+    assert f"resuming from {run_dir / 'epoch_0001'}" in out
+    assert "continuing at epoch 2" in out                                   # epoch 2 redone
+    assert "logged again from the resumed checkpoint" in out
+    # epoch_0001 predates Ray's fresh list, so Ray never deletes it (nothing good is ever deleted).
+    assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0001", "epoch_0002", "epoch_0003"]
     assert list(run_dir.glob(f"{RAY_SNAPSHOT}.set-aside-*"))
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    values = sorted((m for m in history if m.step == 2), key=lambda m: m.timestamp)
+    assert len(values) == 2 and values[0].value == old[2].value            # the discarded one, kept but older
+    assert values[-1].value != old[2].value                                 # the redone one (another LR) is latest
+    assert len([m for m in history if m.step == 1]) == 1                    # kept epochs are not re-sent
+    assert [m.step for m in history if m.step == 3] == [3]
+    assert "we_dist.discarded_epochs" in client.get_run(run.info.run_id).data.tags
 
     # The finished run again with another config: refused, not "already completed".
-    changed = _train(tmp_path, digits_betons, "schedule.epochs=3", "optim.lr=0.05")
-    assert changed.returncode == 2 and "optim.lr: 0.1 -> 0.05" in changed.stderr, changed.stderr[-2000:]
+    changed = _train(tmp_path, digits_betons, "schedule.epochs=4", "optim.lr=0.05")
+    assert changed.returncode == 2 and "optim.lr: 0.02 -> 0.05" in changed.stderr, changed.stderr[-2000:]
     assert "another config" in changed.stderr
 
     for state in run_dir.glob("epoch_*/state.pt"):
         _truncate(state)
-    third = _train(tmp_path, digits_betons, "schedule.epochs=4")
+    third = _train(tmp_path, digits_betons, "schedule.epochs=5", "optim.lr=0.02")
     assert third.returncode == 2, third.stdout[-2000:] + third.stderr[-2000:]
     assert "cannot resume" in third.stderr and "Nothing was changed" in third.stderr
     assert client.get_run(run.info.run_id).info.status == "FINISHED"       # a refusal flips nothing

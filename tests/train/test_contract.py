@@ -4,24 +4,19 @@ on), resume into the pruned shape after a crash, and phases with their own LR.""
 
 from __future__ import annotations
 
-import os
+import sys
 from pathlib import Path
 
 import torch
 
-from we_dist.config import load_config
 from we_dist.methods.base import Method
 from we_dist.methods.registry import create_method, register_method
 from we_dist.train.checkpoint import load_state
 from we_dist.train.events import Callback
-from we_dist.train.loop import run_training
-from we_dist.train.session import TorchrunSession
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class Crash(RuntimeError):
-    """Raised by a test method to stop a run the way a killed worker would."""
+sys.path.insert(0, str(ROOT / "tests" / "methods"))   # the loop tier's harness, shared with the method tests
+from loop_harness import loop_cfg, train  # noqa: E402
 
 
 @register_method
@@ -74,27 +69,16 @@ class RecordingMethod(Method):
         self.calls.append(("on_last_epoch_end", ctx.epoch, len(shapes), shapes[0] == ctx.input_shape))
 
 
-def digits_config(tmp_path, digits, name, *overrides):
-    train_path, val_path = digits
-    return load_config(ROOT / "recipes" / "demo.yaml", [
-        f"name={name}", f"data.train_path={train_path}", f"data.val_path={val_path}",
-        f"checkpoint.storage_path={tmp_path / 'runs'}", "tracking.enabled=false", "train.progress=false",
-        "train.check_replicas=true", "train.accounting_repeats=1", "schedule.milestones=[]",
-        "schedule.warmup_epochs=0", *overrides])
-
-
-def _run(rank, world, cfg, root):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+def _run(rank, world, cfg, root, loaders):
     method = create_method(cfg)   # handed to the loop, so the test can read what it recorded
-    metrics = run_training(cfg, TorchrunSession(root), method=method)
+    metrics = train(rank, world, cfg, root, loaders, method=method)
     return {"metrics": metrics, "calls": getattr(method, "calls", None),
             "grads_ok": getattr(method, "saw_grads_before_step", None)}
 
 
-def test_hooks_are_called_in_the_documented_order(gloo, tmp_path, digits_betons):
-    cfg = digits_config(tmp_path, digits_betons, "order", "method.name=test_recorder", "schedule.epochs=2",
-                        "train.max_steps_per_epoch=3")
-    r0, r1 = gloo(_run, 2, cfg, str(tmp_path / "runs" / "order"))
+def test_hooks_are_called_in_the_documented_order(gloo, tmp_path, digits_memory):
+    cfg = loop_cfg(tmp_path, "order", "method.name=test_recorder", "schedule.epochs=2", "train.max_steps_per_epoch=3")
+    r0, r1 = gloo(_run, 2, cfg, tmp_path / "runs" / "order", digits_memory)
     calls = r0["calls"]
     assert calls[0] == ("prepare_model",)
     assert calls[1][0] == "param_groups"
@@ -111,27 +95,6 @@ def test_hooks_are_called_in_the_documented_order(gloo, tmp_path, digits_betons)
     assert r0["metrics"]["replicas/checksum_ok"] == 1.0
 
 
-def _slim_then_crash(rank, world, cfg, root, crash_epoch):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
-    from we_dist.methods.slimming import NetworkSlimmingMethod
-
-    original = NetworkSlimmingMethod.on_epoch_end
-
-    def on_epoch_end(self, ctx):
-        original(self, ctx)
-        if ctx.epoch == crash_epoch:
-            raise Crash(f"crash after epoch {ctx.epoch}")
-
-    NetworkSlimmingMethod.on_epoch_end = on_epoch_end
-    try:
-        run_training(cfg, TorchrunSession(root))
-    except Crash:
-        return "crashed"
-    finally:
-        NetworkSlimmingMethod.on_epoch_end = original
-    return "finished"
-
-
 class WatchStart(Callback):
     """What the loop trains once it resumed: the network's size at fit start."""
 
@@ -139,21 +102,22 @@ class WatchStart(Callback):
         self.params = sum(p.numel() for p in loop.model.parameters())
 
 
-def _resume(rank, world, cfg, root):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+def _resume(rank, world, cfg, root, loaders):
     watch = WatchStart()
-    metrics = run_training(cfg, TorchrunSession(root), callbacks=[watch])
+    metrics = train(rank, world, cfg, root, loaders, callbacks=[watch])
     return {"metrics": metrics, "params_at_resume": watch.params}
 
 
 def test_slimming_prunes_identically_and_a_crash_after_it_resumes_into_the_pruned_shape(gloo, tmp_path,
-                                                                                         digits_betons):
-    cfg = digits_config(tmp_path, digits_betons, "slim", "method.name=slim", "schedule.epochs=2",
-                        "schedule.name=constant", "optim.lr=0.05", "method.slim.percent=0.4",
-                        "method.slim.s=0.001", "method.slim.finetune_epochs=3", "method.slim.finetune_lr=0.02")
+                                                                                         digits_memory):
+    # Whole epochs (max_steps_per_epoch=0): the sparsity training must make channels removable
+    # and the fine-tuning must lower the loss.
+    cfg = loop_cfg(tmp_path, "slim", "train.max_steps_per_epoch=0", "method.name=slim", "schedule.epochs=2",
+                   "schedule.name=constant", "optim.lr=0.05", "method.slim.percent=0.4", "method.slim.s=0.001",
+                   "method.slim.finetune_epochs=3", "method.slim.finetune_lr=0.02", "train.export=true")
     root = str(tmp_path / "runs" / "slim")
-    # Sparsity epochs 0-1, pruning after epoch 1; then a crash after fine-tuning epoch 2.
-    assert gloo(_slim_then_crash, 2, cfg, root, 2) == ["crashed", "crashed"]
+    # Sparsity epochs 0-1, pruning after epoch 1; then a crash in fine-tuning epoch 2.
+    assert gloo(train, 2, cfg, root, digits_memory, 2) == ["crashed", "crashed"]
     pruned = load_state(Path(root) / "epoch_0001")
     before = load_state(Path(root) / "epoch_0000")
     n_before = sum(v.numel() for k, v in before["model"].items() if not k.endswith(("running_mean", "running_var",
@@ -167,7 +131,7 @@ def test_slimming_prunes_identically_and_a_crash_after_it_resumes_into_the_prune
         for tensor, shape in entry["shapes"].items():
             assert list(pruned["model"][f"{name}.{tensor}"].shape) == shape
 
-    r0, r1 = gloo(_resume, 2, cfg, root)
+    r0, r1 = gloo(_resume, 2, cfg, root, digits_memory)
     assert r0["params_at_resume"] == r1["params_at_resume"] == n_after
     m = r0["metrics"]
     assert m["epoch"] == 4 and m["replicas/checksum_ok"] == 1.0
@@ -182,21 +146,16 @@ def test_slimming_prunes_identically_and_a_crash_after_it_resumes_into_the_prune
     assert kept["epoch"] >= 1 and kept["architecture"] == pruned["architecture"]
 
 
-def _train_only(rank, world, cfg, root):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
-    return run_training(cfg, TorchrunSession(root))
-
-
 def test_the_runs_model_is_the_best_pruned_network_even_when_the_wider_one_scored_higher(gloo, tmp_path,
-                                                                                       digits_betons):
+                                                                                       digits_memory):
     """tracking.model_epoch=best chooses among the networks of the shape the run ends with: a
     pruning that costs accuracy (and a fine-tuning too short to win it back) must still leave the
     pruned network as the run's model, not the wider network of an earlier epoch."""
-    cfg = digits_config(tmp_path, digits_betons, "slimbest", "method.name=slim", "schedule.epochs=3",
-                        "schedule.name=constant", "optim.lr=0.05", "method.slim.percent=0.8",
-                        "method.slim.s=0.0001", "method.slim.finetune_epochs=1", "method.slim.finetune_lr=0.000001")
+    cfg = loop_cfg(tmp_path, "slimbest", "train.max_steps_per_epoch=0", "method.name=slim", "schedule.epochs=3",
+                   "schedule.name=constant", "optim.lr=0.05", "method.slim.percent=0.8", "method.slim.s=0.0001",
+                   "method.slim.finetune_epochs=1", "method.slim.finetune_lr=0.000001")
     root = str(tmp_path / "runs" / "slimbest")
-    gloo(_train_only, 2, cfg, root)
+    gloo(train, 2, cfg, root, digits_memory)
     history = load_state(Path(root) / "epoch_0003")["history"]
     top1 = [h["val/top1"] for h in history]
     change = next(i for i, h in enumerate(history) if "val/top1_before_change" in h)

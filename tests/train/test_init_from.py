@@ -54,16 +54,28 @@ def test_resolve_an_mlflow_run_id_through_its_logged_storage(tmp_path):
         resolve("0" * 32, uri)
 
 
+def test_looking_up_a_run_id_creates_no_store(tmp_path):
+    """A run id looked up where there is no store (the default sqlite:///mlflow.db of another
+    directory, a file store not there) is refused without MLflow creating an empty store."""
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    for uri in (f"sqlite:///{work / 'mlflow.db'}", (work / "mlruns").as_uri()):
+        with pytest.raises(InitFromError, match=f"there is no MLflow store at .*{work}"):
+            resolve("0" * 32, uri)
+    assert list(work.iterdir()) == []
+
+
 @pytest.mark.parametrize("architecture_only", [False, True])
-def test_training_starts_from_the_pruned_network(tmp_path, digits_betons, architecture_only):
+def test_training_starts_from_the_pruned_network(tmp_path, digits_memory, architecture_only):
     run, source = pruned_run(tmp_path / "base")
-    train, val = digits_betons
     cfg = load_config(ROOT / "recipes" / "demo.yaml", [
-        "name=child", f"data.train_path={train}", f"data.val_path={val}", "method.name=none",
+        "name=child", "method.name=none",
         f"model.init_from={run}", f"model.init_architecture_only={str(architecture_only).lower()}",
         "schedule.epochs=1", "schedule.milestones=[]", "train.max_steps_per_epoch=1", "optim.lr=0.0001",
         "train.progress=false", "tracking.enabled=false", "train.accounting_repeats=0", "train.export=false"])
-    run_training(cfg, TorchrunSession(str(tmp_path / "child")))
+    # One process, the real digits in memory (what is checked is the network the loop starts from).
+    run_training(cfg, TorchrunSession(str(tmp_path / "child")),
+                 loaders=digits_memory(cfg.data.batch_size, seed=cfg.seed))
     state = load_state(tmp_path / "child" / "epoch_0000")
     assert state["architecture"] == architecture.describe(source)          # the pruned shape
     full = create_model("small_cnn", 10).state_dict()

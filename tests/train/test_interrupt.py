@@ -34,8 +34,10 @@ def start_train(tmp_path: Path, digits, name: str) -> subprocess.Popen:
     cmd = [str(Path(sys.executable).with_name("we-dist")), "train", str(ROOT / "recipes" / "demo.yaml"),
            f"name={name}", f"data.train_path={train_path}", f"data.val_path={val_path}",
            f"checkpoint.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-           # Long enough that the run is still training when it is interrupted.
-           "train.progress=false", "schedule.epochs=40", "schedule.milestones=[30]"]
+           # Long enough that the run is still training when it is interrupted; short epochs, so
+           # the first checkpoint comes soon.
+           "train.progress=false", "schedule.epochs=60", "schedule.milestones=[50]", "train.max_steps_per_epoch=3",
+           "train.export=false"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}      # a local Ray of its own
     return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=open(tmp_path / "stdout.txt", "w"),
                             stderr=open(tmp_path / "stderr.txt", "w"), start_new_session=True)

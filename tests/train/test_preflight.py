@@ -92,3 +92,18 @@ def test_matching_labels_pass_preflight(tmp_path, digits_betons):
     cfg = resolve_paths(load_config(RECIPE, overrides(tmp_path, train, val, "name=fits", "tracking.enabled=false")))
     assert preflight(cfg) == (None, [])          # labels 0..9 and num_classes=10: accepted
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_missing_beton_is_named_with_the_convert_command_that_makes_it(tmp_path, digits_betons):
+    """`we-dist train` with a .beton that is not there: the key, the path, and the `we-dist
+    convert ... --out DIR` that would write it, DIR being the missing file's folder."""
+    from we_dist.train.driver import PreflightError
+
+    missing = tmp_path / "data" / "digits" / "train.beton"
+    cfg = resolve_paths(load_config(RECIPE, overrides(tmp_path, missing, digits_betons[1])))
+    with pytest.raises(PreflightError) as err:
+        preflight(cfg)
+    message = str(err.value)
+    assert message.startswith(f"data.train_path: {missing}: file not found")
+    assert f"`we-dist convert SOURCE --out {missing.parent}`" in message
+    assert nothing_written(tmp_path)

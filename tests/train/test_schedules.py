@@ -32,3 +32,14 @@ def test_warmup_ramps_linearly_and_never_reaches_zero():
     assert lr_factor(cfg, 1) == pytest.approx(0.5)
     assert lr_factor(cfg, 2) == 1.0
     assert all(math.isfinite(lr_factor(cfg, t / 10)) for t in range(100))
+
+
+def test_milestones_past_the_last_epoch_are_named():
+    from we_dist.train.schedules import schedule_warnings
+
+    assert schedule_warnings(ScheduleConfig(epochs=12, name="step", milestones=(6, 9))) == []
+    (line,) = schedule_warnings(ScheduleConfig(epochs=6, name="step", milestones=(6, 9)))
+    assert "schedule.milestones [6, 9]" in line and "schedule.epochs=6" in line and "stays at its peak" in line
+    (line,) = schedule_warnings(ScheduleConfig(epochs=8, name="step", milestones=(6, 9)))
+    assert "[9]" in line and "stays at its peak" not in line
+    assert schedule_warnings(ScheduleConfig(epochs=6, name="cosine", milestones=(6, 9))) == []

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 from we_dist.config import Config, ConfigError, load_config
 from we_dist.ports import free_port
+from we_dist.train import ray_logs
 from we_dist.train.checkpoint import completed_checkpoints, epoch_of
 from we_dist.train.checkpoint import CheckpointError, ResumePlan, plan_resume
 from we_dist.train.checkpoint import run_dir as checkpoint_run_dir
@@ -135,7 +136,7 @@ def _tracking_uri_for_lookup(cfg: Config) -> str | None:
 
 LOOPBACK = "127.0.0.1"
 # Set to 1 to keep Ray's Prometheus metrics export (and its agent's metrics collection)
-# on for a local run; it is off by default (see README, "Security").
+# on for a local run; it is off by default (see docs/security.md).
 RAY_METRICS_ENV = "WE_DIST_RAY_METRICS"
 
 
@@ -168,63 +169,148 @@ def _private_token() -> None:
         pass   # no token yet: Ray writes it under our umask
 
 
-def start_local_ray(num_cpus: float | None = None) -> None:
-    """Start a local Ray that listens on 127.0.0.1 only, with its dashboard on 127.0.0.1.
+# Set to 1 (or pass --dashboard) to start the Ray dashboard with a local Ray; off by default.
+RAY_DASHBOARD_ENV = "WE_DIST_RAY_DASHBOARD"
 
-    Ray Train frees the placement group of a stopped or failed run through the state
-    API, which needs the dashboard; ``RAY_API_SERVER_ADDRESS`` tells every process of the
-    job where it is, even when other Ray instances run on the machine. ``num_cpus`` may
-    exceed the cores (logical CPUs), e.g. to run two sweep trials side by side.
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes")
+
+
+def _token_auth() -> None:
+    """Token authentication on, as Ray 2.60 does by default for a local Ray (its token in
+    ``~/.ray/auth_token``), unless ``RAY_AUTH_MODE`` says otherwise: set explicitly, Ray does
+    not warn on every start that it turned it on."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import Config
+
+    Config.initialize("")   # Ray read its config when imported: read it again (as Ray itself does)
+
+
+def start_local_ray(num_cpus: float | None = None, dashboard: bool | None = None) -> None:
+    """Start a local Ray that listens on 127.0.0.1 only, ending with this process.
+
+    Only what a local run uses is started: no dashboard unless ``dashboard`` (``--dashboard``,
+    ``WE_DIST_RAY_DASHBOARD=1``), and no metrics export. The dashboard adds seconds to every
+    start and serves Ray's web UI and state API, which a local training run does not use (a
+    local Ray ends with its command). A sweep whose scheduler stops trials needs it: Ray Train's
+    placement-group cleaner frees a stopped trial's workers through the state API, and without
+    it they stay reserved and the next trial waits for CPUs that never come
+    (:func:`we_dist.tune.sweep.needs_dashboard`). With it, it
+    listens on 127.0.0.1 and ``RAY_API_SERVER_ADDRESS`` tells every process of the job where
+    it is, even when other Ray instances run on the machine. ``num_cpus`` may exceed the cores
+    (logical CPUs), e.g. to run two sweep trials side by side.
 
     The node address is 127.0.0.1 (:func:`_ray_node_on_loopback`), and Ray's metrics
     export (a Prometheus endpoint without authentication) is off unless
     ``WE_DIST_RAY_METRICS=1``. What still listens beyond loopback is listed in the
-    README's "Security" section.
+    docs/security.md.
     """
     _ray_node_on_loopback()
     _private_token()
     import ray
 
-    port = free_port(LOOPBACK)
-    metrics = os.environ.get(RAY_METRICS_ENV, "0").strip().lower() in ("1", "true", "yes")
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, dashboard_port=port,
-             _node_ip_address=LOOPBACK, _system_config={"enable_metrics_collection": metrics},
-             log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://{LOOPBACK}:{port}", **worker_env()}})
+    dashboard = _env_flag(RAY_DASHBOARD_ENV) if dashboard is None else dashboard
+    options: dict[str, Any] = {"include_dashboard": dashboard}
+    # What only a cluster uses, off: the preemption watcher (spot nodes being reclaimed; an extra
+    # actor per run) and Ray Train's Prometheus metrics (off with Ray's, WE_DIST_RAY_METRICS).
+    for name, value in (("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
+                        ("RAY_TRAIN_METRICS_ENABLED", "1" if _env_flag(RAY_METRICS_ENV) else "0")):
+        os.environ.setdefault(name, value)
+    runtime_env = ray_runtime_env()
+    runtime_env["env_vars"].update({k: os.environ[k] for k in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+                                                                "RAY_TRAIN_METRICS_ENABLED")})
+    _token_auth()
+    if dashboard:
+        port = free_port(LOOPBACK)
+        options.update(dashboard_host=LOOPBACK, dashboard_port=port)
+        runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{port}"
+    # address="local": a Ray of our own even when `ray start` left one running (see connect_ray).
+    ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOOPBACK,
+             _system_config={"enable_metrics_collection": _env_flag(RAY_METRICS_ENV)},
+             log_to_driver=True, runtime_env=runtime_env, logging_level=ray_logs.ray_log_level(), **options)
     node_ip = ray.util.get_node_ip_address()
     if node_ip != LOOPBACK:
         print(f"[we_dist] warning: the local Ray node got address {node_ip}, not {LOOPBACK}: its services "
-              f"may accept connections from the network (see README, Security)", file=sys.stderr, flush=True)
+              f"may accept connections from the network (see docs/security.md)", file=sys.stderr, flush=True)
 
 
-VERBOSE_ENV = "WE_DIST_VERBOSE"
+VERBOSE_ENV = ray_logs.VERBOSE_ENV
 
 
 def worker_env() -> dict[str, str]:
     """Environment of every Ray worker we start. Ray Train (v2) turns each ``print`` of a
     worker into a log record *and* (when Ray wraps stdout) the printed line, so every rank-0
-    line reached the console twice; its print patch is switched off, and ``--verbose``
-    (``WE_DIST_VERBOSE=1``) keeps Ray Train's per-rank report lines, hidden otherwise."""
+    line reached the console twice; its print patch is switched off. ``--verbose``
+    (``WE_DIST_VERBOSE=1``) shows Ray Train's own info lines (:mod:`we_dist.train.ray_logs`)."""
     return {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "0"),
+            "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "INFO" if ray_logs.verbose() else "WARNING"),
             # MLflow 3's usage telemetry sets and unsets an environment variable from a background
             # thread. Numba (FFCV's loader threads compile their pipelines with it) iterates
             # os.environ while compiling; the two raced once in a trial: KeyError in the loader
             # thread, no more batches, a training that hung. Workers never send telemetry.
-            "MLFLOW_DISABLE_TELEMETRY": "true"}
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            # Rank 0 ends its runs quietly: the driver prints the run's address (ray_logs).
+            "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
-def connect_ray(address: str | None, num_cpus: float | None = None) -> None:
-    """Join the cluster at ``address`` / ``RAY_ADDRESS``, or start a local Ray."""
+def ray_runtime_env() -> dict[str, Any]:
+    """The runtime env of the Ray job a command starts or joins: :func:`worker_env`, and Ray's
+    setup hook that quiets Ray's bookkeeping on the console (:mod:`we_dist.train.ray_logs`)."""
+    return {"env_vars": worker_env(), "worker_process_setup_hook": ray_logs.WORKER_SETUP_HOOK}
+
+
+def running_local_ray() -> str | None:
+    """The address of a Ray that ``ray start`` left running on this machine, on loopback and
+    answering, or None. (A Ray that another command's ``ray.init`` started is not listed there:
+    it ends with that command, so it is never joined.)"""
+    from ray._private.services import find_bootstrap_address
+
+    address = find_bootstrap_address(None)
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    if not host.startswith("127.") or not port.isdigit():
+        print(f"[we_dist] a Ray started with `ray start` runs at {address}, not on loopback: starting a local "
+              f"Ray of this run's own on 127.0.0.1 (pass --address {address} to use that one)", flush=True)
+        return None
+    import socket
+
+    try:
+        socket.create_connection((host, int(port)), timeout=1.0).close()
+    except OSError:
+        return None   # stopped without `ray stop`: its address file is stale
+    return address
+
+
+def connect_ray(address: str | None, num_cpus: float | None = None, dashboard: bool | None = None) -> None:
+    """Join the cluster at ``address`` / ``RAY_ADDRESS``; else the local Ray that ``ray start``
+    left running on loopback, if any; else start a local Ray (``--address local`` always does),
+    with its dashboard if ``dashboard`` (None: ``--dashboard`` / ``WE_DIST_RAY_DASHBOARD``)."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
-        start_local_ray(num_cpus)
+        address = running_local_ray()
+        if address is not None:
+            print(f"[we_dist] using the local Ray already running at {address} (started with `ray start`; "
+                  f"--address local starts one for this run alone)", flush=True)
+    if address is None or address == "local":
+        start_local_ray(num_cpus, dashboard)
         return
+    if address.split("://")[-1].startswith(("127.", "localhost")):
+        _ray_node_on_loopback()   # else Ray swaps 127.0.0.1 for the host's address, where nothing listens
+        # `ray start` turns token authentication on by default with the token in ~/.ray/auth_token,
+        # but a driver joining it sends the token only when told to.
+        if (Path.home() / ".ray" / "auth_token").is_file():
+            _token_auth()
     try:
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": worker_env()})
+        ray.init(address=address, log_to_driver=True, runtime_env=ray_runtime_env(),
+                 logging_level=ray_logs.ray_log_level())
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise PreflightError(f"cannot reach the Ray cluster at {address!r}: {exc}. Start one with "
                              f"`ray start --head` or leave --address/RAY_ADDRESS unset for a local Ray") from None
@@ -247,14 +333,16 @@ def check_resources(cfg: Config) -> None:
 
 def build_trainer(cfg: Config, tracking_uri: str | None, mlflow_run_id: str | None,
                   callbacks: Sequence[Any] = (), resume_from: str | None = None,
-                  run_dir: str | None = None) -> Any:
+                  run_dir: str | None = None, started_at: float | None = None) -> Any:
     """The Ray Train ``TorchTrainer`` for this config (not yet started).
 
     ``callbacks``: Ray Train callbacks, e.g. the sweep's report to Tune. ``resume_from``:
     the checkpoint the driver chose (:func:`plan_resume_or_refuse`); the workers load it
     unless Ray hands them a newer one that verifies (a restart after a worker failure).
+    ``started_at``: when the command or trial started (``time.time()``), for the run's
+    ``time/to_first_step_s``.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from we_dist.train.loop import train_worker
@@ -262,9 +350,7 @@ def build_trainer(cfg: Config, tracking_uri: str | None, mlflow_run_id: str | No
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
-                           "resume_from": resume_from, "run_dir": run_dir,
-                           # Ray's live bars suit a terminal; logs get one line per interval.
-                           "live_progress": sys.stdout.isatty()},
+                           "resume_from": resume_from, "run_dir": run_dir, "started_at": started_at},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
@@ -275,6 +361,8 @@ def build_trainer(cfg: Config, tracking_uri: str | None, mlflow_run_id: str | No
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             callbacks=list(callbacks),
+            # Ray Train's info lines only with --verbose (we_dist.train.ray_logs).
+            logging_config=LoggingConfig(log_level=ray_logs.train_log_level()),
         ),
     )
 
@@ -455,12 +543,14 @@ class TrackingIncomplete(RuntimeError):
 
 
 def expected_artifacts(cfg: Config) -> list[str]:
-    """The files a finished run's MLflow record holds under ``model/`` (what the last epoch
+    """The files a finished run's MLflow record holds under ``final/`` (what the last epoch
     logs, and what a re-run's :func:`repair_tracking` sends when it is missing). The MLflow
-    model (``model/MLmodel``) is not among them: a network it cannot be made of is a warning,
-    not an incomplete record."""
-    out = ["model/exported.pt2", "model/exported.json"] if cfg.train.export else []
-    return out + (["model/final_weights.pt"] if cfg.tracking.log_model else [])
+    model (the LoggedModel ``model``) is not among them: a network it cannot be made of is a
+    warning, not an incomplete record."""
+    from we_dist.tracking.names import FINAL_DIR
+
+    out = [f"{FINAL_DIR}/exported.pt2", f"{FINAL_DIR}/exported.json"] if cfg.train.export else []
+    return out + ([f"{FINAL_DIR}/final_weights.pt"] if cfg.tracking.log_model else [])
 
 
 def _has_record(tracking_uri: str | None, run_id: str, epoch: int, artifacts: Sequence[str], wait_s: float) -> bool:
@@ -474,9 +564,12 @@ def _has_record(tracking_uri: str | None, run_id: str, epoch: int, artifacts: Se
         try:
             from mlflow.tracking import MlflowClient
 
+            from we_dist.tracking.store import run_artifacts
+
             client = MlflowClient(tracking_uri)
             history = client.get_metric_history(run_id, "val/top1") if epoch >= 0 else []
-            present = {a.path for a in client.list_artifacts(run_id, "model")} if artifacts else set()
+            folders = sorted({a.rsplit("/", 1)[0] for a in artifacts if "/" in a})
+            present = {f.path for d in folders for f in run_artifacts(client, run_id, d)}
             found.append((epoch < 0 or any(m.step == epoch for m in history)) and set(artifacts) <= present)
         except Exception:
             found.append(False)
@@ -495,6 +588,10 @@ def train(cfg: Config, address: str | None = None, recipe: str | None = None) ->
     """
     cfg = resolve_paths(cfg)
     tracking_uri, done = preflight(cfg)
+    from we_dist.train.schedules import schedule_warnings
+
+    for line in schedule_warnings(cfg.schedule):
+        print(f"[we_dist] warning: {line}", file=sys.stderr, flush=True)
     run_dir = checkpoint_run_dir(cfg.checkpoint.storage_path, cfg.name)
     from we_dist.train.runlock import RunLock, RunLocked
 
@@ -559,11 +656,23 @@ def config_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]
             if a.get(k) != b.get(k) and not k.startswith(NON_RESULT_KEYS)]
 
 
+def _final_files(client: Any, run_id: str) -> set[str]:
+    """Names of the last epoch's files the run holds: under ``final/``, or under its own
+    ``model/`` for a run logged by an older we_dist (there, beside the MLflow model's files)."""
+    from we_dist.tracking.names import FINAL_DIR, LEGACY_FINAL_DIR
+    from we_dist.tracking.store import run_artifacts
+
+    return {a.path.rsplit("/", 1)[-1] for folder in (FINAL_DIR, LEGACY_FINAL_DIR)
+            for a in run_artifacts(client, run_id, folder) if not a.is_dir}
+
+
 def repair_tracking(cfg: Config, tracking_uri: str, checkpoint: str) -> str | None:
     """A finished run's MLflow record, completed from its last checkpoint: epochs MLflow
-    missed (an outage at the end), the final weights and the exported network if absent,
-    and the FINISHED status. Returns the MLflow run id. What it did is printed."""
+    missed (an outage at the end), the final weights and the exported network if absent
+    (under ``final/``; a run of an older we_dist has them under ``model/``), the MLflow model
+    if absent, and the FINISHED status. Returns the MLflow run id. What it did is printed."""
     from we_dist.tracking import RunLogger, TrackingError, open_run
+    from we_dist.tracking.names import FINAL_DIR
     from we_dist.train.checkpoint import load_state
 
     try:
@@ -574,17 +683,16 @@ def repair_tracking(cfg: Config, tracking_uri: str, checkpoint: str) -> str | No
         history = state.get("history") or [state.get("metrics", {})]
         logger.log_history(history)
         sent = sum(len(v) for v in logger._known_steps().values()) - before
-        client = logger._client
-        present = {a.path for a in client.list_artifacts(run_id, "model")}
+        present = _final_files(logger._client, run_id)
         repaired = [f"{sent} metric values"] if sent else []
         exported = Path(checkpoint) / "exported.pt2"
-        if cfg.train.export and exported.is_file() and "model/exported.pt2" not in present:
+        if cfg.train.export and exported.is_file() and "exported.pt2" not in present:
             # What the export wrote: exported.pt2, exported.json and the method's exported_* files.
-            logger.log_files(sorted(p for p in Path(checkpoint).glob("exported*") if p.is_file()), "model")
+            logger.log_files(sorted(p for p in Path(checkpoint).glob("exported*") if p.is_file()), FINAL_DIR)
             repaired.append("the exported network")
-        if cfg.tracking.log_model and "model/final_weights.pt" not in present:
+        if cfg.tracking.log_model and "final_weights.pt" not in present:
             logger.log_state_dict(state["model"])
-            logger.log_text(json.dumps(state.get("architecture", {}), indent=1), "model/architecture.json")
+            logger.log_text(json.dumps(state.get("architecture", {}), indent=1), f"{FINAL_DIR}/architecture.json")
             repaired.append("the final weights")
         from we_dist.tracking import model as mlflow_model
 
@@ -679,7 +787,8 @@ def _train_locked(cfg: Config, address: str | None, tracking_uri: str | None, do
               f"{'resuming' if done else 'starting'}; checkpoints in {cfg.checkpoint.storage_path}/{cfg.name}"
               + (f"; MLflow run {run_id} at {tracking_uri}" if run_id else ""), flush=True)
         result = fit_tracked(build_trainer(cfg, tracking_uri, run_id, resume_from=plan.path,
-                                           run_dir=None if "://" in run_dir else run_dir), tracking_uri, run_id,
+                                           run_dir=None if "://" in run_dir else run_dir,
+                                           started_at=command_started_at()), tracking_uri, run_id,
                              wait_s=max(cfg.tracking.final_flush_s, 5.0), check_complete=True,
                              artifacts=expected_artifacts(cfg))
     except KeyboardInterrupt as exc:
@@ -694,18 +803,52 @@ def _train_locked(cfg: Config, address: str | None, tracking_uri: str | None, do
                         tracking_uri=tracking_uri, mlflow_experiment_id=_experiment_of(tracking_uri, run_id))
 
 
+# When the command started (``time.time()``), set by the CLI first thing; a benchmark that
+# launches the command may set it earlier, to count the interpreter's start too.
+STARTED_AT_ENV = "WE_DIST_STARTED_AT"
+
+
+def command_started_at() -> float | None:
+    """When this command started (:data:`STARTED_AT_ENV`), or None if unknown."""
+    try:
+        return float(os.environ[STARTED_AT_ENV])
+    except (KeyError, ValueError):
+        return None
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser, num_cpus: bool = False) -> None:
+    """``--address`` and ``--dashboard`` (and ``--num-cpus`` with ``num_cpus``): where a command's
+    Ray is, and what a local one starts. :func:`use_ray_arguments` applies them."""
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+    parser.add_argument("--dashboard", action="store_true",
+                        help="also start Ray's dashboard with a local Ray, on 127.0.0.1 (off by default: "
+                             "it adds seconds to every start; also WE_DIST_RAY_DASHBOARD=1)")
+    if num_cpus:
+        parser.add_argument("--num-cpus", type=float, default=None,
+                            help="logical CPUs of the local Ray this command starts (default: the machine's cores)")
+
+
+def use_ray_arguments(args: argparse.Namespace) -> None:
+    """Apply :func:`add_ray_arguments`' flags to the Ray this process starts."""
+    if getattr(args, "dashboard", False):
+        os.environ[RAY_DASHBOARD_ENV] = "1"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.we.ratio_conv=0.1")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+    add_ray_arguments(parser)
     parser.add_argument("--verbose", action="store_true",
-                        help="also show Ray Train's per-rank report lines (hidden by default)")
+                        help="also show Ray's and MLflow's own lines (hidden by default)")
+    # Overrides may follow the options too (`we-dist train R.yaml --address auto key=value`), as in compare.
+    parser.parse_args = parser.parse_intermixed_args  # type: ignore[method-assign]
 
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "verbose", False):
         os.environ[VERBOSE_ENV] = "1"
+    use_ray_arguments(args)
     cfg = load_config(args.recipe, args.overrides)
     # Under plain `ray job submit --working-dir .`, relative paths point into a copy Ray deletes.
     from we_dist.cluster.plain_ray import check_job_paths

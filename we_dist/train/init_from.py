@@ -50,10 +50,26 @@ def resolve(spec: str, tracking_uri: str | None = None) -> str:
     return found
 
 
+def missing_store(uri: str) -> str | None:
+    """Why the local MLflow store ``uri`` names cannot hold a run to look up: its SQLite file or
+    file-store folder is not there (MLflow would create an empty one, 1 MB of tables, just to
+    answer "no such run"). None for a store that exists, and for servers and databases."""
+    from we_dist.tracking.store import local_store_dir, redact, sqlite_path
+
+    db = sqlite_path(uri)
+    where = db if db is not None else local_store_dir(uri)
+    exists = where is None or (where.is_file() if db is not None else where.is_dir())
+    return None if exists else f"there is no MLflow store at {redact(uri)} ({where} does not exist)"
+
+
 def _from_mlflow(run_id: str, tracking_uri: str | None) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    missing = missing_store(tracking_uri) if tracking_uri else None
+    if missing:
+        raise InitFromError(f"model.init_from={run_id}: {missing}; set tracking.uri to the store that has "
+                            f"the run, or give its checkpoint directory")
     try:
         params = MlflowClient(tracking_uri).get_run(run_id).data.params
     except MlflowException as exc:

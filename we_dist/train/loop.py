@@ -25,7 +25,6 @@ in-memory loaders, no FFCV), ``logger`` (no MLflow) and extra ``callbacks``.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from typing import Any, Callable, Sequence
@@ -43,6 +42,7 @@ from we_dist.train.evaluation import all_reduce_sum, broadcast_buffers, evaluate
 from we_dist.train.events import Callback, Callbacks
 from we_dist.data.loaders import Loaders
 from we_dist.train.loop_state import LoopState
+from we_dist.train.ray_logs import hide_report_lines
 from we_dist.train.session import RaySession
 from we_dist.train.setup import setup
 
@@ -52,8 +52,8 @@ __all__ = ["run_training", "train_worker", "evaluate", "Loaders", "LoopState"]
 def run_training(cfg: Config, session: Any, *, method: Method | None = None,
                  loaders: Loaders | Callable[..., Loaders] | None = None, logger: Any = None,
                  callbacks: Sequence[Callback] = (), tracking_uri: str | None = None,
-                 mlflow_run_id: str | None = None, live_progress: bool = False,
-                 resume_from: str | None = None, run_dir: str | None = None) -> dict[str, float]:
+                 mlflow_run_id: str | None = None, resume_from: str | None = None, run_dir: str | None = None,
+                 started_at: float | None = None) -> dict[str, float]:
     """Train ``cfg`` on this rank; returns the last epoch's metrics.
 
     ``method``, ``loaders``, ``logger``: the run's parts, built from ``cfg`` when not given
@@ -61,12 +61,13 @@ def run_training(cfg: Config, session: Any, *, method: Method | None = None,
     the default ones (:func:`~we_dist.train.callbacks.default_callbacks`). ``resume_from``: a
     checkpoint the driver chose (used unless the session offers a newer one that verifies);
     ``run_dir``: the run's checkpoint folder, searched for a newer complete checkpoint when
-    Ray restarts the workers. ``live_progress``: a live bar instead of progress lines.
+    Ray restarts the workers. ``started_at``: when the command (or sweep trial) started, a ``time.time()``, for the
+    ``time/to_first_step_s`` metric.
     """
     if logger is None:
         logger = RunLogger(tracking_uri, mlflow_run_id,
                            enabled=session.rank == 0 and cfg.tracking.enabled and bool(mlflow_run_id))
-    events = Callbacks([*default_callbacks(cfg, session.rank, live_progress=live_progress), *callbacks])
+    events = Callbacks([*default_callbacks(cfg, session.rank, started_at=started_at), *callbacks])
     loop = setup(cfg, session, events, method=method, loaders=loaders, logger=logger, tracking_uri=tracking_uri,
                  resume_from=resume_from, run_dir=run_dir)
     loop.callbacks = events
@@ -180,25 +181,9 @@ class EpochStats:
         self.batches += 1
 
 
-class _HideReports:
-    """Logging filter: drops Ray Train's per-rank "Reporting training result ..." records."""
-
-    def filter(self, record: Any) -> bool:
-        return not str(record.getMessage()).startswith("Reporting training result")
-
-
-def _quiet_ray_reports() -> None:
-    import logging
-
-    if os.environ.get("WE_DIST_VERBOSE", "0") == "1":
-        return
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_HideReports())
-
-
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Entry point for Ray Train's ``train_loop_per_worker``."""
-    _quiet_ray_reports()
+    hide_report_lines()
     cfg = config_from_dict(loop_config["config"])
     session = RaySession()
     uri, run_id = loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")
@@ -206,6 +191,5 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # that is a training node, while the driver may sit on the head node or a laptop.
     sample = session.rank == 0 and cfg.tracking.enabled and cfg.tracking.system_metrics and bool(run_id)
     with system_metrics(uri, run_id, enabled=sample):
-        run_training(cfg, session, tracking_uri=uri, mlflow_run_id=run_id,
-                     live_progress=bool(loop_config.get("live_progress", False)),
-                     resume_from=loop_config.get("resume_from"), run_dir=loop_config.get("run_dir"))
+        run_training(cfg, session, tracking_uri=uri, mlflow_run_id=run_id, resume_from=loop_config.get("resume_from"), run_dir=loop_config.get("run_dir"),
+                     started_at=loop_config.get("started_at"))

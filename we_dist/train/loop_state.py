@@ -45,6 +45,7 @@ class LoopState:
     structure_changes: int = 0             # hooks that changed the network's structure, this run
     network_changed: bool = False          # whether this epoch's method hooks changed it
     method_seconds: float = 0.0            # this epoch's time in the method's hooks
+    loaders_seconds: float = 0.0           # building the loaders at setup (FFCV's import compiles numba code)
     _ctx: FitContext | None = None
 
     # -- where the run is ------------------------------------------------------------------

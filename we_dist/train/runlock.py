@@ -19,7 +19,7 @@ Local paths (NFS included) are created with ``O_CREAT | O_EXCL``, which is atomi
 commands started at the same instant cannot both win. On object stores (``s3://``,
 ``gs://``) there is no atomic create: the lock is written, read back after a pause, and
 kept only if it still holds our token; this narrows the race to the pause but cannot close
-it (the README says so).
+it (cluster/FAILURES.md says so).
 """
 
 from __future__ import annotations

@@ -55,3 +55,14 @@ def lr_factor(cfg: ScheduleConfig, t: float) -> float:
     if cfg.warmup_epochs > 0 and t < cfg.warmup_epochs:
         factor *= max(t / cfg.warmup_epochs, 1e-3)  # never exactly 0: step 0 still moves
     return factor
+
+
+def schedule_warnings(cfg: ScheduleConfig) -> list[str]:
+    """What in a step schedule can never take effect, as lines for the user: milestones at or
+    past ``schedule.epochs`` (a recipe's ``[6, 9]`` with ``schedule.epochs=6`` never decays the LR)."""
+    late = [m for m in cfg.milestones if m >= cfg.epochs]
+    if cfg.name != "step" or not late:
+        return []
+    return [f"schedule.milestones {list(late)} lie at or past schedule.epochs={cfg.epochs} (epochs 0-{cfg.epochs - 1}): "
+            f"the LR never decays there" + ("; with none left the LR stays at its peak" if len(late) == len(cfg.milestones)
+                                           else "") + "; lower schedule.milestones or raise schedule.epochs"]

@@ -2,7 +2,7 @@
 
 The loop talks to its launcher through this small interface (rank, device, the
 checkpoint to resume from, reporting an epoch), so the same loop runs in both and the
-Ray Train overhead can be measured against ``torchrun`` (benchmarks/train_overhead.py).
+Ray Train overhead can be measured against ``torchrun`` (benchmarks/startup.py).
 """
 
 from __future__ import annotations
@@ -48,10 +48,6 @@ class RaySession:
         checkpoint = self._train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         self._train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
 
-    def progress_bar(self, total: int, desc: str) -> Any:
-        from ray.experimental.tqdm_ray import tqdm
-
-        return tqdm(total=total, desc=desc)
 
 
 class TorchrunSession:
@@ -95,7 +91,3 @@ class TorchrunSession:
         if self.world_size > 1:
             dist.barrier()
 
-    def progress_bar(self, total: int, desc: str) -> Any:
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, leave=False)

@@ -8,6 +8,7 @@ optimizer, AMP scaler and DDP wrapper, the loaders, and the method's and callbac
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from typing import Any, Callable
 
@@ -119,12 +120,14 @@ def setup(cfg: Config, session: Any, callbacks: Callbacks, *, method: Method | N
         history = [{k: float(v) for k, v in m.items()} for m in resumed.get("history", [])]
     callbacks.load_state_dict(resumed or {})
 
+    started = time.perf_counter()
     if loaders is None or callable(loaders):
         loaders = (loaders or default_loaders)(cfg, device, distributed=session.world_size > 1, epoch=start_epoch,
                                                channels_last=channels_last)
     return LoopState(cfg=cfg, session=session, method=method, state=state, phases=phases, loaders=loaders,
                      logger=logger if logger is not None else RunLogger(None, None, enabled=False),
-                     autocast=autocast, start_epoch=start_epoch, step=step, history=history)
+                     autocast=autocast, start_epoch=start_epoch, step=step, history=history,
+                     loaders_seconds=time.perf_counter() - started)
 
 
 def _starting_point(cfg: Config, session: Any, model: nn.Module, resume_from: str | None, run_dir: str | None,

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = resolve_paths(load_config(argv[0], argv[1:]))
     session = TorchrunSession(os.path.join(cfg.checkpoint.storage_path, cfg.name), use_gpu=cfg.scaling.use_gpu)
-    metrics = run_training(cfg, session)
+    started = os.environ.get("WE_DIST_STARTED_AT")   # set by a launcher, e.g. benchmarks/startup.py
+    metrics = run_training(cfg, session, started_at=float(started) if started else None)
     if session.rank == 0:
         print("[we_dist] final " + json.dumps(metrics, sort_keys=True), flush=True)
     return 0

@@ -10,8 +10,10 @@ from typing import Any
 from torch import nn
 
 from we_dist import accounting, network
+from we_dist.models import architecture, create_model
 from we_dist.export import INPUT_NOTE, export_model
 from we_dist.tracking import model as mlflow_model
+from we_dist.tracking.names import FINAL_DIR
 from we_dist.train.callbacks.best_epoch import BestEpoch
 from we_dist.train.events import Callback
 
@@ -37,54 +39,84 @@ def summary_table(history: list[dict[str, float]], extra: list[tuple[str, str, s
 
 
 class FinalNetwork(Callback):
-    """Rank 0: measures the network as a fresh run starts (params, MACs, latency; logged at
-    step 0 and kept in the checkpoints as ``accounting_start``) and, into the last epoch's
-    checkpoint, as it ends (logged at step = epochs): then prints the summary, exports the
-    network (``train.export``: ``exported.pt2`` and the method's own artifacts) and logs the
-    final weights and the MLflow model (``tracking.log_model``: the best epoch's network, from
-    ``best``, or the last, per ``tracking.model_epoch``)."""
+    """Rank 0: counts the network as a fresh run starts (params, MACs; the MLflow tags
+    ``we_dist.network.start.*``, kept in the checkpoints as ``accounting_start`` with the
+    starting widths) and, into the last epoch's checkpoint, as it ends (``we_dist.network.end.*``). The CPU latency of both is timed
+    then, side by side (:func:`~we_dist.accounting.latency_side_by_side`; the start's on a
+    network of the starting widths), so the end/start ratio is not the machine's load at two
+    moments; it costs the start nothing. Then it prints the summary, exports the network
+    (``train.export``: ``exported.pt2`` and the method's own artifacts) and logs them with the
+    final weights under the run's ``final/``, and the MLflow model, a LoggedModel
+    (``tracking.log_model``: the best epoch's network, from ``best``, or the last, per
+    ``tracking.model_epoch``)."""
 
     state_key = "accounting_start"
 
     def __init__(self, best: BestEpoch | None = None) -> None:
         self.best = best
         self.start: dict[str, float] = {}
+        self.start_widths: dict[str, Any] | None = None   # the start's architecture (None: the config's)
 
-    def state_dict(self) -> dict[str, float]:
-        return dict(self.start)
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.start, **({"architecture": self.start_widths} if self.start_widths else {})}
 
-    def load_state_dict(self, state: dict[str, float] | None) -> None:
-        self.start = {k: float(v) for k, v in (state or {}).items()}
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        state = dict(state or {})
+        self.start_widths = state.pop("architecture", None)
+        self.start = {k: float(v) for k, v in state.items()}
 
     def on_fit_start(self, loop: Any) -> None:
         if loop.rank == 0 and loop.start_epoch == 0:
-            self.start = accounting.account(loop.model, loop.input_shape, loop.cfg.train.accounting_repeats)
-            loop.logger.log_metrics(self.start, step=0)
+            self.start = accounting.account(loop.model, loop.input_shape, repeats=0)
+            self.start_widths = network.describe(loop.model)
+            loop.logger.log_network("start", self.start)
+
+    def _start_network(self, loop: Any) -> nn.Module:
+        """A network of the starting widths (its weights do not matter to its latency)."""
+        cfg = loop.cfg
+        net = create_model(cfg.model.name, cfg.model.num_classes, cfg.model.blurpool)
+        if self.start_widths:
+            architecture.rebuild(net, self.start_widths)
+        return net
 
     def on_checkpoint(self, loop: Any, directory: str) -> None:
         if loop.rank != 0 or not loop.last_epoch:
             return
         cfg, model, logger = loop.cfg, loop.model, loop.logger
-        end = accounting.account(model, loop.input_shape, cfg.train.accounting_repeats)
-        logger.log_metrics(end, step=loop.epochs)
+        end = accounting.account(model, loop.input_shape, repeats=0)
+        if cfg.train.accounting_repeats > 0:
+            timed = accounting.latency_side_by_side({"start": self._start_network(loop), "end": model},
+                                                    loop.input_shape, cfg.train.accounting_repeats)
+            end.update(timed["end"])
+            if "model/cpu_latency_ms_b1" not in self.start:   # the start's timing is logged once
+                logger.log_network("start", timed["start"])
+            self.start.update(timed["start"])   # the console's ratio: the pair timed just now
+        logger.log_network("end", end)
         print("[we_dist] summary\n" + summary_table(loop.history, loop.method.summary_columns()), flush=True)
         if self.start:
             print("[we_dist] the network, before and after training\n"
                   + accounting.summary_lines(self.start, end), flush=True)
         if cfg.train.export:
-            path = export_model(model, loop.input_shape, directory)
+            # What the file holds: the last epoch's network (the MLflow model may be the best's).
+            what = {"epoch": loop.epoch, "selected": "last", "params": end["model/params"],
+                    "nonzero_params": end["model/nonzero_params"], "macs": end["model/macs"]}
+            path = export_model(model, loop.input_shape, directory, network=what)
             extra = loop.method.export_artifacts(model, Path(directory))
-            logger.log_files([path, Path(directory) / INPUT_NOTE, *extra], "model")
+            logger.log_files([path, Path(directory) / INPUT_NOTE, *extra], FINAL_DIR)
         if cfg.tracking.log_model:
             # The state dict as it always was; the widths beside it rebuild a pruned network first.
             logger.log_state_dict(model.state_dict())
-            logger.log_text(json.dumps(network.describe(model), indent=1), "model/architecture.json")
-            if logger.enabled:
-                self._log_mlflow_model(loop, model)
+            logger.log_text(json.dumps(network.describe(model), indent=1), f"{FINAL_DIR}/architecture.json")
+
+    def on_epoch_committed(self, loop: Any) -> None:
+        # After the last checkpoint is committed and the Tracking callback (before this one) has
+        # logged its epoch: the LoggedModel carries the selected epoch's metrics, the last one's too.
+        if loop.rank == 0 and loop.last_epoch and loop.cfg.tracking.log_model and loop.logger.enabled:
+            self._log_mlflow_model(loop, loop.model)
 
     def _log_mlflow_model(self, loop: Any, model: nn.Module) -> None:
-        """Log the selected network as the run's MLflow model (``runs:/<id>/model``), registered
-        under ``tracking.register_as`` if set (see :mod:`we_dist.tracking.model`)."""
+        """Log the selected network as the run's MLflow model, a LoggedModel (``runs:/<id>/model``),
+        registered under ``tracking.register_as`` if set (see :mod:`we_dist.tracking.model`)."""
         cfg, logger, best = loop.cfg, loop.logger, self.best
         last = loop.history[-1] if loop.history else {}
         net, epoch, top1, which = model, int(last.get("epoch", -1)), last.get("val/top1"), "last"

@@ -9,12 +9,14 @@ import torch
 import torch.distributed as dist
 
 from we_dist import sync
-from we_dist.tracking import START_PARAMS
+from we_dist.tracking import START_TAGS
 from we_dist.train.events import Callback
 
 
 class Tracking(Callback):
-    """Logs each epoch's metrics and the method's figures once the epoch's checkpoint is
+    """Logs each epoch's metrics (renamed for MLflow by :meth:`RunLogger.log_epoch
+    <we_dist.tracking.RunLogger.log_epoch>`: the loop's own dict keeps its names) and the
+    method's figures once the epoch's checkpoint is
     committed (MLflow never shows an epoch the run may discard; a crash before that re-sends
     it on resume, from the checkpoint's history), the phases as tags, what a fresh run starts
     from, and after a resume the epochs MLflow missed. At the end it waits up to
@@ -32,7 +34,7 @@ class Tracking(Callback):
                 print(f"[we_dist] MLflow holds values for epochs {discarded[0]}-{discarded[-1]} from before "
                       f"this resume; they are logged again from the resumed checkpoint (tag "
                       f"we_dist.discarded_epochs)", flush=True)
-            loop.logger.log_history(loop.history)
+            loop.logger.log_history(loop.history, phased=len(phases) > 1)
 
     def on_epoch_start(self, loop: Any) -> None:
         pos = loop.position
@@ -46,20 +48,23 @@ class Tracking(Callback):
 
     @staticmethod
     def _log_start(loop: Any, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """What a fresh run starts from, as MLflow params: a checksum of the initial weights and
-        of the first batch (every rank's, summed), so comparisons can check that runs of one
-        seed started alike (``we-dist compare`` reads them). A collective: every rank calls it."""
+        """What a fresh run starts from, as MLflow tags (not params: they are no setting, and as
+        params MLflow's compare view would open its parallel-coordinates plot on them): a
+        checksum of the initial weights and of the first batch (every rank's, summed), so
+        comparisons can check that runs of one seed started alike (``we-dist compare`` reads
+        them). A collective: every rank calls it."""
         batch = torch.stack([labels.double().sum(), images.double().sum()]).to(loop.device)
         if sync.is_distributed():
             dist.all_reduce(batch)
         if loop.rank == 0:
-            weights, first_batch = START_PARAMS
-            loop.logger.log_params({weights: str(int(sync.parameter_checksum(loop.model))),
-                                    first_batch: f"{batch[0].item():.0f}:{batch[1].item():.6e}"})
+            weights, first_batch = START_TAGS
+            loop.logger.set_tags({weights: str(int(sync.parameter_checksum(loop.model))),
+                                  first_batch: f"{batch[0].item():.0f}:{batch[1].item():.6e}"})
 
     def on_epoch_committed(self, loop: Any) -> None:
         if loop.rank == 0:
-            loop.logger.log_metrics(loop.metrics, step=loop.epoch)
+            # Under MLflow's names; a run of one phase has no phase index (always 0) to chart.
+            loop.logger.log_epoch(loop.metrics, step=loop.epoch, phased=len(loop.phases.phases) > 1)
             loop.logger.log_figures(loop.figures)
 
     def on_fit_end(self, loop: Any) -> None:
