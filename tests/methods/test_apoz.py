@@ -5,9 +5,6 @@ after the second round resumes into its shape, export."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -17,12 +14,7 @@ from we_dist.methods.base import FitContext
 from we_dist.methods.calibration import Pair, collect, prunable_pairs
 from we_dist.methods.registry import create_method
 
-# The loop harness lives beside ThiNet's tests (tests are not a package: load it by path).
-_spec = importlib.util.spec_from_file_location("thinet_harness", Path(__file__).with_name("test_thinet.py"))
-_harness = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_harness)
-SHAPE, data, prune_resume_export, trained_like = (_harness.SHAPE, _harness.data, _harness.prune_resume_export,
-                                                  _harness.trained_like)
+from loop_harness import SHAPE, data, prune_resume_export, trained_like
 
 
 def test_zero_counts_are_exact():
@@ -85,11 +77,11 @@ def test_rounds_are_phases_and_each_round_trims_its_share_of_layers():
     assert restored.state_dict() == method.state_dict()
 
 
-def test_apoz_through_the_loop_on_2_ranks_in_two_rounds(gloo, tmp_path, digits_betons):
+def test_apoz_through_the_loop_on_2_ranks_in_two_rounds(gloo, tmp_path, digits_memory):
     # Round 0 trims at the start, round 1 after epoch 0 (round 0's retraining); the crash is
     # in epoch 1, so the resume starts from the checkpoint after the second round.
     trained, second, final, r0, root = prune_resume_export(
-        gloo, tmp_path, digits_betons, "apoz", "small_cnn",
+        gloo, tmp_path, digits_memory, "apoz", "small_cnn",
         ["method.apoz.ratio=0.5", "method.apoz.rounds=2", "method.apoz.round_epochs=1",
          "method.apoz.calibration_batches=2"], crash_epoch=1, epochs=2)
     assert second["method"]["rounds_done"] == 2 and len(second["method"]["done"]) == 4

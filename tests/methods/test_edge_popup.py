@@ -2,17 +2,11 @@
 the straight-through gradient to the scores, frozen weights and non-affine BatchNorm, the
 accounting of the deployed network, and, through the real loop under 2 gloo ranks, identical
 replicas, a crash + resume that ends where an uninterrupted run ends, frozen weights bit for
-bit unchanged, and an export that reloads in a fresh process with identical outputs.
-
-The loop helpers here are shared with test_sparse_binary.py and test_ternary.py."""
+bit unchanged, and an export that reloads in a fresh process with identical outputs."""
 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,9 +18,8 @@ from we_dist.config import ConfigError, load_config
 from we_dist.methods.edge_popup import EdgePopupMethod, EdgePopupSettings
 from we_dist.methods.masked import MaskedConv2d, MaskedLinear, kept_count, masked_layers
 from we_dist.models import create_model
-from we_dist.train.checkpoint import load_state
-from we_dist.train.loop import run_training
-from we_dist.train.session import TorchrunSession
+
+from loop_harness import check_export_in_fresh_process, crash_resume_and_compare, prepared_from
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -134,100 +127,12 @@ def test_first_conv_and_classifier_can_stay_plain_and_trained():
     assert isinstance(model.features[1][0], MaskedConv2d)
 
 
-# --- through the real loop, 2 gloo ranks -------------------------------------------------------
+# --- through the real loop, 2 gloo ranks (tests/methods/loop_harness.py) -------------------
 
 
-class Crash(RuntimeError):
-    """Stops a run the way a killed worker would."""
-
-
-def loop_config(tmp_path, digits, name, *overrides):
-    train_path, val_path = digits
-    return load_config(ROOT / "recipes" / "demo.yaml", [
-        f"name={name}", f"data.train_path={train_path}", f"data.val_path={val_path}",
-        f"checkpoint.storage_path={tmp_path / 'runs'}", "tracking.enabled=false", "train.progress=false",
-        "train.check_replicas=true", "train.accounting_repeats=0", "schedule.milestones=[]",
-        "schedule.warmup_epochs=0", "schedule.epochs=2", "train.max_steps_per_epoch=4", *overrides])
-
-
-def run_rank(rank, world, cfg, root, crash_after=None):
-    """One rank of a run; with ``crash_after`` the method raises after that epoch's hook."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
-    from we_dist.methods.registry import method_class
-
-    cls = method_class(cfg.method.name)
-    original = cls.on_epoch_end
-
-    def on_epoch_end(self, ctx):
-        original(self, ctx)
-        if crash_after is not None and ctx.epoch == crash_after:
-            raise Crash(f"crash after epoch {ctx.epoch}")
-
-    cls.on_epoch_end = on_epoch_end
-    try:
-        return run_training(cfg, TorchrunSession(root))
-    except Crash:
-        return "crashed"
-    finally:
-        cls.on_epoch_end = original
-
-
-def rebuilt(cfg, state):
-    """The trained network from a checkpoint, as the loop builds it (method prepared)."""
-    from we_dist.methods import create_method
-
-    torch.manual_seed(cfg.seed)
-    model = create_method(cfg).prepare_model(create_model(cfg.model.name, cfg.model.num_classes), cfg)
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
-def check_export_in_fresh_process(model, export_dir, tmp_path):
-    """exported.pt2 reloads where we_dist cannot be imported and gives ``model``'s outputs exactly."""
-    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        torch.save({"x": x, "y": model(x)}, tmp_path / "io.pt")
-    script = textwrap.dedent(f"""
-        import sys
-        sys.modules["we_dist"] = None
-        import torch
-        io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)
-        net = torch.export.load({str(Path(export_dir) / 'exported.pt2')!r}).module()
-        with torch.no_grad():
-            y = net(io["x"])
-        assert torch.equal(y, io["y"]), (y - io["y"]).abs().max()
-        names = [n for n, _ in net.named_parameters()]
-        assert not any("scores" in n for n in names), names
-        print("identical")
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "identical" in done.stdout
-
-
-def crash_resume_and_compare(gloo, tmp_path, digits, method_overrides):
-    """An uninterrupted 2-epoch run and a run that crashes after epoch 0 and resumes: both under
-    2 gloo ranks with the replica check on; returns (cfg, first state, uninterrupted final state,
-    resumed final state, resumed run's directory)."""
-    whole = loop_config(tmp_path, digits, "whole", *method_overrides)
-    broken = loop_config(tmp_path, digits, "broken", *method_overrides)
-    r_whole = gloo(run_rank, 2, whole, str(tmp_path / "runs" / "whole"))
-    assert all(r["replicas/checksum_ok"] == 1.0 for r in r_whole)
-    root = tmp_path / "runs" / "broken"
-    assert gloo(run_rank, 2, broken, str(root), 0) == ["crashed", "crashed"]
-    assert not (root / "epoch_0001").exists()
-    r_resumed = gloo(run_rank, 2, broken, str(root))
-    assert all(r["replicas/checksum_ok"] == 1.0 and r["epoch"] == 1.0 for r in r_resumed)
-    first = load_state(root / "epoch_0000")
-    final_whole = load_state(tmp_path / "runs" / "whole" / "epoch_0001")
-    final_resumed = load_state(root / "epoch_0001")
-    return whole, first, final_whole, final_resumed, root / "epoch_0001"
-
-
-def test_edge_popup_through_the_loop(gloo, tmp_path, digits_betons):
+def test_edge_popup_through_the_loop(gloo, tmp_path, digits_memory):
     cfg, _, whole, resumed, final_dir = crash_resume_and_compare(
-        gloo, tmp_path, digits_betons, ["method.name=edge_popup", "method.edge_popup.density=0.3"])
+        gloo, tmp_path, digits_memory, ["method.name=edge_popup", "method.edge_popup.density=0.3"])
     # The resumed run ends exactly where the uninterrupted one does: state survived the crash.
     for key, value in whole["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
@@ -241,7 +146,7 @@ def test_edge_popup_through_the_loop(gloo, tmp_path, digits_betons):
             assert torch.isfinite(value).all()
             moved += int(not torch.equal(value, init_state[key]))
     assert moved == len(masked_layers(initial))  # every layer's scores were trained
-    model = rebuilt(cfg, resumed)
+    model = prepared_from(cfg, resumed)
     for name, layer in masked_layers(model):
         assert int(layer.mask().sum()) == kept_count(layer.weight.numel(), 0.3), name
     assert resumed["metrics"]["edge_popup/density"] == pytest.approx(

@@ -7,7 +7,6 @@ exported network reloads with the same outputs."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -23,10 +22,10 @@ from we_dist.methods.l1_filter import (L1FilterPruningMethod, L1FilterSettings, 
                                        filters_to_remove, l1_decision, module_to_paper_layer, paper_layer_to_module,
                                        prunable_layers)
 from we_dist.methods.slimming import apply_decision
-from we_dist.models import architecture, create_model
+from we_dist.models import create_model
 from we_dist.train.checkpoint import load_state
-from we_dist.train.loop import run_training
-from we_dist.train.session import TorchrunSession
+
+from loop_harness import loop_cfg, rebuilt, train
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (3, 32, 32)
@@ -179,64 +178,24 @@ def test_every_rank_applies_rank_0s_decision(gloo):
     assert c0 and c1 and d0 == d1 and s0 == s1 and d0["prune"]
 
 
-# --- through the real loop, 2 gloo ranks ------------------------------------------------------
-
-
-class Crash(RuntimeError):
-    """Stops a run the way a killed worker would."""
-
-
-def digits_cfg(tmp_path, digits, name, *overrides):
-    train_path, val_path = digits
-    return load_config(ROOT / "recipes" / "demo.yaml", [
-        f"name={name}", f"data.train_path={train_path}", f"data.val_path={val_path}",
-        f"checkpoint.storage_path={tmp_path / 'runs'}", "tracking.enabled=false", "train.progress=false",
-        "train.check_replicas=true", "train.accounting_repeats=1", "schedule.milestones=[]",
-        "schedule.warmup_epochs=0", "train.max_steps_per_epoch=4", "model.name=cifar_resnet20", *overrides])
-
-
-def _train(rank, world, cfg, root, crash_epoch=None):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
-    original = L1FilterPruningMethod.on_epoch_end
-
-    def on_epoch_end(self, ctx):
-        original(self, ctx)
-        if ctx.epoch == crash_epoch:
-            raise Crash(f"crash after epoch {ctx.epoch}")
-
-    L1FilterPruningMethod.on_epoch_end = on_epoch_end
-    try:
-        metrics = run_training(cfg, TorchrunSession(root))
-    except Crash:
-        return "crashed"
-    finally:
-        L1FilterPruningMethod.on_epoch_end = original
-    return metrics
+# --- through the real loop, 2 gloo ranks (tests/methods/loop_harness.py) -------------------
 
 
 def _weights(state):
     return sum(v.numel() for k, v in state["model"].items() if not k.endswith("num_batches_tracked"))
 
 
-def rebuilt(model_name, state):
-    """The network a checkpoint holds, rebuilt as a user would (architecture, then weights)."""
-    model = create_model(model_name, 10)
-    architecture.rebuild(model, state["architecture"])
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
-def test_prune_once_from_a_trained_run_resume_and_export(gloo, tmp_path, digits_betons):
-    base = digits_cfg(tmp_path, digits_betons, "base", "method.name=none", "schedule.epochs=1")
+def test_prune_once_from_a_trained_run_resume_and_export(gloo, tmp_path, digits_memory):
+    base = loop_cfg(tmp_path, "base", "model.name=cifar_resnet20", "method.name=none", "schedule.epochs=1")
     base_root = tmp_path / "runs" / "base"
-    gloo(_train, 2, base, str(base_root))
+    gloo(train, 2, base, base_root, digits_memory)
     trained = load_state(base_root / "epoch_0000")
 
-    cfg = digits_cfg(tmp_path, digits_betons, "l1", "method.name=l1", "method.l1.ratios=[0.5, 0.25, 0.25]",
-                     "method.l1.skip=[2]", f"model.init_from={base_root}", "schedule.epochs=3",
-                     "schedule.name=constant", "optim.lr=0.01")
+    cfg = loop_cfg(tmp_path, "l1", "model.name=cifar_resnet20", "method.name=l1",
+                   "method.l1.ratios=[0.5, 0.25, 0.25]", "method.l1.skip=[2]", f"model.init_from={base_root}",
+                   "schedule.epochs=3", "schedule.name=constant", "optim.lr=0.01", "train.export=true")
     root = tmp_path / "runs" / "l1"
-    assert gloo(_train, 2, cfg, str(root), 1) == ["crashed", "crashed"]   # pruned at the start, crash after epoch 1
+    assert gloo(train, 2, cfg, root, digits_memory, 1) == ["crashed", "crashed"]  # pruned at start, crash in epoch 1
     first = load_state(root / "epoch_0000")
     assert first["method"]["pruned"] is True
     decision = first["method"]["decision"]["prune"]
@@ -255,7 +214,7 @@ def test_prune_once_from_a_trained_run_resume_and_export(gloo, tmp_path, digits_
     assert first["metrics"]["l1/macs_before"] == count_macs(trained_net, SHAPE)
     assert first["metrics"]["replicas/checksum_ok"] == 1.0
 
-    r0, r1 = gloo(_train, 2, cfg, str(root))                               # resume: no second pruning
+    r0, r1 = gloo(train, 2, cfg, root, digits_memory)                      # resume: no second pruning
     assert r0["epoch"] == r1["epoch"] == 2 and r0["replicas/checksum_ok"] == 1.0
     assert "l1/removed_filters" not in r0                                  # on_fit_start did not prune again
     final = load_state(root / "epoch_0002")

@@ -5,9 +5,7 @@ on the demo's small CNN: replicas identical, shapes, MACs, crash + resume, expor
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,12 +14,7 @@ from we_dist.accounting import count_macs
 from we_dist.methods.base import FitContext
 from we_dist.methods.lasso_channel import LassoChannelMethod, LassoSettings, lasso_path_select
 
-# The loop harness lives beside ThiNet's tests (tests are not a package: load it by path).
-_spec = importlib.util.spec_from_file_location("thinet_harness", Path(__file__).with_name("test_thinet.py"))
-_harness = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_harness)
-SHAPE, data, prune_resume_export, trained_like = (_harness.SHAPE, _harness.data, _harness.prune_resume_export,
-                                                  _harness.trained_like)
+from loop_harness import SHAPE, data, prune_resume_export, trained_like
 
 
 def test_lasso_keeps_the_channels_that_carry_the_output():
@@ -70,9 +63,9 @@ def test_no_calibration_data_is_a_clear_error():
         method.on_fit_start(ctx)
 
 
-def test_lasso_through_the_loop_on_2_ranks(gloo, tmp_path, digits_betons):
+def test_lasso_through_the_loop_on_2_ranks(gloo, tmp_path, digits_memory):
     trained, first, final, r0, root = prune_resume_export(
-        gloo, tmp_path, digits_betons, "lasso", "small_cnn",
+        gloo, tmp_path, digits_memory, "lasso", "small_cnn",
         ["method.lasso.mac_reduction=0.5", "method.lasso.calibration_batches=2", "method.lasso.locations=4",
          "method.lasso.lambda_search=15", "method.lasso.finetune_epochs=2"], crash_epoch=1, epochs=2)
     m = first["metrics"]

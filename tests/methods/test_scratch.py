@@ -5,7 +5,6 @@ and its export reloads with the same outputs."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -16,16 +15,13 @@ from we_dist.config import ConfigError, load_config
 from we_dist.export import load_exported
 from we_dist.methods import create_method
 from we_dist.methods.l1_filter import l1_decision
-from we_dist.methods.scratch import ScratchMethod, budget_epochs
+from we_dist.methods.scratch import budget_epochs
 from we_dist.methods.slimming import apply_decision
 from we_dist.models import architecture, create_model
 from we_dist.train.checkpoint import load_state, save_state
-from we_dist.train.loop import run_training
 from we_dist.train.phases import PhasePlan
-from we_dist.train.session import TorchrunSession
 
-ROOT = Path(__file__).resolve().parents[2]
-SHAPE = (3, 32, 32)
+from loop_harness import ROOT, SHAPE, loop_cfg, train
 
 
 def pruned_checkpoint(directory: Path, ratios=(0.5, 0.5, 0.5)) -> tuple[Path, torch.nn.Module]:
@@ -86,47 +82,31 @@ def test_scratch_refuses_without_a_pruned_run(tmp_path):
     assert budget_epochs(3, 100, 1000) == 1
 
 
-class Crash(RuntimeError):
-    """Stops a run the way a killed worker would."""
-
-
-def _train(rank, world, cfg, root, crash_epoch=None):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+def _train(rank, world, cfg, root, loaders, crash_epoch=None):
+    """A rank of the harness's run, recording the weights training starts from (before the
+    method's on_fit_start)."""
+    method = create_method(cfg)
     seen = {}
-    original_start, original_end = ScratchMethod.on_fit_start, ScratchMethod.on_epoch_end
+    on_fit_start = method.on_fit_start
 
-    def on_fit_start(self, ctx):   # what training starts from
+    def recording_fit_start(ctx):
         # numpy copies: tensors would travel between processes as shared memory, gone with the rank
         seen["start"] = {k: v.detach().cpu().numpy().copy() for k, v in ctx.model.state_dict().items()}
-        original_start(self, ctx)
+        on_fit_start(ctx)
 
-    def on_epoch_end(self, ctx):
-        original_end(self, ctx)
-        if ctx.epoch == crash_epoch:
-            raise Crash(f"crash after epoch {ctx.epoch}")
-
-    ScratchMethod.on_fit_start, ScratchMethod.on_epoch_end = on_fit_start, on_epoch_end
-    try:
-        metrics = run_training(cfg, TorchrunSession(root))
-    except Crash:
-        metrics = "crashed"
-    finally:
-        ScratchMethod.on_fit_start, ScratchMethod.on_epoch_end = original_start, original_end
-    return metrics, seen["start"]
+    method.on_fit_start = recording_fit_start
+    return train(rank, world, cfg, root, loaders, crash_epoch, method=method), seen["start"]
 
 
-def test_scratch_trains_the_pruned_shape_from_fresh_weights(gloo, tmp_path, digits_betons):
+def test_scratch_trains_the_pruned_shape_from_fresh_weights(gloo, tmp_path, digits_memory):
     source, pruned = pruned_checkpoint(tmp_path / "pruned", ratios=(0.75, 0.75, 0.75))
-    train_path, val_path = digits_betons
-    cfg = scratch_cfg(source, "name=scratch", f"data.train_path={train_path}", f"data.val_path={val_path}",
-                      f"checkpoint.storage_path={tmp_path / 'runs'}", "tracking.enabled=false",
-                      "train.progress=false", "train.check_replicas=true", "train.accounting_repeats=1",
-                      "schedule.milestones=[]", "schedule.warmup_epochs=0", "train.max_steps_per_epoch=3",
-                      "method.scratch.budget=B", "schedule.epochs=2", "schedule.name=constant", "optim.lr=0.05")
+    cfg = loop_cfg(tmp_path, "scratch", "method.name=scratch", "model.name=cifar_resnet20",
+                   f"model.init_from={source}", "model.init_architecture_only=true", "method.scratch.budget=B",
+                   "schedule.epochs=2", "schedule.name=constant", "optim.lr=0.05", "train.export=true")
     epochs = round(2 * count_macs(create_model("cifar_resnet20", 10), SHAPE) / count_macs(pruned, SHAPE))
     assert epochs >= 3
     root = tmp_path / "runs" / "scratch"
-    (m0, start0), (m1, start1) = gloo(_train, 2, cfg, str(root), 1)     # crash after epoch 1
+    (m0, start0), (m1, start1) = gloo(_train, 2, cfg, root, digits_memory, 1)     # crash in epoch 1
     start0, start1 = ({k: torch.from_numpy(v) for k, v in s.items()} for s in (start0, start1))
     assert m0 == m1 == "crashed"
     source_state = pruned.state_dict()
@@ -144,7 +124,7 @@ def test_scratch_trains_the_pruned_shape_from_fresh_weights(gloo, tmp_path, digi
     assert first["metrics"]["scratch/epochs"] == epochs
     assert first["metrics"]["scratch/macs_pruned"] == count_macs(pruned, SHAPE)
 
-    (r0, resumed0), (r1, _) = gloo(_train, 2, cfg, str(root))
+    (r0, resumed0), (r1, _) = gloo(_train, 2, cfg, root, digits_memory)
     resumed0 = {k: torch.from_numpy(v) for k, v in resumed0.items()}
     assert r0["epoch"] == r1["epoch"] == epochs - 1 and r0["replicas/checksum_ok"] == 1.0
     assert torch.equal(resumed0["layers.0.conv1.weight"], first["model"]["layers.0.conv1.weight"])  # resumed

@@ -59,23 +59,17 @@ def test_replicas_identical_after_pruning(gloo):
 # --- removal at the end of training: a physically smaller network ----------------------------
 
 import math  # noqa: E402
-import os  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from torch import nn  # noqa: E402
 
 from we_dist.accounting import count_macs  # noqa: E402
-from we_dist.config import load_config  # noqa: E402
 from we_dist.export import load_exported  # noqa: E402
 from we_dist.methods.soft_pruning import harden, removal_decision, remove_zeroed  # noqa: E402
 from we_dist.models import architecture, create_model  # noqa: E402
 from we_dist.train.checkpoint import load_state  # noqa: E402
-from we_dist.train.loop import run_training  # noqa: E402
-from we_dist.train.session import TorchrunSession  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-SHAPE = (3, 32, 32)
+from loop_harness import SHAPE, loop_cfg, train  # noqa: E402
 
 
 def _trained_looking(name):
@@ -151,44 +145,17 @@ def test_on_last_epoch_end_removes_and_reports():
     assert not ctx2.changed
 
 
-class Crash(RuntimeError):
-    """Stops a run the way a killed worker would."""
-
-
-def _train(rank, world, cfg, root, crash_epoch=None):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
-    original = SoftFilterPruningMethod.on_epoch_end
-
-    def on_epoch_end(self, ctx):
-        original(self, ctx)
-        if ctx.epoch == crash_epoch:
-            raise Crash(f"crash after epoch {ctx.epoch}")
-
-    SoftFilterPruningMethod.on_epoch_end = on_epoch_end
-    try:
-        return run_training(cfg, TorchrunSession(root))
-    except Crash:
-        return "crashed"
-    finally:
-        SoftFilterPruningMethod.on_epoch_end = original
-
-
-def test_soft_pruning_through_the_loop_resumes_and_ends_smaller(gloo, tmp_path, digits_betons):
-    train_path, val_path = digits_betons
-    cfg = load_config(ROOT / "recipes" / "demo.yaml", [
-        "name=sfp", f"data.train_path={train_path}", f"data.val_path={val_path}",
-        f"checkpoint.storage_path={tmp_path / 'runs'}", "tracking.enabled=false", "train.progress=false",
-        "train.check_replicas=true", "train.accounting_repeats=1", "schedule.milestones=[]",
-        "schedule.warmup_epochs=0", "train.max_steps_per_epoch=4", "model.name=cifar_resnet20",
-        "method.name=soft_prune", "method.soft_prune.rate=0.25", "schedule.epochs=3", "schedule.name=constant",
-        "optim.lr=0.02"])
+def test_soft_pruning_through_the_loop_resumes_and_ends_smaller(gloo, tmp_path, digits_memory):
+    cfg = loop_cfg(tmp_path, "sfp", "model.name=cifar_resnet20", "method.name=soft_prune",
+                   "method.soft_prune.rate=0.25", "schedule.epochs=3", "schedule.name=constant", "optim.lr=0.02",
+                   "train.export=true")
     root = tmp_path / "runs" / "sfp"
-    assert gloo(_train, 2, cfg, str(root), 1) == ["crashed", "crashed"]     # after the soft step of epoch 1
+    assert gloo(train, 2, cfg, root, digits_memory, 1) == ["crashed", "crashed"]   # after the soft step of epoch 1
     soft = load_state(root / "epoch_0000")
     assert soft["model"]["layers.1.conv1.weight"].shape == (16, 16, 3, 3)   # zeroed, not removed yet
     zero_rows = soft["model"]["layers.1.conv1.weight"].flatten(1).abs().sum(1) == 0
     assert int(zero_rows.sum()) == 4
-    r0, r1 = gloo(_train, 2, cfg, str(root))
+    r0, r1 = gloo(train, 2, cfg, root, digits_memory)
     assert r0["epoch"] == r1["epoch"] == 2 and r0["replicas/checksum_ok"] == 1.0
     assert r0["soft_prune/removed_filters"] == 4 * 3 + 8 * 3 + 16 * 3     # the first convs of the 9 blocks
     assert "val/top1_before_change" in r0 and math.isfinite(r0["val/top1"])

@@ -6,9 +6,7 @@ identical replicas, crash + resume, frozen weights unchanged bit for bit, relaxe
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,11 +17,7 @@ from we_dist.methods.masked import MaskedLinear, kept_count, masked_layers, topk
 from we_dist.methods.sparse_binary import SparseBinaryMethod, SparseBinarySettings, rho_at
 from we_dist.models import create_model
 
-# The loop helpers live in test_edge_popup.py; pytest's importlib mode has no sibling imports.
-_spec = importlib.util.spec_from_file_location("edge_popup_loop_helpers",
-                                               Path(__file__).with_name("test_edge_popup.py"))
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
+from loop_harness import check_export_in_fresh_process, crash_resume_and_compare, prepared_from
 
 
 def prepared(**settings):
@@ -94,9 +88,9 @@ def test_gradient_reaches_the_relaxed_mask_at_the_box_bounds():
     assert torch.allclose(layer.scores.grad, expected)
 
 
-def test_sparse_binary_through_the_loop(gloo, tmp_path, digits_betons):
-    cfg, _, whole, resumed, final_dir = _helpers.crash_resume_and_compare(
-        gloo, tmp_path, digits_betons, ["method.name=sparse_binary", "method.sparse_binary.density=0.3",
+def test_sparse_binary_through_the_loop(gloo, tmp_path, digits_memory):
+    cfg, _, whole, resumed, final_dir = crash_resume_and_compare(
+        gloo, tmp_path, digits_memory, ["method.name=sparse_binary", "method.sparse_binary.density=0.3",
                                         "method.sparse_binary.mask_lr_scale=10.0"])
     for key, value in whole["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
@@ -108,8 +102,8 @@ def test_sparse_binary_through_the_loop(gloo, tmp_path, digits_betons):
         if key.endswith(".scores"):
             assert 0 <= float(value.min()) and float(value.max()) <= 1
             assert not torch.equal(value, init_state[key])
-    model = _helpers.rebuilt(cfg, resumed)
+    model = prepared_from(cfg, resumed)
     for name, layer in masked_layers(model):
         assert int(layer.mask().sum()) == kept_count(layer.weight.numel(), 0.3), name
     assert resumed["metrics"]["sparse_binary/rho"] == pytest.approx(1e-2)  # the last of 2 epochs
-    _helpers.check_export_in_fresh_process(model, final_dir, tmp_path)
+    check_export_in_fresh_process(model, final_dir, tmp_path)

@@ -6,9 +6,6 @@ network and the 2-bit file beside it."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -18,13 +15,7 @@ from we_dist.methods.masked import TernaryConv2d, TernaryLinear, ternary_codes, 
 from we_dist.methods.ternary import TernaryMethod, TernarySettings
 from we_dist.models import create_model
 
-# The loop helpers live in test_edge_popup.py; pytest's importlib mode has no sibling imports.
-_spec = importlib.util.spec_from_file_location("edge_popup_loop_helpers",
-                                               Path(__file__).with_name("test_edge_popup.py"))
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
-check_export_in_fresh_process, crash_resume_and_compare, rebuilt = (
-    _helpers.check_export_in_fresh_process, _helpers.crash_resume_and_compare, _helpers.rebuilt)
+from loop_harness import check_export_in_fresh_process, crash_resume_and_compare, prepared_from
 
 
 def ternary_net(name="small_cnn", **settings):
@@ -123,13 +114,13 @@ def test_unpacked_2bit_network_gives_identical_outputs(tmp_path, granularity):
         load_2bit(tmp_path / "other.pt")
 
 
-def test_ternary_through_the_loop(gloo, tmp_path, digits_betons):
+def test_ternary_through_the_loop(gloo, tmp_path, digits_memory):
     cfg, _, whole, resumed, final_dir = crash_resume_and_compare(
-        gloo, tmp_path, digits_betons, ["method.name=ternary", "method.ternary.granularity=filter"])
+        gloo, tmp_path, digits_memory, ["method.name=ternary", "method.ternary.granularity=filter"])
     for key, value in whole["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     assert all(torch.isfinite(v).all() for v in resumed["model"].values() if v.is_floating_point())
-    model = rebuilt(cfg, resumed)
+    model = prepared_from(cfg, resumed)
     for name, layer in ternary_layers(model):
         wt = layer.effective_weight()
         for f in range(wt.shape[0]):

@@ -8,44 +8,17 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from we_dist.accounting import count_macs
 from we_dist.config import load_config
-from we_dist.export import load_exported
 from we_dist.methods.base import FitContext
 from we_dist.methods.registry import create_method
 from we_dist.methods.thinet import ThiNetMethod, ThiNetSettings
-from we_dist.models import architecture, create_model
-from we_dist.train.checkpoint import load_state
-from we_dist.train.loop import run_training
-from we_dist.train.session import TorchrunSession
 
-ROOT = Path(__file__).resolve().parents[2]
-SHAPE = (3, 32, 32)
-
-
-def trained_like(name="small_cnn", seed=0):
-    """A network with BN statistics and shifts that give sparse, uneven activations."""
-    torch.manual_seed(seed)
-    model = create_model(name, 10)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.weight.uniform_(0.2, 1.5)
-                m.bias.uniform_(-0.3, 0.2)
-    return model.eval()
-
-
-def data(n=16, batch=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, *SHAPE, generator=g), torch.zeros(batch, dtype=torch.long)) for _ in range(n // batch)]
+from loop_harness import SHAPE, data, prune_resume_export, trained_like
 
 
 def consumer_output(model, name, images):
@@ -121,105 +94,12 @@ def test_mac_target_is_reached_and_settings_are_checked():
         load_config(None, ["method.name=thinet", "method.thinet.ratio=1.5"])
 
 
-# --- through the real loop, 2 gloo ranks ----------------------------------------------------
+# --- through the real loop, 2 gloo ranks (tests/methods/loop_harness.py) ----------------------
 
 
-class Crash(RuntimeError):
-    """Stops a run the way a killed worker would."""
-
-
-def digits_cfg(tmp_path, digits, name, *overrides):
-    train_path, val_path = digits
-    return load_config(ROOT / "recipes" / "demo.yaml", [
-        f"name={name}", f"data.train_path={train_path}", f"data.val_path={val_path}",
-        f"checkpoint.storage_path={tmp_path / 'runs'}", "tracking.enabled=false", "train.progress=false",
-        "train.check_replicas=true", "train.accounting_repeats=1", "schedule.milestones=[]",
-        "schedule.warmup_epochs=0", "train.max_steps_per_epoch=3", *overrides])
-
-
-def train(rank, world, cfg, root, crash_epoch=None):
-    """One rank of a run; with ``crash_epoch`` the run dies after that epoch's checkpoint."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
-    cls = type(create_method(cfg))
-    original = cls.on_epoch_end
-
-    def on_epoch_end(self, ctx):
-        original(self, ctx)
-        if ctx.epoch == crash_epoch:
-            raise Crash(f"crash after epoch {ctx.epoch}")
-
-    cls.on_epoch_end = on_epoch_end
-    try:
-        metrics = run_training(cfg, TorchrunSession(root))
-    except Crash:
-        return "crashed"
-    finally:
-        cls.on_epoch_end = original
-    return metrics
-
-
-def rebuilt(model_name, state):
-    """The network a checkpoint holds, rebuilt as a user would (architecture, then weights)."""
-    model = create_model(model_name, 10)
-    architecture.rebuild(model, state["architecture"])
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
-def by_hand_macs(model):
-    """MACs from the layer shapes alone (convs and linear layers)."""
-    total = [0]
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(lambda m, i, o: total.__setitem__(
-                0, total[0] + o.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1])))
-        elif isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(
-                lambda m, i, o: total.__setitem__(0, total[0] + o.numel() * m.in_features)))
-    with torch.no_grad():
-        model(torch.zeros(1, *SHAPE))
-    for h in hooks:
-        h.remove()
-    return total[0]
-
-
-def prune_resume_export(gloo, tmp_path, digits, method, model_name, settings, crash_epoch, epochs):
-    """A base run, then ``method`` from it, killed in ``crash_epoch`` (after its validation,
-    before its checkpoint), and resumed; returns (base state, the last checkpoint before the
-    crash, final state, the resumed run's final metrics, run directory)."""
-    base = digits_cfg(tmp_path, digits, "base", "method.name=none", "schedule.epochs=1", f"model.name={model_name}")
-    base_root = tmp_path / "runs" / "base"
-    gloo(train, 2, base, str(base_root))
-    trained = load_state(base_root / "epoch_0000")
-    cfg = digits_cfg(tmp_path, digits, method, f"method.name={method}", f"model.name={model_name}",
-                     f"model.init_from={base_root}", *settings)
-    root = tmp_path / "runs" / method
-    assert gloo(train, 2, cfg, str(root), crash_epoch) == ["crashed", "crashed"]
-    crashed = load_state(root / f"epoch_{crash_epoch - 1:04d}")
-    r0, r1 = gloo(train, 2, cfg, str(root))
-    assert r0["epoch"] == r1["epoch"] == epochs - 1
-    assert r0["replicas/checksum_ok"] == r1["replicas/checksum_ok"] == 1.0
-    final = load_state(root / f"epoch_{epochs - 1:04d}")
-    # Every checkpoint's shapes are its architecture's, and nothing non-finite was written.
-    for state in (crashed, final):
-        for name, entry in state["architecture"].items():
-            for tensor, shape in entry["shapes"].items():
-                assert list(state["model"][f"{name}.{tensor}"].shape) == shape
-        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-        assert all(math.isfinite(v) for v in state["metrics"].values())
-    # The exported network computes what the checkpoint's network computes.
-    net = rebuilt(model_name, final)
-    x = torch.randn(5, *SHAPE)
-    with torch.no_grad():
-        assert torch.allclose(load_exported(root / f"epoch_{epochs - 1:04d}" / "exported.pt2")(x), net(x), atol=1e-5)
-    assert count_macs(net, SHAPE) == by_hand_macs(net) < count_macs(rebuilt(model_name, trained), SHAPE)
-    return trained, crashed, final, r0, root
-
-
-def test_thinet_through_the_loop_on_2_ranks_prunes_once_resumes_and_exports(gloo, tmp_path, digits_betons):
+def test_thinet_through_the_loop_on_2_ranks_prunes_once_resumes_and_exports(gloo, tmp_path, digits_memory):
     trained, first, final, r0, root = prune_resume_export(
-        gloo, tmp_path, digits_betons, "thinet", "cifar_resnet20",
+        gloo, tmp_path, digits_memory, "thinet", "cifar_resnet20",
         ["method.thinet.ratio=0.5", "method.thinet.calibration_batches=2", "method.thinet.locations=4",
          "method.thinet.finetune_epochs=2", "method.thinet.finetune_lr=0.01"], crash_epoch=1, epochs=2)
     assert first["method"]["pruned"] is True

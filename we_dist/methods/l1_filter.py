@@ -211,9 +211,6 @@ class L1FilterPruningMethod(Method):
                  "l1/layers_pruned": float(len(decision["prune"])),
                  "l1/macs_before": float(macs_before),
                  "l1/macs_after": float(count_macs(ctx.model, self.input_shape))})
-        if ctx.rank == 0:
-            print(f"[we_dist] l1: removed {before - after} of {before} filters in {len(decision['prune'])} layers",
-                  flush=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"pruned": self.pruned, "decision": self.decision}

@@ -15,7 +15,8 @@ Then for every prunable pair in forward order (layer ``i`` whose output channels
    the workers' sums (:mod:`we_dist.methods.calibration`);
 2. rank 0 selects channels by LASSO regression: ``min_beta 1/2 |Y - sum_c beta_c Z_c|^2 +
    lambda |beta|_1`` where ``Z_c`` is input channel ``c``'s contribution to the output, its
-   filter slices normalised to unit Frobenius norm (as in the paper); in Gram form
+   filter slices normalised to unit Frobenius norm (as in the paper; the authors' released
+   code leaves them as they are, see docs/faithfulness.md); in Gram form
    ``1/2 beta^T A beta - b^T beta + lambda |beta|_1``, solved by proximal gradient (FISTA)
    with warm starts. ``lambda`` is raised (bisection between 0 and ``max|b|``, where every
    beta is zero) until at most the target count of channels is non-zero; the channels kept

@@ -268,13 +268,34 @@ def describe(name: str, cls: type) -> str:
     return "\n".join(lines)
 
 
+#: the order of the README's table: the baseline, then WE and its relatives, then pruning, then
+#: masks over random weights and quantisation (a built-in method not listed follows, by name)
+TABLE_ORDER = ("none", "we", "reactivate", "repr", "l1", "slim", "soft_prune", "scratch", "dynamic_attention",
+               "thinet", "lasso", "apoz", "edge_popup", "sparse_binary", "ternary")
+
+
+def methods_table() -> str:
+    """The built-in methods as a markdown table (``method.name`` and its one-line summary): the
+    README's table is this text (``we-dist methods --markdown``; a test holds the two equal)."""
+    methods = {name: cls for name, cls in registered_methods().items() if name in BUILTIN_METHODS}
+    names = [n for n in TABLE_ORDER if n in methods] + sorted(set(methods) - set(TABLE_ORDER))
+    rows = ["| `method.name` | what it does |", "| --- | --- |"]
+    rows += [f"| `{name}` | {methods[name].summary} |" for name in names]
+    return "\n".join(rows)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `we-dist methods`."""
     parser.add_argument("names", nargs="*", help="show only these methods (default: all)")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the methods and their summaries as the README's markdown table")
 
 
 def run(args: argparse.Namespace) -> int:
     """`we-dist methods`: every registered method, its summary, settings and defaults."""
+    if getattr(args, "markdown", False):
+        print(methods_table())
+        return 0
     methods = registered_methods()
     names = list(args.names) or sorted(methods)
     for name in names:
