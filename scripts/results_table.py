@@ -4,7 +4,8 @@ Runs are grouped by name with the trailing ``-s<seed>`` removed, so ``digits-sli
 ``digits-slim-s1`` and ``digits-slim-s2`` form one row. Per row: the number of seeds,
 final-epoch val top-1 (mean and sample standard deviation, the headline), best-epoch val top-1
 (labelled), and the network at the start and the end (parameters, MACs, CPU latency at
-batch 1 and 64, medians over seeds).
+batch 1 and 64, medians over seeds; the tags ``we_dist.network.start.*``/``end.*``, or the
+``model/*`` metrics of runs logged by an older we_dist).
 
     python scripts/results_table.py --uri sqlite:///results/mlflow.db --experiment results_slim
 
@@ -21,6 +22,8 @@ import re
 import statistics
 
 from mlflow.tracking import MlflowClient
+
+from we_dist.tracking.names import network_from_tags
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -105,8 +108,12 @@ def main() -> None:
             for step, value in _history(client, run.info.run_id, "val/top1_before_change"):
                 change_before.append(value)
                 change_after.append(dict(top1)[step])
+            start, end = (network_from_tags(run.data.tags, stage) for stage in ("start", "end"))
             for key in ("model/params", "model/macs", "model/cpu_latency_ms_b1", "model/cpu_latency_ms_b64"):
-                h = _history(client, run.info.run_id, key)
+                if key in start and key in end:
+                    acc.setdefault(key, []).append((start[key], end[key]))
+                    continue
+                h = _history(client, run.info.run_id, key)     # a run of an older we_dist: metrics
                 if len(h) >= 2:
                     acc.setdefault(key, []).append((h[0][1], h[-1][1]))
 

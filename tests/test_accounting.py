@@ -25,3 +25,22 @@ def test_nonzero_params_and_the_metric_names():
     assert stats["model/cpu_latency_ms_b1"] > 0 and stats["model/cpu_latency_ms_b64"] > 0
     assert net.training                                   # measured on a copy
     assert "params" in summary_lines(stats, stats)
+
+
+def test_side_by_side_latency_times_each_network_at_each_batch_in_turns():
+    from we_dist.accounting import latency_side_by_side
+
+    small = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 16 * 16, 10))
+    big = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1), nn.Flatten(),
+                        nn.Linear(64 * 16 * 16, 10))
+    calls = {"small": 0, "big": 0}
+    for name, net in (("small", small), ("big", big)):
+        net.register_forward_pre_hook(lambda m, x, name=name: calls.__setitem__(name, calls[name] + 1))
+    timed = latency_side_by_side({"small": small, "big": big}, (3, 16, 16), repeats=5, batches=(1, 8))
+    for name in ("small", "big"):
+        assert set(timed[name]) == {"model/cpu_latency_ms_b1", "model/cpu_latency_ms_b8", "model/cpu_threads"}
+        assert all(v > 0 for v in timed[name].values())
+    # 16x the MACs per image at batch 8: the big network is the slower one, whatever the load
+    assert timed["big"]["model/cpu_latency_ms_b8"] > timed["small"]["model/cpu_latency_ms_b8"]
+    assert calls == {"small": 12, "big": 12}              # per batch: one warm-up and 5 timed rounds
+    assert small.training and big.training                # timed on eval-mode copies

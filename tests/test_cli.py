@@ -18,6 +18,16 @@ def we_dist(*args, cwd=None, timeout=120):
     return subprocess.run([WE_DIST, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
+def we_dist_here(*args, cwd=None, timeout=120, env=None):
+    """`we-dist ARGS` run from this checkout's code (``python -m we_dist.cli``): the console
+    script imports the checkout it was installed from, which need not be this one."""
+    import os
+
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "we_dist.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env)
+
+
 def test_help_lists_every_command():
     out = we_dist("--help")
     assert out.returncode == 0
@@ -76,6 +86,26 @@ def test_config_validates_every_recipe_and_method_section_without_importing_torc
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "HEAVY []" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     assert "s1: 3" in out.stdout and "method.repr.s1" in out.stderr   # the override shown; the bad one named
+
+
+def test_config_prints_the_active_methods_settings_and_loads_back(tmp_path):
+    """`we-dist config` shows the settings of the method in use (not all fourteen methods'), says
+    where the others are, and what it prints is a recipe that loads as the same config; a change
+    to another method's settings is kept, so nothing is lost."""
+    from we_dist.config import load_config
+
+    for overrides in ([], ["method.name=l1", "method.we.lab=0.5"], ["method.name=none"]):
+        out = we_dist_here("config", DEMO, *overrides, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        recipe = tmp_path / "printed.yaml"
+        recipe.write_text(out.stdout)
+        assert load_config(recipe) == load_config(DEMO, overrides)
+        method = load_config(DEMO, overrides).method.name
+        assert "`we-dist methods NAME`" in out.stdout
+        sections = {line.strip(" :") for line in out.stdout.split("\nmethod:\n")[1].splitlines()
+                    if line.startswith("  ") and not line.startswith("   ") and line.endswith(":")}
+        assert sections == ({method} - {"none"}) | ({"we"} if method != "we" else set()), sections
+    assert len(we_dist_here("config", DEMO, cwd=tmp_path).stdout.splitlines()) < 120     # was 199 lines
 
 
 @pytest.mark.parametrize("args, message", [
@@ -212,3 +242,12 @@ def test_a_run_that_cannot_train_is_refused_before_ray_and_mlflow(override, mess
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert list(work.iterdir()) == []           # no mlflow.db (tracking is on by default), no runs/
+
+
+def test_train_takes_overrides_after_its_options_too(tmp_path):
+    """`we-dist train R --address local key=value` reads key=value as an override (as compare and
+    sensitivity do): here an unsafe name, refused by the config before anything starts."""
+    out = we_dist("train", DEMO, "--address", "local", "name=..", f"checkpoint.storage_path={tmp_path / 'runs'}",
+                  cwd=tmp_path)
+    assert out.returncode == 2 and "name '..'" in out.stderr, out.stderr[-2000:]
+    assert "unrecognized arguments" not in out.stderr

@@ -36,3 +36,22 @@ def test_adding_a_method_runs_as_written(capsys):
     assert metrics["shrink_weak/halved"] >= 0
     calls, halved = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert float(calls) == 2.0 and float(halved) == metrics["shrink_weak/halved"]
+
+
+def test_the_readmes_methods_table_is_the_registrys():
+    """One source for the methods table: each method's own ``summary``; the README carries
+    ``we-dist methods --markdown`` verbatim."""
+    from we_dist.methods.registry import BUILTIN_METHODS, methods_table
+
+    readme = (ROOT / "README.md").read_text()
+    table = methods_table()
+    assert table in readme
+    assert all(f"| `{name}` |" in table for name in BUILTIN_METHODS)
+
+
+def test_the_readme_fits_on_a_screen_and_its_links_resolve():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 110
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme):
+        if "://" not in target:
+            assert (ROOT / target).exists(), target

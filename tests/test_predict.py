@@ -60,6 +60,39 @@ def _checkpoint(tmp_path: Path, *overrides: str) -> tuple[Path, Config]:
     return directory, cfg
 
 
+def test_evaluate_and_predict_say_which_network_they_loaded(tmp_path, capsys):
+    """Best or last epoch, which epoch, params and MACs, and, for a checkpoint whose best epoch
+    is not its own, that its exported.pt2 is the last epoch's: evaluate used the best epoch
+    (0.9806) while the .pt2 was the last (0.9778), and nothing said which was which."""
+    from PIL import Image
+
+    from we_dist.accounting import count_macs, count_params
+    from we_dist.models import architecture, create_model
+    from we_dist.train.checkpoint import save_state
+
+    cfg = Config().override(DIGITS_DATA)
+    torch.manual_seed(0)
+    best, last = create_model("small_cnn", 10), create_model("small_cnn", 10)
+    directory = tmp_path / "runs" / "pred" / "epoch_0001"
+    directory.mkdir(parents=True)
+    (directory / "exported.pt2").write_bytes(b"the last epoch's export")    # what the export writes there
+    save_state(directory, {"model": last.state_dict(), "architecture": architecture.describe(last), "epoch": 1,
+                           "step": 20, "metrics": {"val/top1": 0.9778}, "history": [],
+                           "best": {"model": best.state_dict(), "architecture": architecture.describe(best),
+                                    "epoch": 0, "val/top1": 0.9806}},
+               epoch=1, step=20, run=cfg.name, method="none", config=cfg.to_dict())
+    image = tmp_path / "seven.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
+    params, macs = count_params(best)[0], count_macs(best, (3, 32, 32))
+    tree = _digit_tree(tmp_path / "tree", per_class=1)
+    for argv in (["evaluate", str(directory), "--data", str(tree)], ["predict", str(directory), str(image)]):
+        assert main(argv) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first == (f"[we_dist] {directory}: the best epoch's network (epoch 0, logged val top1 0.9806); "
+                         f"{params:,} params, {macs / 1e6:.3g}M MACs per 3x32x32 image; this checkpoint's "
+                         f"exported.pt2 is the last epoch's network (epoch 1)"), first
+
+
 def _digit_tree(root: Path, per_class: int = 3) -> Path:
     from PIL import Image
 
@@ -147,6 +180,7 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(tmp_path, capsys):
         (["predict", "a" * 32, str(image), "--tracking-uri", store_uri], f"no MLflow run {'a' * 32}"),
         (["evaluate", "b" * 32, "--data", "x.beton", "--tracking-uri", "http://127.0.0.1:9"], "not reachable"),
         (["evaluate", str(ckpt), "--data", str(tmp_path / "none.beton")], "none.beton: no such file or folder"),
+        (["evaluate", str(ckpt), "--data", str(tmp_path / "none.beton")], f"we-dist convert SOURCE --out {tmp_path}`"),
         (["evaluate", str(ckpt), "--data", str(broken)], "broken.png"),
         (["evaluate", str(tmp_path), "--data", str(broken)], "no loadable checkpoint"),
         (["predict", str(ckpt), str(image), "--classes", str(broken)], "1 class names for a network with 10"),
@@ -211,3 +245,30 @@ def test_a_decompression_bomb_and_a_crafted_checkpoint_are_one_line_and_nothing_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds objects other than tensors and plain data; refused" in err[0], err
     assert not marker.exists()
+
+
+def test_a_run_id_without_a_store_here_leaves_nothing_behind(tmp_path):
+    """`we-dist evaluate RUN_ID` / `predict RUN_ID` in a directory with no MLflow store and no
+    --tracking-uri: one line saying there is no store there and to give --tracking-uri; the
+    command leaves nothing in its cwd (it left an empty 954 KB mlflow.db)."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    image = tmp_path / "seven.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(root)          # this checkout's code
+    for args in (["evaluate", "c" * 32, "--data", str(tmp_path / "val.beton")], ["predict", "c" * 32, str(image)]):
+        out = subprocess.run([sys.executable, "-m", "we_dist.cli", *args], capture_output=True, text=True,
+                             timeout=300, cwd=work, env=env)
+        assert out.returncode == 2, out.stderr[-2000:]
+        err = out.stderr.strip().splitlines()
+        assert len(err) == 1 and f"there is no MLflow store at sqlite:///{work / 'mlflow.db'}" in err[0], err
+        assert "give --tracking-uri" in err[0]
+        assert list(work.iterdir()) == []

@@ -25,6 +25,19 @@ from we_dist.train.session import TorchrunSession
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _small_cnn_checkpoint(directory: Path) -> Path:
+    """A real checkpoint of the demo recipe's small CNN (untrained), with its config."""
+    from we_dist.models import architecture, create_model
+    from we_dist.train.checkpoint import save_state
+
+    cfg = load_config(ROOT / "recipes" / "demo.yaml", ["name=base"])
+    net = create_model("small_cnn", 10)
+    save_state(directory, {"model": net.state_dict(), "architecture": architecture.describe(net), "epoch": 0,
+                           "step": 1, "metrics": {}, "history": []},
+               epoch=0, step=1, run="base", method="none", config=cfg.to_dict())
+    return directory
+
+
 def test_sensitivity_table_csv_plot_and_mlflow(tmp_path, digits_betons, capsys):
     train_path, val_path = digits_betons
     common = [f"data.train_path={train_path}", f"data.val_path={val_path}", "train.progress=false"]
@@ -74,11 +87,51 @@ def test_sensitivity_table_csv_plot_and_mlflow(tmp_path, digits_betons, capsys):
     assert {"sensitivity/sensitivity.csv", "sensitivity/sensitivity.png", "sensitivity/table.txt"} <= names
 
 
-def test_bad_input_is_refused_clearly(capsys):
+def test_bad_input_is_refused_clearly(capsys, tmp_path):
     assert main(["sensitivity", str(ROOT / "recipes" / "demo.yaml")]) == 2
     assert "set model.init_from" in capsys.readouterr().err
     assert main(["sensitivity", str(ROOT / "recipes" / "demo.yaml"), "model.init_from=/x", "--ratios", "0.5,1.5"]) == 2
     assert "--ratios must be numbers in (0, 1)" in capsys.readouterr().err
     assert main(["sensitivity", str(ROOT / "recipes" / "demo.yaml"), "model.init_from=/nowhere/at/all"]) == 2
     assert "model.init_from" in capsys.readouterr().err
+    base = _small_cnn_checkpoint(tmp_path / "base" / "epoch_0000")    # loads; its data is missing
+    assert main(["sensitivity", str(ROOT / "recipes" / "demo.yaml"), f"model.init_from={base}",
+                 "data.val_path=/nowhere/digits/val.beton"]) == 2
+    err = capsys.readouterr().err
+    assert "data.val_path: /nowhere/digits/val.beton: file not found" in err, err
+    assert "`we-dist convert SOURCE --out /nowhere/digits`" in err and "Traceback" not in err
     assert parse_ratios("0.5, 0.1,0.5") == [0.1, 0.5]
+
+
+def test_an_override_last_two_bases_two_folders_and_why_a_layer_has_no_row(tmp_path, digits_betons, capsys,
+                                                                             monkeypatch):
+    """An override after the options is taken (it was `unrecognized arguments`), as train and
+    compare take it; two bases analysed under one recipe go to two folders named after them
+    (both went to sensitivity/demo); and the conv without a row is listed with the reason: in
+    the small CNN, layer 2 feeds the depthwise layer 3, so their filters go together."""
+    monkeypatch.chdir(tmp_path)
+    bases = [_small_cnn_checkpoint(tmp_path / "runs" / name / "epoch_0000") for name in ("base_a", "base_b")]
+    for base in bases:
+        assert main(["sensitivity", str(ROOT / "recipes" / "demo.yaml"), f"model.init_from={base}",
+                     f"data.val_path={digits_betons[1]}", "--ratios", "0.5", "--max-batches", "1",
+                     "tracking.enabled=false"]) == 0
+    printed = capsys.readouterr().out
+    folders = sorted(p.name for p in (tmp_path / "sensitivity").iterdir())
+    assert folders == ["base_a_epoch_0000", "base_b_epoch_0000"]
+    assert all((tmp_path / "sensitivity" / f / "sensitivity.csv").is_file() for f in folders)
+    assert not (tmp_path / "mlflow.db").exists()                 # tracking.enabled=false, given last, applied
+    assert ("not in the table: layer 2 features.1.0: its filters go with layer 3's (features.2.0): pruning one "
+            "removes the other, so layer 3's row removes both") in printed
+
+
+def test_the_layers_left_out_of_a_resnet_are_the_residual_stream():
+    """cifar_resnet20's residual stream (the stem and each block's second conv) passes through
+    option-A zero-padding shortcuts, which are never pruned: those convs are listed as such."""
+    from we_dist.models import create_model
+    from we_dist.sensitivity import left_out
+
+    net = create_model("cifar_resnet20", 10)
+    missing = left_out(net, (3, 32, 32))
+    assert [m for _, m, _ in missing] == ["conv1"] + [f"layers.{i}.conv2" for i in range(9)]
+    assert all("zero-padding shortcut" in why for _, _, why in missing)
+    assert len(missing) + len(prunable_layers(net, (3, 32, 32))) == 19           # every conv accounted for

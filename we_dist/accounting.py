@@ -11,7 +11,10 @@
   Papers call MACs "FLOPs"; we label MACs as MACs and log ``model/flops`` = 2 x MACs beside.
 * ``model/cpu_latency_ms_b1`` / ``_b64``: median wall time of an eval-mode forward pass on
   CPU at batch 1 and 64, over ``repeats`` timed runs after one warm-up, in this process's
-  torch thread setting (noted as ``model/cpu_threads``). 0 repeats skips the timing.
+  torch thread setting (noted as ``model/cpu_threads``). 0 repeats skips the timing. To
+  compare two networks (a run's start and its end), time them side by side with
+  :func:`latency_side_by_side`: in turns, in one process, so that whatever else the machine
+  does slows both alike (timed minutes apart, the same network measured 0.52x "faster").
 
 Example::
 
@@ -65,6 +68,34 @@ def cpu_latency_ms(model: nn.Module, input_shape: Sequence[int], batch: int, rep
         model(x)
         times.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(times)
+
+
+LATENCY_BATCHES = (1, 64)
+
+
+@torch.no_grad()
+def latency_side_by_side(networks: dict[str, nn.Module], input_shape: Sequence[int], repeats: int,
+                         batches: Sequence[int] = LATENCY_BATCHES) -> dict[str, dict[str, float]]:
+    """Median CPU milliseconds per eval-mode forward of each of ``networks`` at each batch,
+    timed in turns (a, b, a, b, ... ``repeats`` rounds after one warm-up each), so that load on
+    the machine hits every network alike. Returns ``{name: {"model/cpu_latency_ms_b<batch>":
+    ms, ..., "model/cpu_threads": n}}``."""
+    copies = {name: _cpu_eval_copy(net) for name, net in networks.items()}
+    out: dict[str, dict[str, float]] = {name: {"model/cpu_threads": float(torch.get_num_threads())}
+                                        for name in networks}
+    for batch in batches:
+        x = torch.randn((batch, *input_shape))
+        times: dict[str, list[float]] = {name: [] for name in copies}
+        for net in copies.values():
+            net(x)   # warm-up: allocations, lazy initialisation
+        for _ in range(repeats):
+            for name, net in copies.items():
+                start = time.perf_counter()
+                net(x)
+                times[name].append((time.perf_counter() - start) * 1000.0)
+        for name in copies:
+            out[name][f"model/cpu_latency_ms_b{batch}"] = statistics.median(times[name])
+    return out
 
 
 def account(model: nn.Module, input_shape: Sequence[int], repeats: int = 5) -> dict[str, float]:

@@ -23,6 +23,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 
 # subcommand -> (module, help). Modules are imported only when their command runs,
 # so `we-dist config` does not pay for importing Ray or FFCV.
@@ -41,9 +42,9 @@ COMMANDS = {
     "predict": ("we_dist.predict", "top-k classes of image files from a trained network (MLflow run id or checkpoint)"),
 }
 
-# Shown at the end of each command's --help. Recipe keys are documented in README.md
+# Shown at the end of each command's --help. Recipe keys are documented in docs/guide.md
 # ("Overriding config keys"), method settings by `we-dist methods NAME`.
-KEYS_HINT = ("config keys: README.md, \"Overriding config keys\"; method settings: `we-dist methods NAME`; "
+KEYS_HINT = ("config keys: docs/guide.md, \"Overriding config keys\"; method settings: `we-dist methods NAME`; "
              "the resolved config: `we-dist config RECIPE [key=value ...]`")
 EXAMPLES = {
     "convert": """\
@@ -100,10 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`we-dist config`: validate and print the resolved recipe."""
+    """`we-dist config`: validate and print the resolved recipe (the method section: the
+    active method's settings; `we-dist methods NAME` lists any method's)."""
     from we_dist.config import load_config
 
-    print(load_config(args.recipe, args.overrides).to_yaml(), end="")
+    print(load_config(args.recipe, args.overrides).to_yaml(active_method_only=True), end="")
     return 0
 
 
@@ -111,7 +113,7 @@ def _usage() -> str:
     lines = ["usage: we-dist COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<9} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     lines += ["", "`we-dist COMMAND --help` describes one command; `we-dist --version` prints the version.",
-              "Config keys: README.md (\"Overriding config keys\") and `we-dist methods` for method settings."]
+              "Config keys: docs/guide.md (\"Overriding config keys\") and `we-dist methods` for method settings."]
     return "\n".join(lines)
 
 
@@ -134,11 +136,17 @@ def _umask() -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `we-dist` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # When the command started, for the run's time to its first step; a launcher that wants its
+    # own start counted (benchmarks/startup.py) hands it over in WE_DIST_LAUNCHED_AT.
+    os.environ["WE_DIST_STARTED_AT"] = os.environ.pop("WE_DIST_LAUNCHED_AT", f"{time.time():.3f}")
     # Before MLflow is imported: its usage telemetry edits os.environ from a background thread,
     # which races with numba (FFCV's loaders) reading it; a local Ray's workers inherit this too.
     # See worker_env in we_dist/train/driver.py.
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     os.umask(_umask())
+    from we_dist.train.ray_logs import driver_console
+
+    driver_console("--verbose" in argv, sys.stdout.isatty())
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())   # no heavy import: help must be instant
         return 0 if argv else 2

@@ -172,7 +172,7 @@ class TrainConfig:
     progress: Bool = True                    # live progress bar on the console (rank 0)
     log_every_steps: PositiveInt = 50
     max_steps_per_epoch: NonNegativeInt = 0  # 0: the whole epoch; >0 caps it (smoke tests, benchmarks)
-    accounting_repeats: NonNegativeInt = 5   # timed runs per CPU latency (model/cpu_latency_*); 0: no timing
+    accounting_repeats: NonNegativeInt = 10  # timed rounds, start and end networks in turns (model/cpu_latency_*); 0: none
     export: Bool = True                      # save the final network with torch.export (last checkpoint, MLflow)
 
 
@@ -279,9 +279,26 @@ class Config:
         """Nested plain dict (lists for tuples): the exact inverse of :func:`config_from_dict`."""
         return _to_plain(self)
 
-    def to_yaml(self) -> str:
-        """The resolved config as a YAML recipe that reproduces this run."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, active_method_only: bool = False) -> str:
+        """The resolved config as a YAML recipe that reproduces this run.
+
+        ``active_method_only``: the ``method`` section shows the settings of ``method.name``'s
+        method, and of any other method only where they differ from its defaults (so the text
+        still loads as this very config), with a comment line saying where the rest are.
+        """
+        tree = self.to_dict()
+        if not active_method_only:
+            return yaml.safe_dump(tree, sort_keys=False)
+        section, defaults = tree["method"], _to_plain(type(self.method)())
+        changed = [k for k in section if k not in ("name", self.method.name) and section[k] != defaults[k]]
+        tree["method"] = {k: v for k, v in section.items() if k in ("name", self.method.name, *changed)}
+        shown = f"the {self.method.name} method's settings" if self.method.name in section \
+            else f"the {self.method.name} method has no settings"
+        if changed:
+            shown += f"; {', '.join(changed)} as changed from their defaults"
+        comment = f"# method: {shown}; every other method's: `we-dist methods NAME`\n"
+        text = yaml.safe_dump(tree, sort_keys=False)
+        return text.replace("\nmethod:", "\n" + comment + "method:", 1)
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys to values, e.g. for MLflow params."""

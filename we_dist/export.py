@@ -9,7 +9,9 @@ project, pruned or not, masked or not::
     logits = net(images)          # float32, (N, C, H, W), normalised as in training
 
 The file holds the graph and the weights; ``exported.json`` beside it records the input
-shape it was traced with and how to load it.
+shape it was traced with, how to load it, and which network it is (``"network"``: its
+parameters, nonzero parameters and MACs, and, as the caller says, its epoch and whether it is
+the run's ``"last"`` or ``"best"`` epoch's network).
 
 Networks trained with masks or ternary weights (:mod:`we_dist.methods.masked`) are exported
 as what they compute: :func:`deployable` replaces each such layer by a plain conv/linear
@@ -29,7 +31,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -62,14 +64,16 @@ def deployable(model: nn.Module) -> nn.Module:
 
 
 def export_model(model: nn.Module, input_shape: Sequence[int], directory: str | Path,
-                 max_batch: int = 4096) -> Path:
+                 max_batch: int = 4096, *, network: Mapping[str, Any] | None = None) -> Path:
     """Export ``model`` (a CPU, eval-mode copy of it) to ``directory/exported.pt2``.
 
     ``input_shape`` is one input's (C, H, W). Any batch from 1 to ``max_batch`` works.
-    Returns the path. Also writes ``exported.json`` (input shape, dtype, how to load); a
-    method adds its own files beside them (``Method.export_artifacts``: the ternary method
-    writes ``exported_2bit.pt`` with :func:`write_2bit`).
-    Masked and ternary layers are exported as plain layers (:func:`deployable`).
+    Returns the path. Also writes ``exported.json`` (input shape, dtype, how to load, and
+    ``"network"``: what the caller says the exported network is, e.g. its epoch (0-based),
+    ``"selected"`` (``"last"`` or ``"best"``), params and MACs (:mod:`we_dist.accounting`, a
+    layer above this one, counts them)); a method adds its own files beside them
+    (``Method.export_artifacts``: the ternary method writes ``exported_2bit.pt`` with
+    :func:`write_2bit`). Masked and ternary layers are exported as plain layers (:func:`deployable`).
     """
     net = deployable(copy.deepcopy(model).cpu().float().eval()).to(memory_format=torch.contiguous_format)
     example = torch.randn((2, *input_shape))  # 2, not 1: batch 1 would be specialised
@@ -81,6 +85,7 @@ def export_model(model: nn.Module, input_shape: Sequence[int], directory: str | 
     (directory / INPUT_NOTE).write_text(json.dumps({
         "input_shape": ["batch", *map(int, input_shape)], "dtype": "float32", "max_batch": max_batch,
         "load": "torch.export.load('exported.pt2').module()(images)",
+        **({"network": dict(network)} if network else {}),
     }, indent=1))
     return path
 

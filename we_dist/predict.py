@@ -2,10 +2,11 @@
 
 SOURCE, the network, is one of:
 
-* an MLflow run id (32 hex characters): the run's logged model (``model/network.pt`` and
-  ``model/network.json``, written beside the MLflow model at the end of training), looked up
-  at ``--tracking-uri`` (default: ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``, as
-  ``we-dist train`` resolves it);
+* an MLflow run id (32 hex characters): the run's MLflow model, ``runs:/<run id>/model``
+  (its ``network.pt`` and ``network.json``, written beside ``MLmodel`` at the end of training;
+  MLflow resolves the URI to the run's LoggedModel ``model``, or for a run logged by an older
+  we_dist to the run's own ``model/`` folder), looked up at ``--tracking-uri`` (default: ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``, as
+  ``we-dist train`` resolves it); a local store that is not there is reported, never created;
 * a checkpoint directory (``<storage>/<run>/epoch_0011``) or a run directory (its newest
   checkpoint that verifies): the best epoch's network kept in it, or the checkpoint's own
   network when the run trained with ``tracking.model_epoch=last``.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pickle
 import re
 import sys
@@ -47,13 +49,16 @@ from torch import nn
 from we_dist import network
 from we_dist.config import ConfigError, TrackingConfig, config_from_dict
 from we_dist.data import DatasetError, check_beton, make_val_loader
+from we_dist.data.beton import convert_hint
+from we_dist.export import EXPORT_FILE
 from we_dist.data.convert import scan_imagefolder
 from we_dist.methods import create_method
 from we_dist.tracking import TrackingError, check_reachable, resolve_uri
-from we_dist.tracking.model import MODEL_DIR, NETWORK_FILE, NETWORK_INFO, preprocessing
+from we_dist.tracking.model import MODEL_DIR, NETWORK_FILE, NETWORK_INFO, download_model_file, preprocessing
 from we_dist.tracking.store import redact
 from we_dist.train.checkpoint import MANIFEST_FILE, CheckpointError, latest_loadable, load_state, read_manifest
 from we_dist.train.evaluation import evaluate
+from we_dist.train.init_from import missing_store
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 CLASSES_FILE = "classes.txt"   # optional: one class name per line, label order
@@ -73,6 +78,7 @@ class LoadedNetwork:
     val_top1: float | None    # what the run logged for that epoch
     selected: str             # "best" or "last"
     source: str               # where it came from, for messages
+    last_epoch: int | None = None   # a checkpoint's own epoch: what its exported.pt2 holds
 
     @property
     def preprocessing(self) -> dict[str, Any]:
@@ -97,7 +103,7 @@ def _from_checkpoint(path: Path) -> LoadedNetwork:
     except ConfigError as exc:
         raise PredictError(f"{directory}: its recorded config is not valid now: {exc}") from None
     net, epoch, top1, which = network.from_state(cfg, state, cfg.tracking.model_epoch)
-    return LoadedNetwork(net, cfg, epoch, top1, which, directory)
+    return LoadedNetwork(net, cfg, epoch, top1, which, directory, last_epoch=int(state["epoch"]))
 
 
 def _from_mlflow(run_id: str, tracking_uri: str) -> LoadedNetwork:
@@ -105,6 +111,10 @@ def _from_mlflow(run_id: str, tracking_uri: str) -> LoadedNetwork:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    missing = missing_store(tracking_uri)   # checked first: opening a store that is not there creates it
+    if missing:
+        raise PredictError(f"MLflow run {run_id}: {missing}; give --tracking-uri (or set MLFLOW_TRACKING_URI), "
+                           f"or a checkpoint directory")
     try:
         check_reachable(tracking_uri)
     except TrackingError as exc:
@@ -116,9 +126,11 @@ def _from_mlflow(run_id: str, tracking_uri: str) -> LoadedNetwork:
         raise PredictError(f"no MLflow run {run_id} at {redact(tracking_uri)} (give --tracking-uri, or a "
                            f"checkpoint directory)") from None
     with tempfile.TemporaryDirectory(prefix="we_dist_predict_") as tmp:
+        # The LoggedModel's files, or an older run's own model/ folder.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # two files: no bars
         try:
-            info_path = client.download_artifacts(run_id, f"{MODEL_DIR}/{NETWORK_INFO}", tmp)
-            weights_path = client.download_artifacts(run_id, f"{MODEL_DIR}/{NETWORK_FILE}", tmp)
+            info_path = download_model_file(client, run_id, NETWORK_INFO, tmp)
+            weights_path = download_model_file(client, run_id, NETWORK_FILE, tmp)
         except (MlflowException, OSError):
             raise PredictError(f"MLflow run {run_id} has no {MODEL_DIR}/{NETWORK_INFO} and {MODEL_DIR}/{NETWORK_FILE}: "
                                f"it did not finish, trained with tracking.log_model=false, or was logged by an "
@@ -298,10 +310,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MLflow tracking URI for a run id (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
 
-def _describe(net: LoadedNetwork) -> str:
+def _count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def describe_loaded(net: LoadedNetwork) -> str:
+    """Which network was loaded: best or last epoch, which epoch (0-based, as MLflow's steps and
+    the training log show them), its logged val top-1, params and MACs (as deployed, one image
+    at ``data.val_res``); for a checkpoint's best epoch, also which epoch its exported.pt2 holds."""
+    from we_dist.accounting import count_macs, count_params
+
     top1 = "" if net.val_top1 is None else f", logged val top1 {net.val_top1:.4f}"
-    # Epochs are 0-based, as MLflow's steps and the training log show them.
-    return f"{net.source}: the {net.selected} epoch's network (epoch {net.epoch}{top1})"
+    params, _ = count_params(net.module)
+    shape = net.cfg.data.input_shape
+    macs = count_macs(net.module, shape)
+    text = (f"{net.source}: the {net.selected} epoch's network (epoch {net.epoch}{top1}); {params:,} params, "
+            f"{_count(macs)} MACs per {'x'.join(map(str, shape))} image")
+    export = Path(net.source) / EXPORT_FILE
+    if net.last_epoch is not None and net.last_epoch != net.epoch and export.is_file():
+        text += f"; this checkpoint's exported.pt2 is the last epoch's network (epoch {net.last_epoch})"
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
@@ -319,11 +350,12 @@ def run(args: argparse.Namespace) -> int:
         names = class_names(net.cfg, args.classes)
         if names is not None and len(names) != net.cfg.model.num_classes:
             raise PredictError(f"{len(names)} class names for a network with {net.cfg.model.num_classes} classes")
-        print(f"[we_dist] {_describe(net)}", flush=True)
+        print(f"[we_dist] {describe_loaded(net)}", flush=True)
         if command == "evaluate":
             data = Path(args.data).expanduser()
             if not data.exists():
-                raise PredictError(f"--data {args.data}: no such file or folder")
+                hint = f"; {convert_hint(data)}" if data.suffix == ".beton" else ""
+                raise PredictError(f"--data {args.data}: no such file or folder{hint}")
             result = (evaluate_folder(net, str(data), names, args.batch_size) if data.is_dir()
                       else evaluate_beton(net, str(data), args.batch_size))
             print(f"top1 {result['top1']:.4f}  top5 {result['top5']:.4f}  loss {result['loss']:.4f}  "

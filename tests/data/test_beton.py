@@ -48,8 +48,10 @@ def test_valid_files_report_their_contents(digits_betons):
 
 def test_missing_file(tmp_path):
     path = tmp_path / "nope.beton"
-    with pytest.raises(DatasetError, match=f"{path}: file not found"):
+    with pytest.raises(DatasetError, match=f"{path}: file not found") as err:
         check_beton(path)
+    # ... and how to make it: `we-dist convert` into the missing file's folder.
+    assert f"`we-dist convert SOURCE --out {tmp_path}` writes train.beton and val.beton there" in str(err.value)
 
 
 def test_directory_and_empty_file(tmp_path):
@@ -124,3 +126,26 @@ def test_copy_of_valid_file_passes(digits_betons, tmp_path):
     copy = tmp_path / "copy.beton"
     shutil.copyfile(digits_betons[1], copy)
     assert check_beton(copy).num_samples == 360
+
+
+def test_the_format_written_down_is_ffcvs_own():
+    """check_beton reads the file with its own copy of FFCV's format (so it imports no FFCV);
+    the copy must be FFCV's, or every check would read garbage."""
+    import ffcv.types
+    from we_dist.data import beton
+
+    assert beton.HEADER_TYPE == ffcv.types.HeaderType
+    assert beton.FIELD_DESC_TYPE == ffcv.types.FieldDescType
+    assert beton.ALLOC_TABLE_TYPE == ffcv.types.ALLOC_TABLE_TYPE
+    assert beton.FORMAT_VERSION == ffcv.types.CURRENT_VERSION
+
+
+def test_checking_a_file_imports_no_ffcv(digits_betons):
+    import subprocess
+    import sys
+
+    code = ("import sys; from we_dist.data import check_beton; "
+            f"print(check_beton({str(digits_betons[0])!r}).num_samples); "
+            "print(sorted(m for m in ('ffcv', 'numba', 'cv2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "1437" and out[1] == "[]", out

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from we_dist.cluster.client import ClusterError
+from we_dist.ownership import refuse_unsafe
 from we_dist.ports import free_port
 
 HOST = "127.0.0.1"
@@ -86,18 +87,11 @@ def default_state_dir() -> Path:
 
 def _refuse_unsafe(path: Path, st: os.stat_result, kind: str) -> None:
     """Refuse ``path`` (already ``lstat``-ed) unless it is ours and closed to group and others."""
-    import stat
-
-    if stat.S_ISLNK(st.st_mode):
-        raise ClusterError(f"{kind} {path} is a symbolic link; refusing to use it (remove it, or choose "
-                           f"another --state-dir / ${STATE_DIR_ENV})")
-    if st.st_uid != os.getuid():
-        raise ClusterError(f"{kind} {path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()}); "
-                           f"refusing to use it (choose another --state-dir / ${STATE_DIR_ENV})")
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise ClusterError(f"{kind} {path} has mode {stat.S_IMODE(st.st_mode):04o}: group/other may access it; "
-                           f"refusing to use it (chmod {'700' if kind.endswith('directory') else '600'} "
-                           f"{path} if it is yours, or remove it)")
+    refuse_unsafe(path, st, kind, error=ClusterError, mask=0o077,
+                  link_hint=f"remove it, or choose another --state-dir / ${STATE_DIR_ENV}",
+                  owner_hint=f"choose another --state-dir / ${STATE_DIR_ENV}",
+                  mode_hint=f"chmod {'700' if kind.endswith('directory') else '600'} {path} if it is yours, "
+                            f"or remove it")
 
 
 def ensure_state_dir(state_dir: str | os.PathLike[str], create: bool = True) -> Path:

@@ -30,20 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 
-def _ffcv_types() -> tuple[Any, Any, Any, int]:
-    """FFCV's file-format types, imported on first use: importing this module (and so the
-    training loop, which can run on in-memory loaders) needs no FFCV. Importing FFCV calls
-    torch.set_num_threads(1) (its JIT compiler's default), which would silently make every
-    CPU training step single-threaded; the user's setting is kept."""
-    threads = torch.get_num_threads()
-    import ffcv.types
-
-    torch.set_num_threads(threads)
-    t = ffcv.types
-    return t.HeaderType, t.FieldDescType, t.ALLOC_TABLE_TYPE, t.CURRENT_VERSION
+# FFCV 1.0.2's file format (ffcv/types.py), written down here so that checking a file imports
+# no FFCV: importing FFCV loads numba and OpenCV, 4 s before a run could even start. A test
+# (tests/data/test_beton.py) holds these equal to FFCV's own, so they cannot drift apart.
+HEADER_TYPE = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
+                        ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
+FIELD_DESC_TYPE = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))],
+                           align=True)
+ALLOC_TABLE_TYPE = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+FORMAT_VERSION = 2
 
 # Field names and FFCV type ids (ffcv.types.TYPE_ID_HANDLER: 1 IntField, 2 RGBImageField).
 SCHEMA: tuple[tuple[str, int, str], ...] = (
@@ -99,6 +96,15 @@ def _field_name(raw: np.ndarray) -> str:
     return data.split(b"\0", 1)[0].decode("ascii", errors="replace")
 
 
+def convert_hint(path: str | os.PathLike[str]) -> str:
+    """How to make the `.beton` files that ``path`` should be: `we-dist convert` into its folder."""
+    import shlex
+
+    folder = shlex.quote(str(Path(path).parent))
+    return (f"`we-dist convert SOURCE --out {folder}` writes train.beton and val.beton there "
+            f"(SOURCE: digits, fashion-mnist, folder or synthetic; see `we-dist convert --help`)")
+
+
 def check_beton(path: str | os.PathLike[str], num_classes: int | None = None) -> DatasetInfo:
     """Validate a `.beton` file against the we_dist schema without decoding images.
 
@@ -117,12 +123,12 @@ def check_beton(path: str | os.PathLike[str], num_classes: int | None = None) ->
     if not str(path):
         raise DatasetError("no .beton path given (data.train_path / data.val_path is empty)")
     if not p.exists():
-        raise DatasetError(f"{p}: file not found")
+        raise DatasetError(f"{p}: file not found; {convert_hint(p)}")
     if not p.is_file():
         raise DatasetError(f"{p}: not a regular file")
     if not os.access(p, os.R_OK):
         raise DatasetError(f"{p}: not readable (permission denied)")
-    HeaderType, FieldDescType, ALLOC_TABLE_TYPE, CURRENT_VERSION = _ffcv_types()
+    HeaderType, FieldDescType, CURRENT_VERSION = HEADER_TYPE, FIELD_DESC_TYPE, FORMAT_VERSION
     size = p.stat().st_size
     if size < HeaderType.itemsize:
         raise DatasetError(f"{p}: not an FFCV .beton file ({size} bytes, shorter than the "

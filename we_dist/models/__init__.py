@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torchvision
 from torch import nn
 
 from we_dist.models.blurpool import add_blurpool
@@ -23,6 +22,17 @@ from we_dist.models.small import SmallCNN
 
 Builder = Callable[[int], nn.Module]
 
+
+def _torchvision(name: str) -> Builder:
+    """torchvision's ``name``, imported when first built: importing torchvision's models takes
+    1.5 s (it loads torch's compiler), which every process of a small_cnn run would pay."""
+    def build(num_classes: int) -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(num_classes=num_classes)
+    return build
+
+
 MODELS: dict[str, Builder] = {
     "small_cnn": lambda n: SmallCNN(num_classes=n),
     "cifar_resnet20": lambda n: cifar_resnet(20, n),
@@ -31,14 +41,14 @@ MODELS: dict[str, Builder] = {
     "cifar_preresnet164": lambda n: PreActResNet(164, n),   # Network Slimming's ResNet (channel selection)
     "cifar_mobilenet_v2": cifar_mobilenet_v2,
     "cifar_shufflenet_v2": cifar_shufflenet_v2,
-    "resnet18": lambda n: torchvision.models.resnet18(num_classes=n),
-    "resnet50": lambda n: torchvision.models.resnet50(num_classes=n),
-    "mobilenet_v2": lambda n: torchvision.models.mobilenet_v2(num_classes=n),
-    "mobilenet_v3_large": lambda n: torchvision.models.mobilenet_v3_large(num_classes=n),
-    "shufflenet_v2_x1_0": lambda n: torchvision.models.shufflenet_v2_x1_0(num_classes=n),
-    "efficientnet_b0": lambda n: torchvision.models.efficientnet_b0(num_classes=n),
-    "densenet121": lambda n: torchvision.models.densenet121(num_classes=n),
-    "vgg16_bn": lambda n: torchvision.models.vgg16_bn(num_classes=n),
+    "resnet18": _torchvision("resnet18"),
+    "resnet50": _torchvision("resnet50"),
+    "mobilenet_v2": _torchvision("mobilenet_v2"),
+    "mobilenet_v3_large": _torchvision("mobilenet_v3_large"),
+    "shufflenet_v2_x1_0": _torchvision("shufflenet_v2_x1_0"),
+    "efficientnet_b0": _torchvision("efficientnet_b0"),
+    "densenet121": _torchvision("densenet121"),
+    "vgg16_bn": _torchvision("vgg16_bn"),
 }
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 
@@ -75,6 +74,8 @@ def cifar_resnet(depth: int, num_classes: int) -> nn.Module:
 
 def cifar_mobilenet_v2(num_classes: int) -> nn.Module:
     """torchvision MobileNetV2 with stride 1 in the stem and the second block."""
+    import torchvision   # here: importing torchvision's models costs 1.5 s, which small_cnn runs never need
+
     model = torchvision.models.mobilenet_v2(num_classes=num_classes)
     model.features[0][0].stride = (1, 1)
     model.features[2].conv[1][0].stride = (1, 1)
@@ -83,6 +84,8 @@ def cifar_mobilenet_v2(num_classes: int) -> nn.Module:
 
 def cifar_shufflenet_v2(num_classes: int) -> nn.Module:
     """torchvision ShuffleNetV2 1.0x with a stride-1 stem and no max-pool."""
+    import torchvision
+
     model = torchvision.models.shufflenet_v2_x1_0(num_classes=num_classes)
     model.conv1[0].stride = (1, 1)
     model.maxpool = nn.Identity()
