@@ -2,6 +2,10 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# Two pytest workers: the suite's tests are single-threaded (OMP_NUM_THREADS=1), the machine has
+# two cores. Tests sharing a session fixture (the demo run, the loopback cluster) stay together.
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadgroup
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -16,10 +20,10 @@ demo: setup
 
 # The whole suite: fast unit tests and slow integration tests (real Ray, MLflow, FFCV).
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf .pytest_cache .hypothesis build *.egg-info
