@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from we_dist.accounting import count_macs
+from we_dist.methods.budget import weakest_strength
 from we_dist.methods.channels import all_groups, passes_zero_padding
 
 
@@ -150,29 +150,17 @@ def keep_counts(model: nn.Module, input_shape: Sequence[int], ratio: float, mac_
 
     if mac_reduction <= 0:
         return counts(ratio), ratio
-    full = count_macs(model, input_shape)
-    goal = (1.0 - mac_reduction) * full
 
-    def macs_at(r: float) -> int:
-        clone = copy.deepcopy(model).cpu().float().eval()
+    def prune_at(clone: nn.Module, r: float) -> None:
         keep = counts(r)
         # One dependency graph for all pairs: their groups are disjoint.
-        with torch.no_grad():
-            for pair, group in _pairs_and_groups(clone, input_shape):
-                if keep[pair.consumer] < pair.channels:
-                    group.prune(idxs=list(range(keep[pair.consumer], pair.channels)))
-        return count_macs(clone, input_shape)
+        for pair, group in _pairs_and_groups(clone, input_shape):
+            if keep[pair.consumer] < pair.channels:
+                group.prune(idxs=list(range(keep[pair.consumer], pair.channels)))
 
-    if macs_at(max_ratio) > goal:
-        return counts(max_ratio), max_ratio
-    lo, hi = 0.0, max_ratio
-    for _ in range(10):
-        mid = (lo + hi) / 2
-        if macs_at(mid) <= goal:
-            hi = mid
-        else:
-            lo = mid
-    return counts(hi), hi
+    # 10 steps: the ratios this search gave before it was shared with the other methods.
+    found = weakest_strength(model, input_shape, mac_reduction, max_ratio, prune_at, steps=10)
+    return counts(found.strength), found.strength
 
 
 # --- statistics -------------------------------------------------------------------------------

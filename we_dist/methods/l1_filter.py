@@ -28,7 +28,10 @@ prunes. ``skip`` takes paper layer numbers out (the paper's sensitive layers).
 
 **Settings** (``method.l1.*``), defaults in brackets: ``ratios`` [[0.1]] fraction of filters
 removed per stage (one value: every stage; else one per stage, stage 1 first); ``skip`` [[]]
-paper layer numbers left alone.
+paper layer numbers left alone; ``mac_reduction`` [0 = use ``ratios``] fraction of the MACs to
+remove: the ratios are then scaled together, their largest to ``s`` and the others in proportion
+(the paper's per-stage shape kept), ``s`` the smallest that meets the target
+(:mod:`we_dist.methods.budget`); ``max_ratio`` [0.9] caps ``s``.
 
 **Paper.** Li, Kadav, Durdanovic, Samet, Graf, "Pruning Filters for Efficient ConvNets", ICLR 2017,
 Table 2 (CIFAR-10 test error, FLOPs): ResNet-56 6.96%, 1.25e8; ResNet-56-pruned-A (10% everywhere,
@@ -39,7 +42,9 @@ ResNet-110-pruned-A (50% in stage 1, skipping 36) 6.45%, 2.13e8 (-15.9%); ResNet
 multiply-accumulates (our ``model/macs``).
 
 **Metrics.** At the pruning: ``l1/filters_before``, ``l1/filters_after`` (output channels of all
-convs), ``l1/removed_filters``, ``l1/layers_pruned``, ``l1/macs_before``, ``l1/macs_after``.
+convs), ``l1/removed_filters``, ``l1/layers_pruned``, ``l1/macs_before``, ``l1/macs_after``; with
+``mac_reduction``: ``l1/mac_reduction_target``, ``l1/mac_reduction`` (achieved) and
+``l1/strength`` (the largest stage ratio used).
 
 Functional form: :func:`l1_decision` and :func:`we_dist.methods.channels.apply_decision`.
 """
@@ -54,6 +59,7 @@ from torch import nn
 
 from we_dist import sync
 from we_dist.accounting import count_macs
+from we_dist.methods.budget import report_budget, weakest_strength, with_budget
 from we_dist.methods.base import FitContext, Method, Phase
 from we_dist.methods.registry import register_method
 from we_dist.methods.settings.l1_filter import L1FilterSettings
@@ -159,6 +165,25 @@ def l1_decision(model: nn.Module, input_shape: Sequence[int], ratios: Sequence[f
     return {"prune": prune}
 
 
+def scaled_ratios(ratios: Sequence[float], strength: float) -> tuple[float, ...]:
+    """``ratios`` scaled so that the largest is ``strength`` (all equal to it if every ratio is 0)."""
+    top = max(ratios)
+    if top <= 0:
+        return tuple(strength for _ in ratios)
+    return tuple(strength * r / top for r in ratios)
+
+
+def l1_budget_decision(model: nn.Module, input_shape: Sequence[int], ratios: Sequence[float],
+                       skip: Sequence[int], mac_reduction: float, max_ratio: float = 0.9) -> dict[str, Any]:
+    """:func:`l1_decision` at the weakest scaling of ``ratios`` that removes ``mac_reduction`` of
+    the MACs; the decision also holds ``"budget"``: the strength, target and achieved reduction."""
+    def prune_at(net: nn.Module, strength: float) -> None:
+        apply_decision(net, input_shape, l1_decision(net, input_shape, scaled_ratios(ratios, strength), skip))
+
+    found = weakest_strength(model, input_shape, mac_reduction, max_ratio, prune_at)
+    return with_budget(l1_decision(model, input_shape, scaled_ratios(ratios, found.strength), skip), found)
+
+
 def filters(model: nn.Module) -> int:
     """Output channels of every conv layer, added up."""
     return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
@@ -201,7 +226,11 @@ class L1FilterPruningMethod(Method):
         """Decide on rank 0, remove the same filters on every rank, tell the loop."""
         st = self.settings
         before, macs_before = filters(ctx.model), count_macs(ctx.model, self.input_shape)
-        decision = sync.decide_and_share(lambda: l1_decision(ctx.model, self.input_shape, st.ratios, st.skip))
+        if st.mac_reduction > 0:
+            decision = sync.decide_and_share(lambda: l1_budget_decision(
+                ctx.model, self.input_shape, st.ratios, st.skip, st.mac_reduction, st.max_ratio))
+        else:
+            decision = sync.decide_and_share(lambda: l1_decision(ctx.model, self.input_shape, st.ratios, st.skip))
         apply_decision(ctx.model, self.input_shape, decision)
         self.pruned, self.decision = True, decision
         ctx.structure_changed()
@@ -211,6 +240,7 @@ class L1FilterPruningMethod(Method):
                  "l1/layers_pruned": float(len(decision["prune"])),
                  "l1/macs_before": float(macs_before),
                  "l1/macs_after": float(count_macs(ctx.model, self.input_shape))})
+        report_budget(ctx, "l1", decision, f"method.l1.max_ratio={st.max_ratio}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"pruned": self.pruned, "decision": self.decision}
@@ -220,5 +250,5 @@ class L1FilterPruningMethod(Method):
         self.decision = dict(state.get("decision", {}))
 
 
-__all__ = ["L1FilterPruningMethod", "L1FilterSettings", "conv_names", "conv_stages", "filter_l1", "filters_to_remove", "l1_decision",
-           "layer_decision", "module_to_paper_layer", "paper_layer_to_module", "prunable_layers", "stage_ratio"]
+__all__ = ["L1FilterPruningMethod", "L1FilterSettings", "conv_names", "conv_stages", "filter_l1", "filters_to_remove", "l1_budget_decision", "l1_decision",
+           "layer_decision", "module_to_paper_layer", "paper_layer_to_module", "prunable_layers", "scaled_ratios", "stage_ratio"]

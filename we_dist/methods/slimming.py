@@ -58,7 +58,10 @@ garbage.
 1e-4 for VGG, 1e-5 for ResNet and DenseNet); ``percent`` [0.5] the threshold's position,
 ``sort(|gamma|)[int(N * percent)]``; ``threshold_over`` [all_bn] which channels ``N`` counts
 (``all_bn``: every BatchNorm channel, the authors; ``removable``: only removable ones, nothing
-masked); ``max_layer_prune`` [0.9] per-group cap; ``sparsity_epochs`` [0 = the recipe's
+masked); ``max_layer_prune`` [0.9] per-group cap; ``mac_reduction`` [0 = use ``percent``] fraction of
+the MACs to remove: ``percent`` is then the smallest that removes it, on the trained scales at
+the pruning (:mod:`we_dist.methods.budget`; only removed channels count, masked ones save no
+MACs); ``sparsity_epochs`` [0 = the recipe's
 ``schedule.epochs``]; ``finetune_epochs`` [10]; ``finetune_lr`` [0.01]; ``finetune_schedule``
 [constant] (or cosine).
 
@@ -70,7 +73,8 @@ test accuracy 93.77% to 93.78%.
 ``slim/threshold``, ``slim/channels_before``, ``slim/channels_after``, ``slim/removed_fraction``
 (removed / before), ``slim/masked_channels``, ``slim/selected_fraction`` ((removed + masked) /
 before: the authors' ``pruned_ratio``);
-a plot ``bn_gamma_abs`` of |gamma| at the start and at the end of sparsity training.
+with ``mac_reduction``: ``slim/mac_reduction_target``, ``slim/mac_reduction`` (achieved) and
+``slim/strength`` (the ``percent`` used); a plot ``bn_gamma_abs`` of |gamma| at the start and at the end of sparsity training.
 
 Functional form: :func:`slimming_decision`, :func:`apply_decision`, :func:`mask_after_removal`
 and :func:`apply_mask`. Checked against the authors' code on the same scales:
@@ -89,6 +93,7 @@ from we_dist import sync
 from we_dist.methods import channels
 from we_dist.methods.channels import apply_decision
 from we_dist.methods.base import FitContext, Method, Phase, ScoreHistogram
+from we_dist.methods.budget import report_budget, weakest_strength, with_budget
 from we_dist.methods.registry import register_method
 from we_dist.methods.settings.slimming import SlimmingSettings
 from we_dist.models.preresnet import has_channel_selection, prune_channels
@@ -235,6 +240,35 @@ def apply_mask(model: nn.Module, mask: dict[str, list[int]]) -> int:
     return count
 
 
+MAX_PERCENT = 0.99
+"""With ``mac_reduction``, the largest ``percent`` tried (``max_layer_prune`` still caps each group)."""
+
+
+def decide(model: nn.Module, input_shape: tuple[int, ...], settings: SlimmingSettings) -> dict[str, Any]:
+    """The method's decision at the pruning: :func:`selection_decision` on a network with
+    channel-selection layers, else :func:`slimming_decision`; with ``settings.mac_reduction``
+    at the smallest ``percent`` that meets it (the decision's ``"budget"`` says which)."""
+    st = settings
+    selection = has_channel_selection(model)
+
+    def decision_at(net: nn.Module, percent: float) -> dict[str, Any]:
+        if selection:
+            return selection_decision(net, percent, st.max_layer_prune)
+        return slimming_decision(net, input_shape, percent, st.max_layer_prune, st.threshold_over)
+
+    def prune_at(net: nn.Module, percent: float) -> None:
+        decision = decision_at(net, percent)
+        if selection:
+            prune_channels(net, decision["keep"])
+        else:
+            apply_decision(net, input_shape, decision)
+
+    if st.mac_reduction <= 0:
+        return decision_at(model, st.percent)
+    found = weakest_strength(model, input_shape, st.mac_reduction, MAX_PERCENT, prune_at)
+    return with_budget(decision_at(model, found.strength), found)
+
+
 @register_method
 class NetworkSlimmingMethod(Method):
     """Network Slimming: L1 on BatchNorm scales, then channel removal and fine-tuning."""
@@ -299,14 +333,12 @@ class NetworkSlimmingMethod(Method):
         st = self.settings
         before = sum(m.num_features for m in channels.affine_bns(ctx.model))
         gammas = bn_gammas(ctx.model)
+        decision = sync.decide_and_share(lambda: decide(ctx.model, self.input_shape, st))
         if has_channel_selection(ctx.model):
             # The authors' network: its selection layers cut channels off the residual stream,
             # so every selected channel goes (none is masked); masked_channels counts those cut off.
-            decision = sync.decide_and_share(lambda: selection_decision(ctx.model, st.percent, st.max_layer_prune))
             masked = prune_channels(ctx.model, decision["keep"])
         else:
-            decision = sync.decide_and_share(lambda: slimming_decision(
-                ctx.model, self.input_shape, st.percent, st.max_layer_prune, st.threshold_over))
             apply_decision(ctx.model, self.input_shape, decision)
             self.mask = mask_after_removal(decision)
             masked = apply_mask(ctx.model, self.mask)
@@ -318,6 +350,7 @@ class NetworkSlimmingMethod(Method):
                  "slim/removed_fraction": (before - after) / max(before, 1),
                  "slim/masked_channels": float(masked),
                  "slim/selected_fraction": (before - after + masked) / max(before, 1)})
+        report_budget(ctx, "slim", decision, f"percent={MAX_PERCENT}, method.slim.max_layer_prune={st.max_layer_prune}")
         if ctx.rank == 0 and self.start_gammas is not None:
             ctx.log_figure(ScoreHistogram("bn_gamma_abs", ctx.epoch, self.start_gammas.numpy(), gammas.numpy()))
 

@@ -30,7 +30,12 @@ layers (a depthwise conv tied to the conv before it) the group's first layer's m
 layer's filters zeroed per call (the authors' ``--rate`` is the fraction kept: their 0.7 is
 0.3 here); ``interval`` [1] epochs between calls (their ``--epoch_prune``); ``skip_downsample``
 [true] leave the shortcut convs unpruned; ``remove_at_end`` [true] remove the zeroed filters
-physically at the end (the authors keep the zeros and shrink the network in a separate script).
+physically at the end (the authors keep the zeros and shrink the network in a separate script);
+``mac_reduction`` [0 = use ``rate``] fraction of the MACs the removal at the end takes away:
+``rate`` is then the smallest (up to 0.9) that does, found before the first call on the network's
+structure (how many filters a rate zeroes does not depend on the weights, so a resume finds the
+same rate; :mod:`we_dist.methods.budget`). Only removed filters count: zeroed filters the removal
+leaves in place save no MACs.
 
 **Paper.** He, Kang, Dong, Fu, Yang, "Soft Filter Pruning for Accelerating Deep Convolutional
 Neural Networks", IJCAI 2018. Headline: CIFAR-10 ResNets (20 to 110 layers) and ImageNet
@@ -38,7 +43,9 @@ ResNets lose about 40-50% of their FLOPs at a pruning rate of 30-40% with accura
 unpruned network's, and no fine-tuning is needed after the last soft step (its Tables 1 and 2).
 
 **Metrics.** Each call: ``soft_prune/zeroed_filters``, ``soft_prune/fraction``. At the removal:
-``soft_prune/filters_before``, ``soft_prune/filters_after``, ``soft_prune/removed_filters``.
+``soft_prune/filters_before``, ``soft_prune/filters_after``, ``soft_prune/removed_filters``; with
+``mac_reduction``, at the start: ``soft_prune/mac_reduction_target``, ``soft_prune/mac_reduction``
+(what the removal at the end will achieve) and ``soft_prune/strength`` (the rate).
 
 Functional form: :func:`soft_prune`, :func:`removal_decision`, :func:`harden`, :func:`remove_zeroed`.
 Checked against the authors' code on the same weights and schedule:
@@ -55,8 +62,10 @@ from torch import nn
 from we_dist import sync
 from we_dist.evolution.scores import unwrap
 from we_dist.methods.base import FitContext, Method
+from we_dist.methods.budget import report_budget, weakest_strength, with_budget
 from we_dist.methods.registry import register_method
 from we_dist.methods.settings.soft_pruning import SoftPruneConfig
+from we_dist.schema import ConfigError
 from we_dist.methods.channels import BatchNorm, apply_decision, prunable_groups
 
 
@@ -161,6 +170,21 @@ def filters(model: nn.Module) -> int:
     return sum(c.weight.shape[0] for c in _convs(model))
 
 
+MAX_RATE = 0.9
+"""With ``mac_reduction``, the largest rate tried."""
+
+
+def rate_for_budget(model: nn.Module, input_shape: Sequence[int], mac_reduction: float,
+                    skip_downsample: bool = True) -> dict[str, Any]:
+    """``{"rate": r, "budget": ...}``: the smallest rate whose removal at the end takes
+    ``mac_reduction`` of the MACs away (see :mod:`we_dist.methods.budget`)."""
+    def prune_at(net: nn.Module, rate: float) -> None:
+        remove_zeroed(net, input_shape, removal_decision(net, input_shape, rate, skip_downsample))
+
+    found = weakest_strength(model, input_shape, mac_reduction, MAX_RATE, prune_at)
+    return with_budget({"rate": found.strength}, found)
+
+
 @register_method
 class SoftFilterPruningMethod(Method):
     """Soft filter pruning every ``interval`` epochs (see the module docstring)."""
@@ -172,13 +196,23 @@ class SoftFilterPruningMethod(Method):
     @classmethod
     def from_config(cls, settings: SoftPruneConfig, cfg: Any,
                     input_shape: tuple[int, int, int]) -> "SoftFilterPruningMethod":
+        if settings.mac_reduction > 0 and not settings.remove_at_end:
+            raise ConfigError("method.soft_prune.mac_reduction counts the MACs the removal at the end takes away: "
+                              "set method.soft_prune.remove_at_end=true, or mac_reduction=0")
         return cls(settings, input_shape=input_shape)
 
     def __init__(self, cfg: SoftPruneConfig, input_shape: tuple[int, ...] = (3, 32, 32)) -> None:
         self.cfg = cfg
         self.input_shape = tuple(input_shape)
+        self.rate = cfg.rate     # with mac_reduction: replaced at the start of fit
 
     def on_fit_start(self, ctx: FitContext) -> None:
+        if self.cfg.mac_reduction > 0 and ctx.epoch < ctx.epochs:
+            # A function of the network's structure only, so a resume finds the same rate.
+            found = sync.decide_and_share(lambda: rate_for_budget(ctx.model, self.input_shape,
+                                                                  self.cfg.mac_reduction, self.cfg.skip_downsample))
+            self.rate = float(found["rate"])
+            report_budget(ctx, "soft_prune", found, f"rate={MAX_RATE}")
         # The authors mask once before the first epoch (after any pretrained weights are loaded).
         if ctx.epoch == 0:
             self._mask(ctx)
@@ -190,17 +224,17 @@ class SoftFilterPruningMethod(Method):
 
     def _mask(self, ctx: FitContext) -> None:
         # Weights are identical on every rank, but ties could still split the replicas.
-        mask = sync.decide_and_share(lambda: prune_mask(ctx.model, self.cfg.rate, self.cfg.skip_downsample),
+        mask = sync.decide_and_share(lambda: prune_mask(ctx.model, self.rate, self.cfg.skip_downsample),
                                      encode=lambda m: m, decode=lambda m: m)
         zeroed = apply_mask(ctx.model, mask)
         total = sum(c.weight.shape[0] for c in _convs(ctx.model))
         ctx.log({"soft_prune/zeroed_filters": float(zeroed), "soft_prune/fraction": zeroed / max(total, 1)})
 
     def on_last_epoch_end(self, ctx: FitContext) -> None:
-        if not self.cfg.remove_at_end or self.cfg.rate == 0:
+        if not self.cfg.remove_at_end or self.rate == 0:
             return
         before = filters(ctx.model)
-        decision = sync.decide_and_share(lambda: removal_decision(ctx.model, self.input_shape, self.cfg.rate,
+        decision = sync.decide_and_share(lambda: removal_decision(ctx.model, self.input_shape, self.rate,
                                                                   self.cfg.skip_downsample))
         remove_zeroed(ctx.model, self.input_shape, decision)
         ctx.structure_changed()

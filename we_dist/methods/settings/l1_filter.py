@@ -21,3 +21,8 @@ class L1FilterSettings:
         min_length=1, description="fraction of filters removed per stage (one value: all stages)")] = (0.1,)
     skip: Annotated[tuple[Annotated[Int, Field(ge=1)], ...], Field(
         description="paper layer numbers (convs in module order, from 1) never pruned")] = ()
+    mac_reduction: Annotated[Float, Field(ge=0, lt=1, description=(
+        "if > 0: fraction of MACs removed; the ratios are scaled together (their shape kept) to the weakest "
+        "setting that meets it"))] = 0.0
+    max_ratio: Annotated[Float, Field(gt=0, lt=1, description="with mac_reduction: the largest fraction of a "
+                                                              "layer's filters removed")] = 0.9

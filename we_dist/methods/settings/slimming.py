@@ -27,6 +27,9 @@ class SlimmingSettings:
         "all_bn"
     max_layer_prune: Annotated[Float, Field(ge=0, lt=1, description="at most this fraction of a channel group "
                                                                     "is removed; one channel always stays")] = 0.9
+    mac_reduction: Annotated[Float, Field(ge=0, lt=1, description=(
+        "if > 0: fraction of MACs removed (counted on the physically pruned network; masked channels save "
+        "none); percent is then the smallest that meets it"))] = 0.0
     sparsity_epochs: Annotated[NonNegativeInt, Field(description="0: the recipe's schedule.epochs")] = 0
     finetune_epochs: Annotated[NonNegativeInt, Field(description="epochs after pruning; 0: end at the pruning")] = 10
     finetune_lr: Annotated[Float, Field(gt=0, description="peak LR of the fine-tuning phase")] = 0.01

@@ -25,3 +25,6 @@ class SoftPruneConfig:
         "leave the shortcut (downsample) convs of torchvision ResNets unpruned, as the authors' default"))] = True
     remove_at_end: Annotated[Bool, Field(description=(
         "at the end of training remove the zeroed filters physically (a smaller network)"))] = True
+    mac_reduction: Annotated[float, Strict(), Field(ge=0, lt=1, description=(
+        "if > 0: fraction of MACs the removal at the end takes away; rate is then the smallest that does "
+        "(needs remove_at_end)"))] = 0.0
