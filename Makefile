@@ -5,7 +5,8 @@ PYTEST_ARGS ?=
 # Two pytest workers: the suite's tests are single-threaded (OMP_NUM_THREADS=1), the machine has
 # two cores. Tests sharing a session fixture (the demo run, the loopback cluster) stay together.
 PYTEST_WORKERS ?= 2
-XDIST := -n $(PYTEST_WORKERS) --dist loadgroup
+# --no-loadscope-reorder: the groups run costliest first, as tests/conftest.py orders them.
+XDIST := -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 .PHONY: setup demo test test-fast bench clean
 
