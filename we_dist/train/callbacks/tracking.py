@@ -22,9 +22,16 @@ class Tracking(Callback):
     from, and after a resume the epochs MLflow missed. At the end it waits up to
     ``tracking.final_flush_s`` for values an outage held back."""
 
+    def __init__(self) -> None:
+        self._start_weights: int | None = None
+
     def on_fit_start(self, loop: Any) -> None:
         if loop.rank != 0:
             return
+        # The weights a fresh run starts from, taken before the method's on_fit_start: a method
+        # that changes them there (soft filter pruning's first zeroing, l1's removal) started
+        # from the same weights as `none` with that seed, and `compare` must see it so.
+        self._start_weights = int(sync.parameter_checksum(loop.model)) if loop.step == 0 else None
         phases = loop.phases.phases
         if loop.start_epoch == 0 and len(phases) > 1:
             loop.logger.set_tags({"we_dist.phases": ", ".join(f"{p.name}:{p.epochs}" for p in phases)})
@@ -46,19 +53,19 @@ class Tracking(Callback):
         if loop.step == 0:
             self._log_start(loop, images, labels)
 
-    @staticmethod
-    def _log_start(loop: Any, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def _log_start(self, loop: Any, images: torch.Tensor, labels: torch.Tensor) -> None:
         """What a fresh run starts from, as MLflow tags (not params: they are no setting, and as
         params MLflow's compare view would open its parallel-coordinates plot on them): a
-        checksum of the initial weights and of the first batch (every rank's, summed), so
-        comparisons can check that runs of one seed started alike (``we-dist compare`` reads
-        them). A collective: every rank calls it."""
+        checksum of the initial weights (before the method first acts) and of the first batch
+        (every rank's, summed), so comparisons can check that runs of one seed started alike
+        (``we-dist compare`` reads them). A collective: every rank calls it."""
         batch = torch.stack([labels.double().sum(), images.double().sum()]).to(loop.device)
         if sync.is_distributed():
             dist.all_reduce(batch)
         if loop.rank == 0:
             weights, first_batch = START_TAGS
-            loop.logger.set_tags({weights: str(int(sync.parameter_checksum(loop.model))),
+            start = self._start_weights if self._start_weights is not None else int(sync.parameter_checksum(loop.model))
+            loop.logger.set_tags({weights: str(start),
                                   first_batch: f"{batch[0].item():.0f}:{batch[1].item():.6e}"})
 
     def on_epoch_committed(self, loop: Any) -> None:
