@@ -1,8 +1,10 @@
 """Soft filter pruning without DDP, Ray or FFCV: the small CNN on scikit-learn digits in plain PyTorch,
 12 epochs of 12 steps, with and without zeroing 30% of each conv layer's filters after every epoch
-(and once more with BatchNorm statistics recomputed after each zeroing). RESULTS.md cites it to
-show that SFP's collapse in short runs comes from the method under that schedule, not from the
-distributed service. Prints (mean train loss, val top-1) per epoch.
+(and once more with BatchNorm statistics recomputed after each zeroing). It validates right
+after each zeroing, which the training loop does not (it validates before the method's epoch-end
+hook): the numbers it prints are those of the just-zeroed network, where a zeroed filter's
+BatchNorm shift still feeds a constant forward (RESULTS.md, soft filter pruning). Prints (mean
+train loss, val top-1) per epoch.
 
     .venv/bin/python scripts/sfp_check.py
 """
