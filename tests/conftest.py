@@ -29,6 +29,15 @@ def _rank_main(fn: Callable, rank: int, world: int, port: int, args: tuple, resu
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    except Exception as exc:
+        # The free port was taken by another process between free_port() and rank 0's listen
+        # (the other xdist worker starts Ray, servers, gloo groups): nothing of the test ran.
+        if "EADDRINUSE" in str(exc) or "address already in use" in str(exc):
+            results.put((rank, PORT_TAKEN, str(exc)))
+            return
+        results.put((rank, "error", traceback.format_exc()))
+        raise
+    try:
         # Plain pickle, not the queue's: multiprocessing would share a returned tensor's storage
         # through a file descriptor that dies with this process (ConnectionResetError, sometimes).
         results.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
@@ -40,9 +49,23 @@ def _rank_main(fn: Callable, rank: int, world: int, port: int, args: tuple, resu
             dist.destroy_process_group()
 
 
+PORT_TAKEN = "port taken"
+PORT_ATTEMPTS = 3
+
+
 def run_gloo(fn: Callable, world: int = 2, *args: Any, timeout: float = 180) -> list[Any]:
     """Run ``fn(rank, world, *args)`` in ``world`` forked processes joined by a real gloo
-    group; returns each rank's return value, or fails with the rank's traceback."""
+    group; returns each rank's return value, or fails with the rank's traceback. A group whose
+    port another process took before rank 0 listened on it is started again on a new port (up
+    to ``PORT_ATTEMPTS`` times): the test's function had not run."""
+    for _ in range(PORT_ATTEMPTS):
+        out = _run_gloo_once(fn, world, args, timeout)
+        if out is not PORT_TAKEN:
+            return out
+    raise AssertionError(f"no free port held for a gloo group in {PORT_ATTEMPTS} attempts")
+
+
+def _run_gloo_once(fn: Callable, world: int, args: tuple, timeout: float) -> Any:
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     port = free_port()
@@ -53,6 +76,10 @@ def run_gloo(fn: Callable, world: int = 2, *args: Any, timeout: float = 180) -> 
     try:
         for _ in range(world):
             rank, status, value = results.get(timeout=timeout)
+            if status == PORT_TAKEN:
+                for p in procs:          # the other ranks wait on a store that will never be there
+                    p.kill()
+                return PORT_TAKEN
             if status == "error":
                 raise AssertionError(f"rank {rank} failed:\n{value}")
             out[rank] = pickle.loads(value)

@@ -23,3 +23,33 @@ def test_forked_ranks_backpropagate_after_an_export_in_the_parent(gloo):
     x = torch.ones(2, requires_grad=True)
     x.sum().backward()
     assert gloo(_backward_on_rank, 2) == [18.0, 18.0]   # (2*1 + 2*2) * 3 elements on both ranks
+
+
+def _rank_plus_one(rank: int, world: int) -> int:
+    return rank + 1
+
+
+def test_a_gloo_group_whose_port_was_taken_starts_again_on_another(gloo, monkeypatch):
+    """free_port() closes its socket before rank 0 listens, and the other xdist worker may take
+    the port in between (CI once failed with EADDRINUSE): the group starts again on a new port."""
+    import socket
+    import sys
+
+    from we_dist.ports import free_port
+
+    harness = sys.modules[gloo.__module__]
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = [taken.getsockname()[1]]
+
+    def first_taken() -> int:
+        ports.append(free_port())
+        return ports[-2]
+
+    monkeypatch.setattr(harness, "free_port", first_taken)
+    try:
+        assert gloo(_rank_plus_one, 2) == [1, 2]
+    finally:
+        taken.close()
+    assert len(ports) == 3          # the taken port, then a new one that held
