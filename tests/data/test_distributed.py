@@ -43,6 +43,18 @@ def _rank(rank: int, port: int, train_path: str, val_path: str, out_dir: str) ->
         dist.destroy_process_group()
 
 
+def _spawn_on_a_free_port(*args: str, attempts: int = 3) -> None:
+    """``mp.spawn`` the ranks on a free port; again on a new one if another process took it
+    before rank 0 listened (EADDRINUSE: nothing of the test ran; spawn stops the other rank)."""
+    for attempt in range(attempts):
+        try:
+            mp.spawn(_rank, args=(free_port(), *args), nprocs=WORLD, join=True)
+            return
+        except mp.ProcessRaisedException as exc:
+            if "EADDRINUSE" not in str(exc) or attempt == attempts - 1:
+                raise
+
+
 def _write_ids(path: Path, n: int) -> None:
     from we_dist.data.convert import ArraySource, write_beton
 
@@ -55,8 +67,7 @@ def test_ranks_read_disjoint_shards(tmp_path):
     train_path, val_path = tmp_path / "train.beton", tmp_path / "val.beton"
     _write_ids(train_path, 64)  # 32 per rank, 4 full batches of 8
     _write_ids(val_path, 61)    # odd: shards of 31 and 30, nothing padded or repeated
-    mp.spawn(_rank, args=(free_port(), str(train_path), str(val_path), str(tmp_path)),
-             nprocs=WORLD, join=True)
+    _spawn_on_a_free_port(str(train_path), str(val_path), str(tmp_path))
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD))
 
     assert r0["train_len"] == r1["train_len"] == 4
