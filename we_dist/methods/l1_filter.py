@@ -176,7 +176,11 @@ def scaled_ratios(ratios: Sequence[float], strength: float) -> tuple[float, ...]
 def l1_budget_decision(model: nn.Module, input_shape: Sequence[int], ratios: Sequence[float],
                        skip: Sequence[int], mac_reduction: float, max_ratio: float = 0.9) -> dict[str, Any]:
     """:func:`l1_decision` at the weakest scaling of ``ratios`` that removes ``mac_reduction`` of
-    the MACs; the decision also holds ``"budget"``: the strength, target and achieved reduction."""
+    the MACs; the decision also holds ``"budget"``: the strength, target and achieved reduction.
+    With ``mac_reduction`` 0: :func:`l1_decision` at ``ratios`` as given."""
+    if mac_reduction <= 0:
+        return l1_decision(model, input_shape, ratios, skip)
+
     def prune_at(net: nn.Module, strength: float) -> None:
         apply_decision(net, input_shape, l1_decision(net, input_shape, scaled_ratios(ratios, strength), skip))
 
@@ -226,11 +230,8 @@ class L1FilterPruningMethod(Method):
         """Decide on rank 0, remove the same filters on every rank, tell the loop."""
         st = self.settings
         before, macs_before = filters(ctx.model), count_macs(ctx.model, self.input_shape)
-        if st.mac_reduction > 0:
-            decision = sync.decide_and_share(lambda: l1_budget_decision(
-                ctx.model, self.input_shape, st.ratios, st.skip, st.mac_reduction, st.max_ratio))
-        else:
-            decision = sync.decide_and_share(lambda: l1_decision(ctx.model, self.input_shape, st.ratios, st.skip))
+        decision = sync.decide_and_share(lambda: l1_budget_decision(
+            ctx.model, self.input_shape, st.ratios, st.skip, st.mac_reduction, st.max_ratio))
         apply_decision(ctx.model, self.input_shape, decision)
         self.pruned, self.decision = True, decision
         ctx.structure_changed()

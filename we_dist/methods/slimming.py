@@ -256,17 +256,21 @@ def decide(model: nn.Module, input_shape: tuple[int, ...], settings: SlimmingSet
             return selection_decision(net, percent, st.max_layer_prune)
         return slimming_decision(net, input_shape, percent, st.max_layer_prune, st.threshold_over)
 
-    def prune_at(net: nn.Module, percent: float) -> None:
-        decision = decision_at(net, percent)
-        if selection:
-            prune_channels(net, decision["keep"])
-        else:
-            apply_decision(net, input_shape, decision)
-
     if st.mac_reduction <= 0:
         return decision_at(model, st.percent)
-    found = weakest_strength(model, input_shape, st.mac_reduction, MAX_PERCENT, prune_at)
+    found = weakest_strength(model, input_shape, st.mac_reduction, MAX_PERCENT,
+                             lambda net, percent: remove_decided(net, input_shape, decision_at(net, percent)))
     return with_budget(decision_at(model, found.strength), found)
+
+
+def remove_decided(net: nn.Module, input_shape: tuple[int, ...], decision: dict[str, Any]) -> int:
+    """Remove the channels :func:`decide` chose, in place: on a network with channel-selection
+    layers as the authors' ``resprune.py`` does (returns the channels the selections cut off),
+    else with Torch-Pruning (returns 0; the channels to mask are :func:`mask_after_removal`'s)."""
+    if has_channel_selection(net):
+        return prune_channels(net, decision["keep"])
+    apply_decision(net, input_shape, decision)
+    return 0
 
 
 @register_method
@@ -334,12 +338,11 @@ class NetworkSlimmingMethod(Method):
         before = sum(m.num_features for m in channels.affine_bns(ctx.model))
         gammas = bn_gammas(ctx.model)
         decision = sync.decide_and_share(lambda: decide(ctx.model, self.input_shape, st))
-        if has_channel_selection(ctx.model):
-            # The authors' network: its selection layers cut channels off the residual stream,
-            # so every selected channel goes (none is masked); masked_channels counts those cut off.
-            masked = prune_channels(ctx.model, decision["keep"])
-        else:
-            apply_decision(ctx.model, self.input_shape, decision)
+        # The authors' network: its selection layers cut channels off the residual stream, so
+        # every selected channel goes (none is masked); masked_channels counts those cut off.
+        selection = has_channel_selection(ctx.model)
+        masked = remove_decided(ctx.model, self.input_shape, decision)
+        if not selection:
             self.mask = mask_after_removal(decision)
             masked = apply_mask(ctx.model, self.mask)
         self.pruned = True
