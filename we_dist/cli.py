@@ -8,6 +8,8 @@ Subcommands (each area of the package owns its arguments and its `run`):
     we-dist submit RECIPE [key=value]   submit a Ray Job to a cluster (we_dist.cluster.submit)
     we-dist jobs list|logs|stop|status  follow submitted jobs (we_dist.cluster.jobs)
     we-dist cluster up|down|status      a two-node Ray cluster on this machine (we_dist.cluster.local)
+    we-dist compare RECIPE --methods .. one recipe under several methods and seeds (we_dist.tune.compare)
+    we-dist study RECIPE --methods ..   pruning methods at the same MAC budgets (we_dist.tune.study)
     we-dist config RECIPE [key=value]   print the resolved config, validated
     we-dist methods [NAME...]           list the training methods and their settings (we_dist.methods.registry)
     we-dist evaluate SOURCE --data PATH top-1/top-5 of a run's network on a .beton or image folder (we_dist.predict)
@@ -36,6 +38,8 @@ COMMANDS = {
     "cluster": ("we_dist.cluster.local", "start/stop a two-node Ray cluster on this machine (loopback)"),
     "config": ("we_dist.cli", "print a recipe's resolved, validated config as YAML"),
     "compare": ("we_dist.tune.compare", "run a recipe under several methods and seeds; report the paired comparison"),
+    "study": ("we_dist.tune.study", "prune with several methods at the same MAC budgets from the same trained "
+                                    "networks; report accuracy, MACs, latency and the Pareto front"),
     "methods": ("we_dist.methods.registry", "list the training methods, their settings and defaults"),
     "sensitivity": ("we_dist.sensitivity", "prune each layer alone at several ratios: accuracy table, plot, CSV"),
     "evaluate": ("we_dist.predict", "top-1/top-5 of a trained network (MLflow run id or checkpoint) on a .beton or image folder"),
@@ -74,6 +78,9 @@ EXAMPLES = {
     "compare": """\
   we-dist compare recipes/demo.yaml --methods none,we --seeds 3
   we-dist compare recipes/demo.yaml --methods 'none,we,we:lab=0.3,repr:ratio=0.3' --seeds 3 --out compare.md""",
+    "study": """\
+  we-dist study recipes/demo.yaml --methods l1,thinet,lasso,scratch-b --mac-reduction 0.3,0.5 --seeds 3
+  we-dist study --resume $HOME/we_dist_runs/study-demo""",
     "methods": """\
   we-dist methods
   we-dist methods we l1""",

@@ -95,6 +95,15 @@ class APoZMethod(Method):
     name = "apoz"
     summary = "APoZ network trimming (Hu et al. 2016): prune mostly-zero channels, layers of highest APoZ first, rounds"
     Settings = APoZSettings
+    study_start = "trained"
+
+    @classmethod
+    def study_settings(cls, mac_reduction: float, finetune_epochs: int, finetune_lr: float) -> dict[str, Any]:
+        # The fine-tuning epochs are shared out over the rounds (two, or one for a single epoch).
+        rounds = max(1, min(2, finetune_epochs))
+        return {"method.apoz.mac_reduction": mac_reduction, "method.apoz.rounds": rounds,
+                "method.apoz.round_epochs": max(1, finetune_epochs // rounds), "method.apoz.finetune_lr": finetune_lr,
+                "method.apoz.finetune_schedule": "constant"}
 
     @classmethod
     def from_config(cls, settings: APoZSettings, cfg: Any, input_shape: tuple[int, int, int]) -> "APoZMethod":

@@ -283,6 +283,23 @@ class Method:
                 out[key[len(prefix):]] = float(sum(values))
         return out
 
+    # -- how `we-dist study` runs it ------------------------------------------------------------
+
+    #: How ``we-dist study`` starts this method at a MAC budget: ``None`` (not a channel-pruning
+    #: method: no budget to meet), ``"trained"`` (prunes the seed's trained, unpruned network,
+    #: then fine-tunes it), ``"scratch"`` (prunes while it trains, from the seed's initial
+    #: weights) or ``"shape"`` (trains the network another method pruned to the same budget, from
+    #: fresh weights: Scratch-E/B).
+    study_start: ClassVar[str | None] = None
+
+    @classmethod
+    def study_settings(cls, mac_reduction: float, finetune_epochs: int, finetune_lr: float) -> dict[str, Any]:
+        """Dotted config overrides under which this method removes ``mac_reduction`` of the
+        network's MACs (counted on the physically pruned network) and, when it prunes a trained
+        network, fine-tunes it for ``finetune_epochs`` at a constant ``finetune_lr``: what
+        ``we-dist study`` gives every run of this method. Only for a :attr:`study_start` method."""
+        raise NotImplementedError(f"method {cls.name!r} has no MAC budget (study_start is None)")
+
     # -- state ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:

@@ -451,6 +451,14 @@ class LayerwisePruning:
 
     name: str
     Settings: Any
+    study_start = "trained"
+
+    @classmethod
+    def study_settings(cls, mac_reduction: float, finetune_epochs: int, finetune_lr: float) -> dict[str, Any]:
+        """See :meth:`we_dist.methods.base.Method.study_settings`."""
+        return {f"method.{cls.name}.{key}": value for key, value in (
+            ("mac_reduction", mac_reduction), ("finetune_epochs", finetune_epochs), ("finetune_lr", finetune_lr),
+            ("finetune_schedule", "constant"))}
 
     @classmethod
     def from_config(cls, settings: Any, cfg: Any, input_shape: tuple[int, int, int]) -> "LayerwisePruning":

@@ -365,6 +365,12 @@ class DynamicAttentionPruningMethod(Method):
     summary = ("dynamic pruning with filter attention (Zagoruyko & Komodakis 2017) and BN scales (Liu et al. "
                "2017): revisable masks every epoch, ramped to a MAC target, removed at the end")
     Settings = DynamicAttentionSettings
+    study_start = "scratch"
+
+    @classmethod
+    def study_settings(cls, mac_reduction: float, finetune_epochs: int, finetune_lr: float) -> dict[str, Any]:
+        # It prunes while it trains the recipe's epochs; no fine-tuning after.
+        return {"method.dynamic_attention.target_mac_reduction": mac_reduction}
 
     @classmethod
     def from_config(cls, settings: DynamicAttentionSettings, cfg: Any,

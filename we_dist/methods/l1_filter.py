@@ -200,6 +200,14 @@ class L1FilterPruningMethod(Method):
     name = "l1"
     summary = "L1-norm filter pruning (Li et al. 2017): remove each layer's smallest-L1 filters once, fine-tune"
     Settings = L1FilterSettings
+    study_start = "trained"
+
+    @classmethod
+    def study_settings(cls, mac_reduction: float, finetune_epochs: int, finetune_lr: float) -> dict[str, Any]:
+        # l1 prunes before its first epoch and then trains the recipe's schedule: the study's
+        # fine-tuning is that schedule.
+        return {"method.l1.mac_reduction": mac_reduction, "schedule.epochs": finetune_epochs,
+                "schedule.name": "constant", "schedule.milestones": [], "schedule.warmup_epochs": 0, "optim.lr": finetune_lr}
 
     @classmethod
     def from_config(cls, settings: L1FilterSettings, cfg: Any,

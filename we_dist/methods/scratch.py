@@ -73,6 +73,13 @@ class ScratchMethod(Method):
     name = "scratch"
     summary = "Scratch-E/B (Liu et al. 2019): a pruned run's architecture trained from scratch, E or B epochs"
     Settings = ScratchSettings
+    study_start = "shape"
+
+    @classmethod
+    def study_settings(cls, mac_reduction: float, finetune_epochs: int, finetune_lr: float) -> dict[str, Any]:
+        # The shape (and so the budget) is the named method's result: the study points
+        # model.init_from at it; E or B is the variant's own setting.
+        return {"model.init_architecture_only": True}
 
     @classmethod
     def from_config(cls, settings: ScratchSettings, cfg: Any,

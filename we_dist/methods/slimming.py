@@ -280,6 +280,14 @@ class NetworkSlimmingMethod(Method):
     name = "slim"
     summary = "Network Slimming (Liu et al. 2017): L1-sparse BN scales, global-threshold channel removal, fine-tune"
     Settings = SlimmingSettings
+    study_start = "scratch"
+
+    @classmethod
+    def study_settings(cls, mac_reduction: float, finetune_epochs: int, finetune_lr: float) -> dict[str, Any]:
+        # Sparsity training for the recipe's epochs from the seed's initial weights, then the cut
+        # that meets the budget, then the study's fine-tuning.
+        return {"method.slim.mac_reduction": mac_reduction, "method.slim.finetune_epochs": finetune_epochs,
+                "method.slim.finetune_lr": finetune_lr, "method.slim.finetune_schedule": "constant"}
 
     @classmethod
     def from_config(cls, settings: SlimmingSettings, cfg: Any,

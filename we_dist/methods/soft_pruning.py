@@ -192,6 +192,12 @@ class SoftFilterPruningMethod(Method):
     name = "soft_prune"
     summary = "soft filter pruning (He et al. 2018): smallest-L2 filters zeroed each call, free to regrow"
     Settings = SoftPruneConfig
+    study_start = "scratch"
+
+    @classmethod
+    def study_settings(cls, mac_reduction: float, finetune_epochs: int, finetune_lr: float) -> dict[str, Any]:
+        # Soft filter pruning trains the recipe's epochs and has no fine-tuning after its removal.
+        return {"method.soft_prune.mac_reduction": mac_reduction, "method.soft_prune.remove_at_end": True}
 
     @classmethod
     def from_config(cls, settings: SoftPruneConfig, cfg: Any,

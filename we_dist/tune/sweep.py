@@ -251,7 +251,7 @@ def build_tuner(spec: SweepSpec, ctx: dict[str, Any], max_concurrent: int) -> An
             name=spec.name, storage_path=spec.storage_path, verbose=0,
             callbacks=[LiveTable(spec.keys, spec.metric, spec.mode, spec.trial_epochs,
                                  total=spec.num_trials(),
-                                 kind="comparison" if ctx.get("kind") == "compare" else "sweep"),
+                                 kind="comparison" if ctx.get("kind") in ("compare", "study") else "sweep"),
                        StateRecorder()],
             failure_config=tune.FailureConfig(max_failures=0),
         ),

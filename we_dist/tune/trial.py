@@ -62,7 +62,8 @@ def trial_overrides(config: Mapping[str, Any], context: Mapping[str, Any]) -> di
 
     Sweeps sample config keys directly. A comparison (``we-dist compare``) samples a
     method *variant* by its label; ``context["variants"]`` maps each label to its
-    overrides (``method.name`` and the method's settings), which replace the label here.
+    overrides (``method.name`` and the method's settings), which replace the label here. A
+    study's ``context["seed_overrides"]`` adds, per label and seed, the run it starts from.
     """
     out: dict[str, Any] = {}
     for key, value in config.items():
@@ -70,6 +71,10 @@ def trial_overrides(config: Mapping[str, Any], context: Mapping[str, Any]) -> di
             out.update(context["variants"][value])
         else:
             out[key] = value
+    # A study (`we-dist study`) also starts a variant from a run of the same seed: the seed's
+    # trained base network, or the pruned shape it trains again (model.init_from).
+    if VARIANT_KEY in config and "seed_overrides" in context:
+        out.update(context["seed_overrides"].get(config[VARIANT_KEY], {}).get(str(config.get("seed")), {}))
     return out
 
 
