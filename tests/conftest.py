@@ -397,6 +397,7 @@ GROUP_SECONDS = {
     "tests/tune/test_sweep.py": 200.0,
     "tests/train/test_interrupt.py": 155.0,
     "cluster": 150.0,                       # the two-node cluster and the tests that use it
+    "tests/tune/test_study.py": 230.0,      # measured alone, one worker: 231 s
     "tests/tune/test_compare.py": 125.0,
     "tests/train/test_tracking_outage.py": 115.0,
     "tests/train/test_fault_tolerance.py": 110.0,

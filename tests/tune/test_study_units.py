@@ -169,3 +169,23 @@ def test_report_has_every_cell_paired_differences_and_budget_check(tmp_path):
     lines = runs_csv(runs, 8).splitlines()
     assert len(lines) == 16 and lines[0].startswith("method,mac_reduction_target,seed")
     assert not math.isnan(by[BASE].final[0])
+
+
+def test_resume_reads_back_the_plan_it_started(tmp_path, monkeypatch):
+    """--resume rebuilds the plan from the study's saved state, paths absolute, from any directory."""
+    import json
+
+    from we_dist.tune.study import STUDY_STATE, plan_from_state
+
+    monkeypatch.chdir(tmp_path)
+    plan = build_plan(RECIPE, "l1,slim,scratch-b", "0.3,0.5", "0,4", ["checkpoint.storage_path=runs",
+                      "data.train_path=data/t.beton"], name="st", finetune_epochs=2)
+    assert plan.study_dir == str(tmp_path / "runs" / "st")
+    assert plan.base_config.data.train_path == str(tmp_path / "data" / "t.beton")
+    Path(plan.study_dir).mkdir(parents=True)
+    (Path(plan.study_dir) / STUDY_STATE).write_text(json.dumps(
+        {"plan": plan.to_dict(), "base_config": plan.base_config.to_dict()}))
+    monkeypatch.chdir(REPO)
+    again, _ = plan_from_state(plan.study_dir)
+    assert again.stages() == plan.stages() and again.command() == plan.command()
+    assert again.base_config == plan.base_config and again.seeds == [0, 4]

@@ -159,13 +159,12 @@ class StudyPlan:
     finetune_lr: float
     shape_from: str
     base_template: str = ""         # --base: the given base runs ("" : trained by the study)
-    base_config: Config | None = None
+    base_config: Config | None = None   # the recipe with the overrides, paths absolute
+    directory: str = ""             # the study's directory (absolute; fixed when the study starts)
 
     @property
     def study_dir(self) -> str:
-        from we_dist.storage import storage_root
-
-        return f"{storage_root(self.base_config.checkpoint.storage_path).rstrip('/')}/{self.name}"
+        return self.directory
 
     def cells(self) -> list[Cell]:
         """Every (variant, budget), budgets outer."""
@@ -235,22 +234,24 @@ class StudyPlan:
         return " ".join(parts + [shlex.quote(o) for o in self.overrides])
 
 
-def build_plan(recipe: str, methods: str, budgets: str | Sequence[float], seeds: str | Sequence[int],
-               overrides: Sequence[str], *,
+def build_plan(recipe: str, methods: str, budgets: str, seeds: str, overrides: Sequence[str], *,
                name: str | None = None, finetune_epochs: int | None = None, finetune_lr: float | None = None,
                shape_from: str = DEFAULT_SHAPE_FROM, base: str = "") -> StudyPlan:
     """Parse and check a study's arguments; every run's config is validated here, before
     anything starts, and :class:`StudyError` names what is wrong."""
-    cfg = load_config(recipe, list(overrides))
+    from we_dist.storage import storage_root
+    from we_dist.train.driver import resolve_paths
+
+    # Paths absolute now: the runs, and a --resume from another directory, must find the same files.
+    cfg = resolve_paths(load_config(recipe, list(overrides)))
     variants = parse_study_methods(methods)
     plan = StudyPlan(
         name=name or f"study-{Path(recipe).stem}", recipe=str(Path(recipe).resolve()), overrides=list(overrides),
-        variants=variants, budgets=parse_budgets(budgets if isinstance(budgets, str) else ",".join(map(repr, budgets))),
-        seeds=parse_seeds(seeds if isinstance(seeds, str) else ",".join(map(str, seeds)), cfg.seed)
-        if isinstance(seeds, str) or len(seeds) > 1 else [int(seeds[0])],
+        variants=variants, budgets=parse_budgets(budgets), seeds=parse_seeds(seeds, cfg.seed),
         finetune_epochs=max(1, cfg.schedule.epochs // 2) if finetune_epochs is None else int(finetune_epochs),
         finetune_lr=cfg.optim.lr / 10 if finetune_lr is None else float(finetune_lr), shape_from=shape_from,
         base_template=base or "", base_config=cfg)
+    plan.directory = f"{storage_root(cfg.checkpoint.storage_path).rstrip('/')}/{plan.name}"
     if plan.finetune_epochs < 1:
         raise StudyError(f"--finetune-epochs must be at least 1, got {plan.finetune_epochs}")
     if not plan.finetune_lr > 0:
@@ -658,7 +659,7 @@ def run_study(plan: StudyPlan, *, resume: bool = False, out: str | None = None, 
             raise PreflightError(f"study {plan.name!r} already exists in {plan.study_dir}; continue it with "
                                  f"`we-dist study --resume {plan.study_dir}` or start another with --name")
         check_state_key()
-        state = {"plan": plan.to_dict(), "parent_run_id": "", "tracking_uri": None, "max_concurrent": max_concurrent,
+        state = {"plan": plan.to_dict(), "base_config": plan.base_config.to_dict(), "parent_run_id": "", "tracking_uri": None, "max_concurrent": max_concurrent,
                  "out": out or "", "latency": {"repeats": latency_repeats, "batch": latency_batch,
                                                "threads": latency_threads}}
     stages = plan.stages()
@@ -898,12 +899,16 @@ def plan_from_state(study_dir: str) -> tuple[StudyPlan, dict]:
     text = _read_text(f"{study_dir}/{STUDY_STATE}")
     if text is None:
         raise PreflightError(f"{study_dir} has no {STUDY_STATE}: not a we-dist study (or it never started)")
+    from we_dist.config import config_from_dict
+
     state = json.loads(text)
     p = state["plan"]
-    plan = build_plan(p["recipe"], ",".join(p["methods"]), p["budgets"], p["seeds"], p["overrides"], name=p["name"], finetune_epochs=p["finetune_epochs"],
-                      finetune_lr=p["finetune_lr"], shape_from=p["shape_from"], base=p["base"])
-    if os.path.abspath(plan.study_dir) != os.path.abspath(study_dir):
-        raise PreflightError(f"{study_dir}: the study it holds lives in {plan.study_dir} (moved?); resume it there")
+    # The plan as it was checked and started (the recipe file may have changed since).
+    plan = StudyPlan(name=p["name"], recipe=p["recipe"], overrides=list(p["overrides"]),
+                     variants=parse_study_methods(",".join(p["methods"])), budgets=[float(b) for b in p["budgets"]],
+                     seeds=[int(x) for x in p["seeds"]], finetune_epochs=int(p["finetune_epochs"]),
+                     finetune_lr=float(p["finetune_lr"]), shape_from=p["shape_from"], base_template=p["base"],
+                     base_config=config_from_dict(state["base_config"]), directory=study_dir)
     return plan, state
 
 
