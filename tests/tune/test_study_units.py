@@ -189,3 +189,19 @@ def test_resume_reads_back_the_plan_it_started(tmp_path, monkeypatch):
     again, _ = plan_from_state(plan.study_dir)
     assert again.stages() == plan.stages() and again.command() == plan.command()
     assert again.base_config == plan.base_config and again.seeds == [0, 4]
+
+
+def test_live_table_shows_each_variants_own_epochs(tmp_path):
+    """The study's live table counts each run against its own epochs: l1 fine-tunes
+    --finetune-epochs, slim trains the recipe's and then fine-tunes, Scratch-B's are unknown
+    until its shape is pruned (epochs done only)."""
+    from we_dist.tune.report import TrialRow, render_table
+    from we_dist.tune.study import stage_epochs
+
+    plan = _plan(tmp_path, methods="l1,slim,scratch-b", budgets="0.5", seeds="1", finetune_epochs=3)
+    epochs = {stage: stage_epochs(plan, v, s) for stage, v, s, _ in plan.stages()}
+    assert epochs == {"base": {BASE: 12}, "prune": {"l1@0.5": 3, "slim@0.5": 12 + 3}, "shape": {}}
+    rows = [TrialRow("a", "RUNNING", {"variant": "l1@0.5", "seed": 0}, epochs_done=2),
+            TrialRow("b", "TERMINATED", {"variant": "scratch-b@0.5", "seed": 0}, epochs_done=24)]
+    table = render_table(rows, ["variant", "seed"], "val/top1", {"l1@0.5": 3})
+    assert "2/3" in table and " 24 " in table and "finished" in table

@@ -744,6 +744,7 @@ def _context(spec: Any, variants: Sequence[Variant], parent: str | None, uri: st
                 "slugs": {v.label: v.slug for v in variants},
                 "methods": {v.label: v.method for v in variants},
                 "out": out or ""})
+    ctx["variant_epochs"] = variant_epochs(spec, ctx)       # the live table's "epochs done / of"
     return ctx
 
 

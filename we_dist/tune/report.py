@@ -73,11 +73,24 @@ def display_config(config: Mapping[str, Any]) -> str:
 
 
 
-def render_table(rows: Sequence[TrialRow], keys: Sequence[str], metric: str, max_epochs: int) -> str:
-    """A fixed-width table: trial, status, swept values, epochs, last and best metric."""
+def render_table(rows: Sequence[TrialRow], keys: Sequence[str], metric: str,
+                 max_epochs: int | Mapping[str, int]) -> str:
+    """A fixed-width table: trial, status, swept values, epochs, last and best metric.
+    ``max_epochs`` may be a mapping from a comparison's or study's variant label to the epochs
+    its runs train (a method with phases trains longer than the recipe); a variant missing from
+    it shows the epochs done alone (Scratch-B's epochs follow from a shape not pruned yet)."""
+    def epochs(r: TrialRow) -> tuple[str, int]:
+        if not isinstance(max_epochs, Mapping):
+            return f"{r.epochs_done}/{max_epochs}", max_epochs
+        n = max_epochs.get(str(r.config.get("variant")), 0)
+        return (f"{r.epochs_done}/{n}" if n else str(r.epochs_done)), n
+
+    body = []
+    for r in rows:
+        shown, n = epochs(r)
+        body.append([r.trial_id, r.status(n)] + [display_value(r.config.get(k)) for k in keys]
+                    + [shown, display_value(r.metric), display_value(r.best_metric)])
     headers = ["trial", "status"] + [short_key(k, keys) for k in keys] + ["epochs", metric, f"best {metric}"]
-    body = [[r.trial_id, r.status(max_epochs)] + [display_value(r.config.get(k)) for k in keys]
-            + [f"{r.epochs_done}/{max_epochs}", display_value(r.metric), display_value(r.best_metric)] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in body)) if body else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
     lines.append("  ".join("-" * w for w in widths))

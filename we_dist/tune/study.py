@@ -615,8 +615,27 @@ def _stage_context(plan: StudyPlan, spec: Any, stage: str, variants: Mapping, pe
 
     ctx = sweep_context(spec, parent, uri)
     ctx.update({"kind": "study", "stage": stage, "sweep_name": plan.name, "variants": dict(variants),
-                "seed_overrides": dict(per_seed), "slugs": dict(slugs)})
+                "seed_overrides": dict(per_seed), "slugs": dict(slugs),
+                "variant_epochs": stage_epochs(plan, variants, per_seed)})
     return ctx
+
+
+def stage_epochs(plan: StudyPlan, variants: Mapping[str, Mapping[str, Any]],
+                 per_seed: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, int]:
+    """The epochs each variant's runs train, for the live table; left out where they depend on
+    a run not finished yet (Scratch-B: the MACs of the shape it trains)."""
+    from we_dist.train.phases import total_epochs
+
+    out = {}
+    for label, overrides in variants.items():
+        start = next(iter(per_seed.get(label, {}).values()), {})
+        if "model.init_architecture_only" in overrides:
+            continue
+        try:
+            out[label] = total_epochs(plan.base_config.override({**overrides, **start}))
+        except (ConfigError, ValueError, OSError):
+            continue
+    return out
 
 
 def _stage_state(stage_dir: str, expected: int) -> tuple[list, bool, int]:

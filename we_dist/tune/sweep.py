@@ -249,7 +249,7 @@ def build_tuner(spec: SweepSpec, ctx: dict[str, Any], max_concurrent: int) -> An
         ),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=spec.storage_path, verbose=0,
-            callbacks=[LiveTable(spec.keys, spec.metric, spec.mode, spec.trial_epochs,
+            callbacks=[LiveTable(spec.keys, spec.metric, spec.mode, ctx.get("variant_epochs") or spec.trial_epochs,
                                  total=spec.num_trials(),
                                  kind="comparison" if ctx.get("kind") in ("compare", "study") else "sweep"),
                        StateRecorder()],
