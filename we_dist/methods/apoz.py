@@ -22,14 +22,26 @@ of the previous round's last epoch for the others):
 There is no weight reconstruction (the paper retrains instead). How many channels go:
 ``ratio`` of every pair's channels, or, with ``mac_reduction > 0``, the one uniform ratio
 whose pruned network has ``(1 - mac_reduction)`` of the MACs (decided before the first
-round). For the classifier's input (the pooled last features) a zero means a channel dead on
+round). With ``round_to`` each pair's kept count is rounded up to a multiple of it (the
+lowest-APoZ of the channels that would go stay; a pair that cannot be rounded stays whole;
+:func:`we_dist.methods.channels.rounded_keep`), and ``mac_reduction`` counts the rounded network. For the classifier's input (the pooled last features) a zero means a channel dead on
 the whole image.
 
 **Settings** (``method.apoz.*``), defaults in brackets: ``ratio`` [0.5]; ``mac_reduction``
-[0 = use ``ratio``]; ``max_ratio`` [0.9]; ``rounds`` [2]; ``round_epochs`` [0 = the
+[0 = use ``ratio``]; ``max_ratio`` [0.9]; ``round_to`` [1 = no rounding] kept channels per
+pair a multiple of it; ``rounds`` [2]; ``round_epochs`` [0 = the
 recipe's ``schedule.epochs`` split evenly over the rounds, at least 1 each];
 ``calibration_batches`` [8] per worker; ``calibration_split`` [train] (or val);
 ``finetune_lr`` [0.01] peak LR of each round; ``finetune_schedule`` [cosine].
+
+**Networks.** Only channels that one dense layer reads are pruned
+(:func:`~we_dist.methods.calibration.prunable_pairs`): on torchvision's ResNets the channels
+inside each block (a basic block's first conv, a bottleneck's first two), on MobileNetV2 each
+block's expanded channels (with its depthwise conv) and the block outputs that no residual
+addition reads. A residual stream (a ResNet's block outputs and downsample shortcuts, the
+MobileNetV2 block outputs that an addition reads) is read by several layers and keeps its
+width; a MAC target is met by the other layers (a reduction of 0.5 is, on ResNet-18, ResNet-50
+and MobileNetV2 at 32 px: ``tests/methods/test_imagenet_networks.py``).
 
 **Paper.** Hu, Peng, Tai, Tang, "Network Trimming: A Data-Driven Neuron Pruning Approach
 towards Efficient Deep Architectures", arXiv:1607.03250, 2016. LeNet on MNIST and VGG-16 on
@@ -142,7 +154,7 @@ class APoZMethod(Method):
         if not self.keep:
             plan = sync.decide_and_share(
                 lambda: dict(zip(("keep", "ratio"), keep_counts(model, self.input_shape, st.ratio,
-                                                                 st.mac_reduction, st.max_ratio))))
+                                                                 st.mac_reduction, st.max_ratio, st.round_to))))
             self.keep, self.ratio = dict(plan["keep"]), float(plan["ratio"])
         images = cache_batches(ctx.batches(st.calibration_split, st.calibration_batches))
         n_images = all_reduce_sum({"n": torch.tensor([float(sum(len(b) for b in images))])})["n"]

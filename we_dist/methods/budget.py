@@ -13,7 +13,11 @@ Tolerance: the result never has more MACs than the target allows (unless even ``
 get there: then ``hi`` is used and the achieved reduction is reported); it overshoots by at
 most what one step of whole filters removes: at most :data:`MAC_TOLERANCE` on the networks of
 the tests (``tests/methods/test_budget.py``: CIFAR ResNet-20, the small CNN, torchvision's
-ResNet-18 and MobileNetV2).
+ResNet-18 and MobileNetV2). With a method's ``round_to`` setting the candidates are the
+rounded networks (:func:`we_dist.methods.channels.rounded_keep`), so the target counts the
+rounding; one step then moves a group by ``round_to`` channels, and where that is a large part
+of the layers (``round_to=8`` on 16-channel layers) the overshoot exceeds the tolerance
+(``tests/methods/test_round_to.py``).
 
 Pure tensor code: the methods call it inside their rank-0 decision, which is then broadcast.
 """

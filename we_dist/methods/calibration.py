@@ -50,7 +50,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from we_dist.methods.budget import weakest_strength
-from we_dist.methods.channels import all_groups, passes_zero_padding
+from we_dist.methods.channels import all_groups, passes_zero_padding, rounded_keep
 
 
 @dataclass(frozen=True)
@@ -134,11 +134,13 @@ def remove_channels(model: nn.Module, input_shape: Sequence[int], consumer: str,
 
 
 def keep_counts(model: nn.Module, input_shape: Sequence[int], ratio: float, mac_reduction: float,
-                max_ratio: float = 0.9) -> tuple[dict[str, int], float]:
+                max_ratio: float = 0.9, round_to: int = 1) -> tuple[dict[str, int], float]:
     """How many input channels each pair's consumer keeps: ``({consumer: kept}, ratio used)``.
 
     With ``mac_reduction == 0`` every pair loses ``ratio`` of its channels (rounded, at least
-    one kept). Otherwise the one uniform ratio (up to ``max_ratio``) is found by bisection
+    one kept); with ``round_to`` each kept count is then rounded up to a multiple of it (or the
+    whole pair, :func:`~we_dist.methods.channels.rounded_keep`), and the search below counts
+    the rounded network. Otherwise the one uniform ratio (up to ``max_ratio``) is found by bisection
     whose pruned network has at most ``(1 - mac_reduction)`` of the MACs (counted as
     :func:`we_dist.accounting.count_macs` does, on a pruned copy); if even ``max_ratio``
     does not get there, ``max_ratio`` is used.
@@ -146,7 +148,8 @@ def keep_counts(model: nn.Module, input_shape: Sequence[int], ratio: float, mac_
     pairs = prunable_pairs(model, input_shape)
 
     def counts(r: float) -> dict[str, int]:
-        return {p.consumer: max(1, p.channels - int(round(r * p.channels))) for p in pairs}
+        return {p.consumer: rounded_keep(p.channels, max(1, p.channels - int(round(r * p.channels))), round_to)
+                for p in pairs}
 
     if mac_reduction <= 0:
         return counts(ratio), ratio
@@ -446,7 +449,7 @@ class LayerwisePruning:
     :func:`we_dist.sync.decide_and_share`, and every rank applies it. The reference
     network (a copy taken before anything is pruned) gives the targets. Subclasses set
     ``name`` and implement :meth:`solve`. The settings need ``ratio``, ``mac_reduction``,
-    ``max_ratio``, ``calibration_batches``, ``calibration_split`` and ``locations``.
+    ``max_ratio``, ``round_to``, ``calibration_batches``, ``calibration_split`` and ``locations``.
     """
 
     name: str
@@ -490,7 +493,8 @@ class LayerwisePruning:
             p.requires_grad_(False)
         plan = sync.decide_and_share(
             lambda: dict(zip(("keep", "ratio"),
-                             keep_counts(model, self.input_shape, st.ratio, st.mac_reduction, st.max_ratio))))
+                             keep_counts(model, self.input_shape, st.ratio, st.mac_reduction, st.max_ratio,
+                                         st.round_to))))
         pairs = prunable_pairs(model, self.input_shape)
         targets = reference_targets(reference, pairs, images, locations=st.locations, seed=self.seed)
         del reference

@@ -10,6 +10,11 @@ module is that shared part; each method keeps only its own choice of channels.
 A *decision* is plain data, ``{"prune": {root layer name: [channel indices]}}``, so that rank 0
 can make it and :func:`we_dist.sync.decide_and_share` can send it to every replica.
 
+Channel rounding (every channel-pruning method's ``round_to`` setting): the number of channels a
+pruned group keeps is rounded to a multiple of ``round_to`` (:func:`rounded_keep`), so that the
+pruned layers' widths suit the CPU and GPU kernels; each method rounds its per-group count
+before it picks channels by its own ranking (:func:`rounded_removal`).
+
 Example::
 
     >>> groups = prunable_groups(model, (3, 32, 32))        # [(root name, group), ...]
@@ -120,5 +125,37 @@ def apply_decision(model: nn.Module, input_shape: Sequence[int], decision: dict[
     return removed
 
 
+def rounded_keep(channels: int, keep: int, round_to: int = 1) -> int:
+    """How many of a group's ``channels`` stay when a method would keep ``keep`` of them and
+    kept counts are rounded to multiples of ``round_to`` (the ``round_to`` setting).
+
+    ``keep`` is rounded *up* to the next multiple of ``round_to`` (a count that would round to
+    0 becomes ``round_to``), and a group where that is more than it has stays whole: the kept
+    count is a multiple of ``round_to`` or the whole group (a group smaller than ``round_to``
+    is never pruned). Rounding up means a method never removes more channels than its own rule
+    chose, so its limits (at least one channel stays, ``max_layer_prune``, ``max_ratio``) still
+    hold; Torch-Pruning's own ``round_to`` rounds the kept count down instead. A MAC budget
+    makes up for what rounding keeps: the search counts the rounded network
+    (:mod:`we_dist.methods.budget`). ``round_to=1``: ``keep`` unchanged.
+
+        >>> rounded_keep(64, 29, 8), rounded_keep(64, 3, 8), rounded_keep(20, 17, 8), rounded_keep(6, 2, 8)
+        (32, 8, 20, 6)
+    """
+    if round_to <= 1 or keep >= channels:
+        return keep
+    return min(-(-max(keep, 1) // round_to) * round_to, channels)
+
+
+def rounded_removal(channels: int, remove: int, round_to: int = 1) -> int:
+    """How many of a group's ``channels`` go when a method would remove ``remove`` of them:
+    ``channels - rounded_keep(channels, channels - remove, round_to)`` (never more than
+    ``remove``). Which ones is the method's own ranking: it removes this many of its
+    lowest-ranked channels, so the channels rounding keeps are the best-ranked of those it chose."""
+    if remove <= 0:
+        return remove
+    return channels - rounded_keep(channels, channels - remove, round_to)
+
+
 __all__ = ["BatchNorm", "affine_bns", "all_groups", "apply_decision", "bn_scale_importance", "classifier",
-           "dependency_graph", "group_bns", "passes_zero_padding", "prunable_convs", "prunable_groups"]
+           "dependency_graph", "group_bns", "passes_zero_padding", "prunable_convs", "prunable_groups",
+           "rounded_keep", "rounded_removal"]

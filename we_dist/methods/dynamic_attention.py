@@ -54,7 +54,11 @@ validates again and exports and accounts the smaller network.
 least 1; capped at the run's epochs]; ``alpha`` [0.5] weight of attention against BN scale;
 ``combine`` [geometric] or arithmetic; ``s`` [1e-5] L1 strength on BN scales (0: off);
 ``calibration_batches`` [4] per worker per epoch; ``calibration_split`` [train] (or val);
-``max_layer_prune`` [0.9] per-group cap.
+``max_layer_prune`` [0.9] per-group cap; ``round_to`` [1 = no rounding] the channels each
+masked group keeps are rounded up to a multiple of it (its highest-importance masked channels
+are released; a group that cannot be rounded stays whole;
+:func:`we_dist.methods.channels.rounded_keep`), and the greedy masks on until the MACs of the
+rounded mask reach the target.
 
 **Paper.** The issue's source describes the approach only (filters chosen from a
 filter-attention score and the following BatchNorm's scale, masked, revisited during training,
@@ -84,7 +88,7 @@ from we_dist.methods.base import FitContext, Method
 from we_dist.methods.calibration import all_reduce_sum
 from we_dist.methods.registry import register_method
 from we_dist.methods.settings.dynamic_attention import DynamicAttentionSettings
-from we_dist.methods.channels import BatchNorm, apply_decision, bn_scale_importance, prunable_groups
+from we_dist.methods.channels import BatchNorm, apply_decision, bn_scale_importance, prunable_groups, rounded_removal
 from we_dist.methods.slimming import add_l1_subgradient
 from we_dist.methods.soft_pruning import harden
 
@@ -251,7 +255,8 @@ def mask_macs(model: nn.Module, input_shape: Sequence[int], mask: dict[str, Sequ
 
 
 def choose_mask(scores: dict[str, torch.Tensor], macs: MacModel, target: float,
-                max_layer_prune: float, forced: dict[str, Sequence[int]] | None = None) -> dict[str, list[int]]:
+                max_layer_prune: float, forced: dict[str, Sequence[int]] | None = None,
+                round_to: int = 1) -> dict[str, list[int]]:
     """The lowest-scoring channels over all groups, one at a time, until the MACs are at most
     ``(1 - target)`` of the full network's (the last channel added crosses the line: the
     result is within one channel's MACs of the target); a group keeps ``>= 1`` channel and
@@ -260,7 +265,13 @@ def choose_mask(scores: dict[str, torch.Tensor], macs: MacModel, target: float,
     ``forced`` (``{root: [indices]}``) are masked first, whatever their score, and the greedy
     continues from there: the last epoch's mask contains the previous one (ranking the old
     channels first is not enough, since the greedy may cross the target before it has
-    re-added all of them, and would release the rest untrained)."""
+    re-added all of them, and would release the rest untrained).
+
+    ``round_to``: a group's mask is cut to :func:`~we_dist.methods.channels.rounded_removal`
+    of what the greedy chose for it (its lowest-scoring first), so that the channels it keeps
+    are a multiple of ``round_to``, and the greedy runs until the MACs *of that rounded mask*
+    reach the target (within one rounding step of one group). A group's forced channels always
+    stay masked (a mask from the same ``round_to`` is rounded already)."""
     forced = {root: list(idxs) for root, idxs in (forced or {}).items() if idxs}
     if target <= 0 and not forced:
         return {}
@@ -269,7 +280,13 @@ def choose_mask(scores: dict[str, torch.Tensor], macs: MacModel, target: float,
     removed: dict[str, int] = {root: len(idxs) for root, idxs in forced.items()}
     chosen: dict[str, list[int]] = {root: list(idxs) for root, idxs in forced.items()}
     taken = {(root, i) for root, idxs in forced.items() for i in idxs}
-    current = macs.macs(removed)
+    def rounded(counts: dict[str, int]) -> dict[str, int]:
+        if round_to <= 1:
+            return counts
+        return {root: max(rounded_removal(macs.channels[root], k, round_to), len(forced.get(root, ())))
+                for root, k in counts.items()}
+
+    current = macs.macs(rounded(removed))
     for _, root, i in order:
         if current <= goal:
             break
@@ -280,8 +297,9 @@ def choose_mask(scores: dict[str, torch.Tensor], macs: MacModel, target: float,
             continue
         removed[root] = removed.get(root, 0) + 1
         chosen.setdefault(root, []).append(i)
-        current = macs.macs(removed)
-    return {root: sorted(idxs) for root, idxs in sorted(chosen.items())}
+        current = macs.macs(rounded(removed))
+    counts = rounded(removed)
+    return {root: sorted(idxs[:counts[root]]) for root, idxs in sorted(chosen.items()) if counts[root] > 0}
 
 
 def _zero_targets(model: nn.Module, input_shape: Sequence[int],
@@ -445,7 +463,8 @@ class DynamicAttentionPruningMethod(Method):
                 elif remembered is not None and remembered.numel() == n:
                     fresh = torch.where(alive, fresh, remembered.double())
                 scores[root] = fresh
-            mask = choose_mask(scores, macs, target, st.max_layer_prune, forced=old if last else None)
+            mask = choose_mask(scores, macs, target, st.max_layer_prune, forced=old if last else None,
+                               round_to=st.round_to)
             return {"mask": mask, "scores": {k: v.float() for k, v in scores.items()}}
 
         decision = sync.decide_and_share(decide)

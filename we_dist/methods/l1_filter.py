@@ -31,7 +31,10 @@ removed per stage (one value: every stage; else one per stage, stage 1 first); `
 paper layer numbers left alone; ``mac_reduction`` [0 = use ``ratios``] fraction of the MACs to
 remove: the ratios are then scaled together, their largest to ``s`` and the others in proportion
 (the paper's per-stage shape kept), ``s`` the smallest that meets the target
-(:mod:`we_dist.methods.budget`); ``max_ratio`` [0.9] caps ``s``.
+(:mod:`we_dist.methods.budget`); ``max_ratio`` [0.9] caps ``s``; ``round_to`` [1 = no rounding]
+the filters each pruned layer keeps are rounded up to a multiple of it (its largest-L1 chosen
+filters stay; a layer that cannot be rounded stays whole; :func:`we_dist.methods.channels.rounded_keep`),
+and ``mac_reduction`` counts the rounded network.
 
 **Paper.** Li, Kadav, Durdanovic, Samet, Graf, "Pruning Filters for Efficient ConvNets", ICLR 2017,
 Table 2 (CIFAR-10 test error, FLOPs): ResNet-56 6.96%, 1.25e8; ResNet-56-pruned-A (10% everywhere,
@@ -63,7 +66,7 @@ from we_dist.methods.budget import report_budget, weakest_strength, with_budget
 from we_dist.methods.base import FitContext, Method, Phase
 from we_dist.methods.registry import register_method
 from we_dist.methods.settings.l1_filter import L1FilterSettings
-from we_dist.methods.channels import apply_decision, prunable_convs
+from we_dist.methods.channels import apply_decision, prunable_convs, rounded_removal
 from we_dist.schema import ConfigError
 
 # --- the paper's layer numbering ------------------------------------------------------------
@@ -138,15 +141,17 @@ def filters_to_remove(ratio: float, n: int) -> int:
     return min(math.ceil(round(ratio * n, 6)), n - 1)
 
 
-def layer_decision(model: nn.Module, name: str, ratio: float) -> list[int]:
-    """Indices of the :func:`filters_to_remove` smallest-L1 filters of conv ``name``."""
+def layer_decision(model: nn.Module, name: str, ratio: float, round_to: int = 1) -> list[int]:
+    """Indices of the :func:`filters_to_remove` smallest-L1 filters of conv ``name``; with
+    ``round_to`` fewer, so that the filters kept are a multiple of it
+    (:func:`~we_dist.methods.channels.rounded_removal`: the largest-L1 of those chosen stay)."""
     scores = filter_l1(dict(model.named_modules())[name])
-    k = filters_to_remove(ratio, scores.numel())
+    k = rounded_removal(scores.numel(), filters_to_remove(ratio, scores.numel()), round_to)
     return sorted(scores.argsort(stable=True)[:k].tolist()) if k > 0 else []
 
 
 def l1_decision(model: nn.Module, input_shape: Sequence[int], ratios: Sequence[float],
-                skip: Sequence[int] = ()) -> dict[str, Any]:
+                skip: Sequence[int] = (), round_to: int = 1) -> dict[str, Any]:
     """Which filters to remove: ``{"prune": {conv name: [indices]}}`` (see the method card)."""
     names = conv_names(model)
     skip_names = set()
@@ -159,7 +164,7 @@ def l1_decision(model: nn.Module, input_shape: Sequence[int], ratios: Sequence[f
     for name in prunable_layers(model, input_shape):
         if name in skip_names:
             continue
-        idxs = layer_decision(model, name, stage_ratio(ratios, stages[name]))
+        idxs = layer_decision(model, name, stage_ratio(ratios, stages[name]), round_to)
         if idxs:
             prune[name] = idxs
     return {"prune": prune}
@@ -174,18 +179,20 @@ def scaled_ratios(ratios: Sequence[float], strength: float) -> tuple[float, ...]
 
 
 def l1_budget_decision(model: nn.Module, input_shape: Sequence[int], ratios: Sequence[float],
-                       skip: Sequence[int], mac_reduction: float, max_ratio: float = 0.9) -> dict[str, Any]:
+                       skip: Sequence[int], mac_reduction: float, max_ratio: float = 0.9,
+                       round_to: int = 1) -> dict[str, Any]:
     """:func:`l1_decision` at the weakest scaling of ``ratios`` that removes ``mac_reduction`` of
-    the MACs; the decision also holds ``"budget"``: the strength, target and achieved reduction.
+    the MACs (counted with the kept counts rounded to ``round_to``); the decision also holds
+    ``"budget"``: the strength, target and achieved reduction.
     With ``mac_reduction`` 0: :func:`l1_decision` at ``ratios`` as given."""
     if mac_reduction <= 0:
-        return l1_decision(model, input_shape, ratios, skip)
+        return l1_decision(model, input_shape, ratios, skip, round_to)
 
     def prune_at(net: nn.Module, strength: float) -> None:
-        apply_decision(net, input_shape, l1_decision(net, input_shape, scaled_ratios(ratios, strength), skip))
+        apply_decision(net, input_shape, l1_decision(net, input_shape, scaled_ratios(ratios, strength), skip, round_to))
 
     found = weakest_strength(model, input_shape, mac_reduction, max_ratio, prune_at)
-    return with_budget(l1_decision(model, input_shape, scaled_ratios(ratios, found.strength), skip), found)
+    return with_budget(l1_decision(model, input_shape, scaled_ratios(ratios, found.strength), skip, round_to), found)
 
 
 def filters(model: nn.Module) -> int:
@@ -239,7 +246,7 @@ class L1FilterPruningMethod(Method):
         st = self.settings
         before, macs_before = filters(ctx.model), count_macs(ctx.model, self.input_shape)
         decision = sync.decide_and_share(lambda: l1_budget_decision(
-            ctx.model, self.input_shape, st.ratios, st.skip, st.mac_reduction, st.max_ratio))
+            ctx.model, self.input_shape, st.ratios, st.skip, st.mac_reduction, st.max_ratio, st.round_to))
         apply_decision(ctx.model, self.input_shape, decision)
         self.pruned, self.decision = True, decision
         ctx.structure_changed()

@@ -32,14 +32,27 @@ network as pruned so far, the least squares also absorbs the error of the layers
 (the paper's point). Then the smaller network is fine-tuned: one phase ``finetune``.
 
 How many channels go: ``ratio`` of every pair's channels, or, with ``mac_reduction > 0``,
-the one uniform ratio whose pruned network has ``(1 - mac_reduction)`` of the MACs.
+the one uniform ratio whose pruned network has ``(1 - mac_reduction)`` of the MACs. With
+``round_to`` each pair's kept count is rounded up to a multiple of it before the LASSO
+selection, which then keeps that many (a pair that cannot be rounded stays whole;
+:func:`we_dist.methods.channels.rounded_keep`); ``mac_reduction`` counts the rounded network.
 
 **Settings** (``method.lasso.*``), defaults in brackets: ``ratio`` [0.5];
-``mac_reduction`` [0 = use ``ratio``]; ``max_ratio`` [0.9]; ``calibration_batches`` [8] per
+``mac_reduction`` [0 = use ``ratio``]; ``max_ratio`` [0.9]; ``round_to`` [1 = no rounding]
+the channels each pruned pair keeps are a multiple of it; ``calibration_batches`` [8] per
 worker; ``calibration_split`` [train] (or val); ``locations`` [10] sampled positions per
 image (0: all; the paper samples 10 per image); ``lasso_steps`` [300] proximal-gradient
 iterations per ``lambda``; ``lambda_search`` [30] bisection steps; ``finetune_epochs`` [0 =
 the recipe's ``schedule.epochs``]; ``finetune_lr`` [0.01]; ``finetune_schedule`` [cosine].
+
+**Networks.** Only channels that one dense layer reads are pruned
+(:func:`~we_dist.methods.calibration.prunable_pairs`): on torchvision's ResNets the channels
+inside each block (a basic block's first conv, a bottleneck's first two), on MobileNetV2 each
+block's expanded channels (with its depthwise conv) and the block outputs that no residual
+addition reads. A residual stream (a ResNet's block outputs and downsample shortcuts, the
+MobileNetV2 block outputs that an addition reads) is read by several layers and keeps its
+width; a MAC target is met by the other layers (a reduction of 0.5 is, on ResNet-18, ResNet-50
+and MobileNetV2 at 32 px: ``tests/methods/test_imagenet_networks.py``).
 
 **Paper.** He, Zhang, Sun, "Channel Pruning for Accelerating Very Deep Neural Networks",
 ICCV 2017. VGG-16 on ImageNet 5x faster with a 0.3% increase of top-5 error (after

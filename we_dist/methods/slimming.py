@@ -61,7 +61,11 @@ garbage.
 masked); ``max_layer_prune`` [0.9] per-group cap; ``mac_reduction`` [0 = use ``percent``] fraction of
 the MACs to remove: ``percent`` is then the smallest that removes it, on the trained scales at
 the pruning (:mod:`we_dist.methods.budget`; only removed channels count, masked ones save no
-MACs); ``sparsity_epochs`` [0 = the recipe's
+MACs); ``round_to`` [1 = no rounding] the channels each removed group (each BatchNorm, on the
+authors' ResNet) keeps are rounded up to a multiple of it, the largest |gamma| of those selected
+staying (a group that cannot be rounded stays whole; masked channels are not rounded;
+:func:`we_dist.methods.channels.rounded_keep`), and ``mac_reduction`` counts the rounded network;
+``sparsity_epochs`` [0 = the recipe's
 ``schedule.epochs``]; ``finetune_epochs`` [10]; ``finetune_lr`` [0.01]; ``finetune_schedule``
 [constant] (or cosine).
 
@@ -124,7 +128,7 @@ def authors_threshold(scores: torch.Tensor, percent: float) -> float:
 
 
 def slimming_decision(model: nn.Module, input_shape: tuple[int, ...], percent: float,
-                      max_layer_prune: float, threshold_over: str = "all_bn") -> dict[str, Any]:
+                      max_layer_prune: float, threshold_over: str = "all_bn", round_to: int = 1) -> dict[str, Any]:
     """Which channels to remove and which to mask (see the method card).
 
     Returns ``{"threshold": t, "prune": {root layer name: [indices]}, "mask": {BatchNorm name:
@@ -134,7 +138,9 @@ def slimming_decision(model: nn.Module, input_shape: tuple[int, ...], percent: f
     BatchNorm channel at most ``t`` is masked (its gamma and beta zeroed). ``"removable"``: ``t``
     over the removable groups' scores only (mean |gamma| of a group's BatchNorms); nothing is
     masked. Either way at most ``max_layer_prune`` of a group's (of a BatchNorm's) channels are
-    selected, the smallest first, and one always stays.
+    selected, the smallest first, and one always stays; with ``round_to`` a group removes fewer,
+    so that the channels it keeps are a multiple of it (the largest of those selected stay,
+    :func:`~we_dist.methods.channels.rounded_removal`; masked channels are not rounded).
     """
     if threshold_over not in ("all_bn", "removable"):
         raise ValueError(f"threshold_over must be 'all_bn' or 'removable', got {threshold_over!r}")
@@ -169,7 +175,8 @@ def slimming_decision(model: nn.Module, input_shape: tuple[int, ...], percent: f
         else:
             below = [i for i in range(imp.numel()) if float(imp[i]) <= threshold]
         # The smallest first (stable: ties by index), at most the cap.
-        chosen = sorted(sorted(below, key=lambda i: (float(imp[i]), i))[:cap(imp.numel())])
+        count = channels.rounded_removal(imp.numel(), min(len(below), cap(imp.numel())), round_to)
+        chosen = sorted(sorted(below, key=lambda i: (float(imp[i]), i))[:count])
         if chosen:
             prune[name] = chosen
         for m, idxs in bns:
@@ -190,11 +197,12 @@ def slimming_decision(model: nn.Module, input_shape: tuple[int, ...], percent: f
             "removed": {name: sorted(idxs) for name, idxs in removed.items() if idxs}}
 
 
-def selection_decision(model: nn.Module, percent: float, max_layer_prune: float) -> dict[str, Any]:
+def selection_decision(model: nn.Module, percent: float, max_layer_prune: float, round_to: int = 1) -> dict[str, Any]:
     """The authors' rule on a network with channel-selection layers (the pre-activation
     ResNet, :mod:`we_dist.models.preresnet`): ``t`` is :func:`authors_threshold` over every
     affine BatchNorm's |gamma|, and each BatchNorm keeps its channels with |gamma| > t (at most
-    ``max_layer_prune`` of its channels go, the smallest first; one always stays). Returns
+    ``max_layer_prune`` of its channels go, the smallest first; one always stays; with
+    ``round_to`` fewer, so that it keeps a multiple of ``round_to``). Returns
     ``{"threshold": t, "keep": {BatchNorm name: [indices kept]}}`` for
     :func:`~we_dist.models.preresnet.prune_channels`."""
     bns = [(n, m) for n, m in model.named_modules() if m in set(channels.affine_bns(model))]
@@ -208,8 +216,9 @@ def selection_decision(model: nn.Module, percent: float, max_layer_prune: float)
     for name, bn in bns:
         gam = bn.weight.detach().abs().float().cpu()
         below = [i for i in range(gam.numel()) if float(gam[i]) <= threshold]
-        gone = set(sorted(below, key=lambda i: (float(gam[i]), i))[:min(int(max_layer_prune * gam.numel()),
-                                                                           gam.numel() - 1)])
+        count = channels.rounded_removal(
+            gam.numel(), min(len(below), int(max_layer_prune * gam.numel()), gam.numel() - 1), round_to)
+        gone = set(sorted(below, key=lambda i: (float(gam[i]), i))[:count])
         if gone:
             keep[name] = [i for i in range(gam.numel()) if i not in gone]
     return {"threshold": threshold, "keep": keep}
@@ -253,8 +262,8 @@ def decide(model: nn.Module, input_shape: tuple[int, ...], settings: SlimmingSet
 
     def decision_at(net: nn.Module, percent: float) -> dict[str, Any]:
         if selection:
-            return selection_decision(net, percent, st.max_layer_prune)
-        return slimming_decision(net, input_shape, percent, st.max_layer_prune, st.threshold_over)
+            return selection_decision(net, percent, st.max_layer_prune, st.round_to)
+        return slimming_decision(net, input_shape, percent, st.max_layer_prune, st.threshold_over, st.round_to)
 
     if st.mac_reduction <= 0:
         return decision_at(model, st.percent)

@@ -35,7 +35,11 @@ physically at the end (the authors keep the zeros and shrink the network in a se
 ``rate`` is then the smallest (up to 0.9) that does, found before the first call on the network's
 structure (how many filters a rate zeroes does not depend on the weights, so a resume finds the
 same rate; :mod:`we_dist.methods.budget`). Only removed filters count: zeroed filters the removal
-leaves in place save no MACs.
+leaves in place save no MACs. ``round_to`` [1 = no rounding]: every call zeroes fewer filters
+in a layer, so that the filters it leaves are a multiple of ``round_to`` (the largest-L2 of the
+chosen ones are spared; a layer that cannot be rounded is left whole;
+:func:`we_dist.methods.channels.rounded_keep`); the removal at the end removes exactly those,
+and ``mac_reduction`` counts the rounded network.
 
 **Paper.** He, Kang, Dong, Fu, Yang, "Soft Filter Pruning for Accelerating Deep Convolutional
 Neural Networks", IJCAI 2018. Headline: CIFAR-10 ResNets (20 to 110 layers) and ImageNet
@@ -66,7 +70,7 @@ from we_dist.methods.budget import report_budget, weakest_strength, with_budget
 from we_dist.methods.registry import register_method
 from we_dist.methods.settings.soft_pruning import SoftPruneConfig
 from we_dist.schema import ConfigError
-from we_dist.methods.channels import BatchNorm, apply_decision, prunable_groups
+from we_dist.methods.channels import BatchNorm, apply_decision, prunable_groups, rounded_removal
 
 
 def _convs(model: nn.Module) -> list[nn.Conv2d]:
@@ -80,15 +84,18 @@ def is_shortcut_conv(name: str) -> bool:
 
 
 @torch.no_grad()
-def prune_mask(model: nn.Module, rate: float, skip_downsample: bool = True) -> torch.Tensor:
+def prune_mask(model: nn.Module, rate: float, skip_downsample: bool = True, round_to: int = 1) -> torch.Tensor:
     """1 for each filter to zero (all conv layers concatenated, in module order); with
-    ``skip_downsample`` the shortcut convs (:func:`is_shortcut_conv`) are never marked."""
+    ``skip_downsample`` the shortcut convs (:func:`is_shortcut_conv`) are never marked; with
+    ``round_to`` each conv zeroes fewer, so that its unzeroed filters are a multiple of it (the
+    largest-L2 of those chosen are spared, :func:`~we_dist.methods.channels.rounded_removal`)."""
     masks = []
     for name, conv in unwrap(model).named_modules():
         if not isinstance(conv, nn.Conv2d):
             continue
         norms = conv.weight.detach().float().flatten(1).norm(dim=1).cpu()
-        k = 0 if skip_downsample and is_shortcut_conv(name) else int(norms.numel() * rate)
+        k = 0 if skip_downsample and is_shortcut_conv(name) else rounded_removal(
+            norms.numel(), int(norms.numel() * rate), round_to)
         mask = torch.zeros(norms.numel(), dtype=torch.uint8)
         if k:
             mask[norms.argsort(stable=True)[:k]] = 1
@@ -108,9 +115,9 @@ def apply_mask(model: nn.Module, mask: torch.Tensor) -> int:
     return int(mask.sum())
 
 
-def soft_prune(model: nn.Module, rate: float, skip_downsample: bool = True) -> int:
+def soft_prune(model: nn.Module, rate: float, skip_downsample: bool = True, round_to: int = 1) -> int:
     """One soft-pruning call on a single replica; returns the number of zeroed filters."""
-    return apply_mask(model, prune_mask(model, rate, skip_downsample))
+    return apply_mask(model, prune_mask(model, rate, skip_downsample, round_to))
 
 
 def _conv_rows(model: nn.Module, mask: torch.Tensor) -> dict[str, list[int]]:
@@ -125,10 +132,10 @@ def _conv_rows(model: nn.Module, mask: torch.Tensor) -> dict[str, list[int]]:
 
 
 def removal_decision(model: nn.Module, input_shape: Sequence[int], rate: float,
-                     skip_downsample: bool = True) -> dict[str, Any]:
+                     skip_downsample: bool = True, round_to: int = 1) -> dict[str, Any]:
     """The filters removed at the end: ``{"prune": {group root conv: [indices]}}``, the
     :func:`prune_mask` filters of every group that can be removed alone (see the card)."""
-    marked = _conv_rows(model, prune_mask(model, rate, skip_downsample))
+    marked = _conv_rows(model, prune_mask(model, rate, skip_downsample, round_to))
     prune = {}
     for root, _ in prunable_groups(model, tuple(input_shape)):
         n = dict(model.named_modules())[root].weight.shape[0]
@@ -175,11 +182,12 @@ MAX_RATE = 0.9
 
 
 def rate_for_budget(model: nn.Module, input_shape: Sequence[int], mac_reduction: float,
-                    skip_downsample: bool = True) -> dict[str, Any]:
+                    skip_downsample: bool = True, round_to: int = 1) -> dict[str, Any]:
     """``{"rate": r, "budget": ...}``: the smallest rate whose removal at the end takes
-    ``mac_reduction`` of the MACs away (see :mod:`we_dist.methods.budget`)."""
+    ``mac_reduction`` of the MACs away (see :mod:`we_dist.methods.budget`), with the kept
+    counts rounded to ``round_to``."""
     def prune_at(net: nn.Module, rate: float) -> None:
-        remove_zeroed(net, input_shape, removal_decision(net, input_shape, rate, skip_downsample))
+        remove_zeroed(net, input_shape, removal_decision(net, input_shape, rate, skip_downsample, round_to))
 
     found = weakest_strength(model, input_shape, mac_reduction, MAX_RATE, prune_at)
     return with_budget({"rate": found.strength}, found)
@@ -215,8 +223,8 @@ class SoftFilterPruningMethod(Method):
     def on_fit_start(self, ctx: FitContext) -> None:
         if self.cfg.mac_reduction > 0 and ctx.epoch < ctx.epochs:
             # A function of the network's structure only, so a resume finds the same rate.
-            found = sync.decide_and_share(lambda: rate_for_budget(ctx.model, self.input_shape,
-                                                                  self.cfg.mac_reduction, self.cfg.skip_downsample))
+            found = sync.decide_and_share(lambda: rate_for_budget(ctx.model, self.input_shape, self.cfg.mac_reduction,
+                                                                  self.cfg.skip_downsample, self.cfg.round_to))
             self.rate = float(found["rate"])
             report_budget(ctx, "soft_prune", found, f"rate={MAX_RATE}")
         # The authors mask once before the first epoch (after any pretrained weights are loaded).
@@ -230,7 +238,8 @@ class SoftFilterPruningMethod(Method):
 
     def _mask(self, ctx: FitContext) -> None:
         # Weights are identical on every rank, but ties could still split the replicas.
-        mask = sync.decide_and_share(lambda: prune_mask(ctx.model, self.rate, self.cfg.skip_downsample),
+        mask = sync.decide_and_share(lambda: prune_mask(ctx.model, self.rate, self.cfg.skip_downsample,
+                                                        self.cfg.round_to),
                                      encode=lambda m: m, decode=lambda m: m)
         zeroed = apply_mask(ctx.model, mask)
         total = sum(c.weight.shape[0] for c in _convs(ctx.model))
@@ -241,7 +250,7 @@ class SoftFilterPruningMethod(Method):
             return
         before = filters(ctx.model)
         decision = sync.decide_and_share(lambda: removal_decision(ctx.model, self.input_shape, self.rate,
-                                                                  self.cfg.skip_downsample))
+                                                                  self.cfg.skip_downsample, self.cfg.round_to))
         remove_zeroed(ctx.model, self.input_shape, decision)
         ctx.structure_changed()
         after = filters(ctx.model)

@@ -31,17 +31,30 @@ convs of each residual block, on a plain chain each conv and the next one; see
 Then the smaller network is fine-tuned: one phase ``finetune``.
 
 How many channels go: ``ratio`` of every pair's channels, or, with ``mac_reduction > 0``,
-the one uniform ratio whose pruned network has ``(1 - mac_reduction)`` of the MACs.
+the one uniform ratio whose pruned network has ``(1 - mac_reduction)`` of the MACs. With
+``round_to`` each pair's kept count is rounded up to a multiple of it before the greedy
+selection, which then keeps that many (a pair that cannot be rounded stays whole;
+:func:`we_dist.methods.channels.rounded_keep`); ``mac_reduction`` counts the rounded network.
 The paper fine-tunes after each layer; here all layers are pruned in one pass (against the
 unpruned network's outputs, so errors do not accumulate) and fine-tuned once.
 
 **Settings** (``method.thinet.*``), defaults in brackets: ``ratio`` [0.5] fraction of each
 pair's channels removed; ``mac_reduction`` [0 = use ``ratio``] target fraction of MACs
-removed; ``max_ratio`` [0.9] the most a pair may lose; ``calibration_batches`` [8] batches
+removed; ``max_ratio`` [0.9] the most a pair may lose; ``round_to`` [1 = no rounding] the
+channels each pruned pair keeps are a multiple of it; ``calibration_batches`` [8] batches
 per worker; ``calibration_split`` [train] (or val); ``locations`` [10] sampled positions per
 image (0: all; the paper samples 10); ``scaling`` [channel] (or full); ``finetune_epochs``
 [0 = the recipe's ``schedule.epochs``]; ``finetune_lr`` [0.01]; ``finetune_schedule``
 [cosine] (or constant).
+
+**Networks.** Only channels that one dense layer reads are pruned
+(:func:`~we_dist.methods.calibration.prunable_pairs`): on torchvision's ResNets the channels
+inside each block (a basic block's first conv, a bottleneck's first two), on MobileNetV2 each
+block's expanded channels (with its depthwise conv) and the block outputs that no residual
+addition reads. A residual stream (a ResNet's block outputs and downsample shortcuts, the
+MobileNetV2 block outputs that an addition reads) is read by several layers and keeps its
+width; a MAC target is met by the other layers (a reduction of 0.5 is, on ResNet-18, ResNet-50
+and MobileNetV2 at 32 px: ``tests/methods/test_imagenet_networks.py``).
 
 **Paper.** Luo, Wu, Lin, "ThiNet: A Filter Level Pruning Method for Deep Neural Network
 Compression", ICCV 2017. VGG-16 on ImageNet: 3.31x fewer FLOPs and 16.63x smaller for a

@@ -28,3 +28,6 @@ class APoZSettings:
     finetune_lr: Annotated[Float, Field(gt=0, description="peak LR of each round's retraining")] = 0.01
     finetune_schedule: Annotated[Literal["constant", "cosine"], Field(description="LR shape within a round")] = \
         "cosine"
+    round_to: Annotated[PositiveInt, Field(description=(
+        "channels each pruned group keeps are a multiple of this (rounded up; the best-ranked stay; a group "
+        "that cannot be rounded stays whole), counted in mac_reduction; 1: no rounding"))] = 1

@@ -30,3 +30,6 @@ class DynamicAttentionSettings:
         "train"
     max_layer_prune: Annotated[Float, Field(ge=0, lt=1, description=(
         "at most this fraction of a group's channels is masked; one always stays"))] = 0.9
+    round_to: Annotated[PositiveInt, Field(description=(
+        "channels each pruned group keeps are a multiple of this (rounded up; the best-ranked stay; a group "
+        "that cannot be rounded stays whole), counted in target_mac_reduction; 1: no rounding"))] = 1

@@ -10,7 +10,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from we_dist.schema import Float, Int, settings_dataclass
+from we_dist.schema import Float, Int, PositiveInt, settings_dataclass
 
 
 @settings_dataclass
@@ -26,3 +26,6 @@ class L1FilterSettings:
         "setting that meets it"))] = 0.0
     max_ratio: Annotated[Float, Field(gt=0, lt=1, description="with mac_reduction: the largest fraction of a "
                                                               "layer's filters removed")] = 0.9
+    round_to: Annotated[PositiveInt, Field(description=(
+        "channels each pruned group keeps are a multiple of this (rounded up; the best-ranked stay; a group "
+        "that cannot be rounded stays whole), counted in mac_reduction; 1: no rounding"))] = 1

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from we_dist.schema import Float, NonNegativeInt, settings_dataclass
+from we_dist.schema import Float, NonNegativeInt, PositiveInt, settings_dataclass
 
 
 @settings_dataclass
@@ -35,3 +35,6 @@ class SlimmingSettings:
     finetune_lr: Annotated[Float, Field(gt=0, description="peak LR of the fine-tuning phase")] = 0.01
     finetune_schedule: Annotated[Literal["constant", "cosine"], Field(description="LR shape while fine-tuning")] = \
         "constant"
+    round_to: Annotated[PositiveInt, Field(description=(
+        "channels each pruned group keeps are a multiple of this (rounded up; the best-ranked stay; a group "
+        "that cannot be rounded stays whole), counted in mac_reduction; 1: no rounding"))] = 1

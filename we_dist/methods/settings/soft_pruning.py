@@ -28,3 +28,6 @@ class SoftPruneConfig:
     mac_reduction: Annotated[float, Strict(), Field(ge=0, lt=1, description=(
         "if > 0: fraction of MACs the removal at the end takes away; rate is then the smallest that does "
         "(needs remove_at_end)"))] = 0.0
+    round_to: Annotated[PositiveInt, Field(description=(
+        "channels each pruned group keeps are a multiple of this (rounded up; the best-ranked stay; a group "
+        "that cannot be rounded stays whole), counted in mac_reduction; 1: no rounding"))] = 1
