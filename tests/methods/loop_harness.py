@@ -136,15 +136,17 @@ def data(n: int = 16, batch: int = 8, seed: int = 1) -> list[tuple[torch.Tensor,
 
 
 def prune_resume_export(gloo: Callable, tmp_path: Path, loaders: Callable[..., Any], method: str, model_name: str,
-                        settings: Sequence[str], crash_epoch: int, epochs: int):
+                        settings: Sequence[str], crash_epoch: int, epochs: int, base_root: Path | None = None):
     """A base run (1 epoch), then ``method`` from it, killed in ``crash_epoch`` (after its
     validation, before its checkpoint), and resumed; checks the replicas, every checkpoint's
     shapes and values, the export (the only run that exports) and the MACs. Returns (base
     state, the last checkpoint before the crash, final state, the resumed run's final metrics,
-    run directory)."""
-    base = loop_cfg(tmp_path, "base", "method.name=none", "schedule.epochs=1", f"model.name={model_name}")
-    base_root = tmp_path / "runs" / "base"
-    gloo(train, 2, base, base_root, loaders)
+    run directory). ``base_root``: a base run of ``model_name`` made already (its epoch 0's
+    checkpoint; shared by several tests), instead of a new one."""
+    if base_root is None:
+        base = loop_cfg(tmp_path, "base", "method.name=none", "schedule.epochs=1", f"model.name={model_name}")
+        base_root = tmp_path / "runs" / "base"
+        gloo(train, 2, base, base_root, loaders)
     trained = load_state(base_root / "epoch_0000")
     cfg = loop_cfg(tmp_path, method, f"method.name={method}", f"model.name={model_name}",
                    f"model.init_from={base_root}", "train.export=true", *settings)
