@@ -398,6 +398,7 @@ GROUP_SECONDS = {
     "tests/train/test_interrupt.py": 155.0,
     "cluster": 150.0,                       # the two-node cluster and the tests that use it
     "tests/tune/test_study.py": 230.0,      # measured alone, one worker: 231 s
+    "tests/methods/test_imagenet_networks.py": 175.0,   # measured alone, quiet
     "tests/tune/test_compare.py": 125.0,
     "tests/train/test_tracking_outage.py": 115.0,
     "tests/train/test_fault_tolerance.py": 110.0,
