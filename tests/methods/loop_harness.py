@@ -129,6 +129,18 @@ def trained_like(name: str = "small_cnn", seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def spread_scales(name: str, seed: int = 0) -> nn.Module:
+    """``name`` with random weights and BatchNorm scales drawn from U(0.05, 1), in eval mode: a
+    ranking by scales or filter norms has something to rank (the budget and rounding tests)."""
+    torch.manual_seed(seed)
+    model = create_model(name, 10).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.05, 1.0)
+    return model
+
+
 def data(n: int = 16, batch: int = 8, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n // batch`` batches of seeded random images (labels 0), as a hand-built context's loader."""
     g = torch.Generator().manual_seed(seed)

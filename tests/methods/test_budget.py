@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from loop_harness import spread_scales
 import torch
 from torch import nn
 
@@ -24,21 +25,12 @@ from we_dist.methods.l1_filter import l1_budget_decision, l1_decision, scaled_ra
 from we_dist.methods.settings.slimming import SlimmingSettings
 from we_dist.methods.slimming import decide as slim_decide
 from we_dist.methods.soft_pruning import rate_for_budget, remove_zeroed, removal_decision
-from we_dist.models import create_model
 
 CIFAR = (3, 32, 32)
 SMALL_IMAGENET = (3, 64, 64)    # torchvision's networks at a resolution the CPU runs in seconds
 
 
-def _network(name: str, seed: int = 0) -> nn.Module:
-    """``name`` with random weights and BatchNorm scales spread as after training (Slimming ranks them)."""
-    torch.manual_seed(seed)
-    model = create_model(name, 10).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.05, 1.0)
-    return model
+_network = spread_scales    # random weights, BatchNorm scales spread (loop_harness)
 
 
 def _reduction(before: nn.Module, after: nn.Module, shape) -> float:

@@ -24,6 +24,7 @@ import json
 import math
 
 import pytest
+from loop_harness import spread_scales
 import torch
 from torch import nn
 
@@ -42,15 +43,7 @@ CIFAR = (3, 32, 32)
 NETS = [("cifar_resnet20", 4), ("small_cnn", 4), ("resnet18", 8), ("mobilenet_v2", 8)]
 
 
-def _network(name: str, seed: int = 0) -> nn.Module:
-    """``name`` with random weights and BatchNorm scales spread as after training (as test_budget)."""
-    torch.manual_seed(seed)
-    model = create_model(name, 10).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.05, 1.0)
-    return model
+_network = spread_scales    # random weights, BatchNorm scales spread (loop_harness)
 
 
 def _fixed_network(name: str) -> nn.Module:

@@ -13,50 +13,18 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from experiment_cli import cli as _cli, cli_env as _env, files_with_mtimes as _files_with_mtimes
+from experiment_cli import saved_trials as _trials
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _env(tmp_path: Path) -> dict[str, str]:
-    from we_dist.tune.state_guard import KEY_ENV
-
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
-                KEY_ENV: str(tmp_path / "keys" / "state_key")})
-    return env
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "we_dist.cli", *args]
-
-
-def _trials(stage_dir: Path) -> list:
-    from ray.tune import Tuner
-
-    from we_dist.tune.sweep import load_trials
-
-    if not Tuner.can_restore(str(stage_dir)):
-        return []
-    try:
-        return load_trials(str(stage_dir))
-    except Exception:            # a state file being written; try again
-        return []
-
-
-def _files_with_mtimes(root: Path) -> dict[str, float]:
-    return {str(p.relative_to(root)): p.stat().st_mtime for p in root.rglob("*") if p.is_file()}
 
 
 def test_study_interrupt_resume_report(tmp_path, digits_betons):

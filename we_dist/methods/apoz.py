@@ -34,14 +34,9 @@ recipe's ``schedule.epochs`` split evenly over the rounds, at least 1 each];
 ``calibration_batches`` [8] per worker; ``calibration_split`` [train] (or val);
 ``finetune_lr`` [0.01] peak LR of each round; ``finetune_schedule`` [cosine].
 
-**Networks.** Only channels that one dense layer reads are pruned
-(:func:`~we_dist.methods.calibration.prunable_pairs`): on torchvision's ResNets the channels
-inside each block (a basic block's first conv, a bottleneck's first two), on MobileNetV2 each
-block's expanded channels (with its depthwise conv) and the block outputs that no residual
-addition reads. A residual stream (a ResNet's block outputs and downsample shortcuts, the
-MobileNetV2 block outputs that an addition reads) is read by several layers and keeps its
-width; a MAC target is met by the other layers (a reduction of 0.5 is, on ResNet-18, ResNet-50
-and MobileNetV2 at 32 px: ``tests/methods/test_imagenet_networks.py``).
+**Networks.** Only channels that one dense layer reads are pruned; a residual stream keeps its
+width and a MAC target is met by the other layers (which channels, on torchvision's ResNets and
+MobileNetV2: :func:`~we_dist.methods.calibration.prunable_pairs`).
 
 **Paper.** Hu, Peng, Tai, Tang, "Network Trimming: A Data-Driven Neuron Pruning Approach
 towards Efficient Deep Architectures", arXiv:1607.03250, 2016. LeNet on MNIST and VGG-16 on

@@ -115,7 +115,13 @@ def prunable_pairs(model: nn.Module, input_shape: Sequence[int]) -> list[Pair]:
     ``groups=1`` or a linear layer) reads its channels and no zero-padding op carries them:
     on the CIFAR ResNets the first conv of each residual block (its consumer is the block's
     second conv), on a plain chain every conv (its consumer is the next dense conv, through
-    any depthwise conv in between, or the classifier).
+    any depthwise conv in between, or the classifier). On torchvision's ResNets: the channels
+    inside each block (a basic block's first conv, a bottleneck's first two); on MobileNetV2 each
+    block's expanded channels (with its depthwise conv) and the block outputs no residual addition
+    reads. A residual stream (a ResNet's block outputs and downsample shortcuts, the MobileNetV2
+    block outputs an addition reads) is read by several layers and keeps its width; a MAC target
+    is met by the other layers (a reduction of 0.5 is, on ResNet-18, ResNet-50 and MobileNetV2 at
+    32 px: ``tests/methods/test_imagenet_networks.py``).
     """
     return [pair for pair, _ in _pairs_and_groups(model, input_shape)]
 

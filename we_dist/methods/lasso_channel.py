@@ -45,14 +45,9 @@ image (0: all; the paper samples 10 per image); ``lasso_steps`` [300] proximal-g
 iterations per ``lambda``; ``lambda_search`` [30] bisection steps; ``finetune_epochs`` [0 =
 the recipe's ``schedule.epochs``]; ``finetune_lr`` [0.01]; ``finetune_schedule`` [cosine].
 
-**Networks.** Only channels that one dense layer reads are pruned
-(:func:`~we_dist.methods.calibration.prunable_pairs`): on torchvision's ResNets the channels
-inside each block (a basic block's first conv, a bottleneck's first two), on MobileNetV2 each
-block's expanded channels (with its depthwise conv) and the block outputs that no residual
-addition reads. A residual stream (a ResNet's block outputs and downsample shortcuts, the
-MobileNetV2 block outputs that an addition reads) is read by several layers and keeps its
-width; a MAC target is met by the other layers (a reduction of 0.5 is, on ResNet-18, ResNet-50
-and MobileNetV2 at 32 px: ``tests/methods/test_imagenet_networks.py``).
+**Networks.** Only channels that one dense layer reads are pruned; a residual stream keeps its
+width and a MAC target is met by the other layers (which channels, on torchvision's ResNets and
+MobileNetV2: :func:`~we_dist.methods.calibration.prunable_pairs`).
 
 **Paper.** He, Zhang, Sun, "Channel Pruning for Accelerating Very Deep Neural Networks",
 ICCV 2017. VGG-16 on ImageNet 5x faster with a 0.3% increase of top-5 error (after

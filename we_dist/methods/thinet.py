@@ -47,14 +47,9 @@ image (0: all; the paper samples 10); ``scaling`` [channel] (or full); ``finetun
 [0 = the recipe's ``schedule.epochs``]; ``finetune_lr`` [0.01]; ``finetune_schedule``
 [cosine] (or constant).
 
-**Networks.** Only channels that one dense layer reads are pruned
-(:func:`~we_dist.methods.calibration.prunable_pairs`): on torchvision's ResNets the channels
-inside each block (a basic block's first conv, a bottleneck's first two), on MobileNetV2 each
-block's expanded channels (with its depthwise conv) and the block outputs that no residual
-addition reads. A residual stream (a ResNet's block outputs and downsample shortcuts, the
-MobileNetV2 block outputs that an addition reads) is read by several layers and keeps its
-width; a MAC target is met by the other layers (a reduction of 0.5 is, on ResNet-18, ResNet-50
-and MobileNetV2 at 32 px: ``tests/methods/test_imagenet_networks.py``).
+**Networks.** Only channels that one dense layer reads are pruned; a residual stream keeps its
+width and a MAC target is met by the other layers (which channels, on torchvision's ResNets and
+MobileNetV2: :func:`~we_dist.methods.calibration.prunable_pairs`).
 
 **Paper.** Luo, Wu, Lin, "ThiNet: A Filter Level Pruning Method for Deep Neural Network
 Compression", ICCV 2017. VGG-16 on ImageNet: 3.31x fewer FLOPs and 16.63x smaller for a
