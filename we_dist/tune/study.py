@@ -456,7 +456,7 @@ def render_study(plan: StudyPlan, summaries: Sequence[CellSummary], runs: Sequen
 
     headers = ["method", "MACs removed %, target", "runs", "final top-1 % (mean ± sd)",
                "vs unpruned: paired diff, points (mean ± sd; seeds better; p)", "best-epoch top-1 % (not the headline)",
-               "params", "MACs", "MACs removed % (min-max over seeds)", f"CPU ms b1 (speed-up)",
+               "params", "MACs", "MACs removed % (min-max over seeds)", "CPU ms b1 (speed-up)",
                f"CPU ms b{batch} (speed-up)"]
     rows = []
     for s in summaries:
@@ -638,15 +638,18 @@ def stage_epochs(plan: StudyPlan, variants: Mapping[str, Mapping[str, Any]],
     return out
 
 
-def _stage_state(stage_dir: str, expected: int) -> tuple[list, bool, int]:
-    """``(trials, complete, failed)`` of a stage's Tune experiment as last saved."""
+def _stage_trials(stage_dir: str) -> list:
+    """The trials of a stage's Tune experiment as last saved (none before the stage started)."""
     from ray.tune import Tuner
 
     from we_dist.tune.sweep import load_trials
 
-    if not Tuner.can_restore(stage_dir):
-        return [], False, 0
-    trials = load_trials(stage_dir)
+    return load_trials(stage_dir) if Tuner.can_restore(stage_dir) else []
+
+
+def _stage_state(stage_dir: str, expected: int) -> tuple[list, bool, int]:
+    """``(trials, complete, failed)`` of a stage's Tune experiment as last saved."""
+    trials = _stage_trials(stage_dir)
     failed = sum(t.status == "ERROR" for t in trials)
     complete = len(trials) == expected and all(t.status == "TERMINATED" for t in trials)
     return trials, complete, failed
@@ -750,7 +753,7 @@ def collect_runs(plan: StudyPlan, uri: str | None, parent: str | None) -> list[S
     """Every run of the study so far, in stage order (base first), from the stages' Tune state
     and their MLflow child runs (or Tune's record without tracking)."""
     from we_dist.tune.compare import _mlflow_histories, _tune_histories
-    from we_dist.tune.sweep import _client, child_runs, load_trials
+    from we_dist.tune.sweep import _client, child_runs
     from we_dist.tune.trial import TRIAL_ID_TAG
 
     client = _client(uri) if uri and parent else None
@@ -763,13 +766,8 @@ def collect_runs(plan: StudyPlan, uri: str | None, parent: str | None) -> list[S
         for seed in plan.seeds:
             record = history_record(plan.base_path(seed), BASE, BASE, seed)
             out.append(StudyRun(record, "base", BASE, BASE, None, path=plan.base_path(seed)))
-    from ray.tune import Tuner
-
     for stage, variants, _, slugs in plan.stages():
-        stage_dir = f"{plan.study_dir}/{stage}"
-        if not Tuner.can_restore(stage_dir):
-            continue
-        for trial in sorted(load_trials(stage_dir), key=lambda t: (list(variants).index(t.config["variant"]),
+        for trial in sorted(_stage_trials(f"{plan.study_dir}/{stage}"), key=lambda t: (list(variants).index(t.config["variant"]),
                                                                   int(t.config["seed"]))):
             label, seed = trial.config["variant"], int(trial.config["seed"])
             cell = cells.get(label)
