@@ -97,6 +97,10 @@ class DataConfig:
     mean: tuple[Float, ...] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
     std: tuple[PositiveFloat, ...] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
     flip: Bool = True
+    # Compile FFCV's loading pipeline with numba (True: the batch's samples in parallel). False
+    # runs the same pipeline as plain Python, one sample after another: the same batches (tested),
+    # no compile (seconds per worker and start), slower per image. Small images load faster so.
+    jit: Bool = True
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -181,3 +181,30 @@ def test_process_cache_reads_the_same_samples(digits_betons):
     labels = torch.cat([y for _, y in val])
     assert labels.tolist() == torch.cat([y for _, y in make_val_loader(
         _cfg(digits_betons), distributed=False, device=CPU)]).tolist()
+
+
+def _every_batch(cfg: DataConfig, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    train = make_train_loader(cfg, distributed=False, seed=seed, device=CPU)
+    batches = []
+    for epoch in (0, 1, 2):            # progressive resizing: 16, 24 and 32 px crops
+        train.set_epoch(epoch)
+        batches += list(train)
+    return batches + list(make_val_loader(cfg, distributed=False, device=CPU))
+
+
+def test_the_uncompiled_pipeline_gives_the_same_batches(digits_betons):
+    """data.jit=False runs FFCV's pipeline (and the seeded crop-and-flip decoder) as plain
+    Python: every training batch of three epochs, augmentation included, and every validation
+    batch are bit-identical to the compiled pipeline's."""
+    from ffcv.pipeline.compiler import Compiler
+
+    try:
+        compiled = _every_batch(_cfg(digits_betons, jit=True), seed=5)
+        plain = _every_batch(_cfg(digits_betons, jit=False), seed=5)
+        assert not Compiler.is_enabled     # the switch reached FFCV
+    finally:
+        Compiler.set_enabled(True)         # FFCV's default, for the tests after this one
+    assert len(compiled) == len(plain) > 3
+    assert {x.shape[-1] for x, _ in compiled} == {16, 24, 32}
+    for (x1, y1), (x2, y2) in zip(compiled, plain):
+        assert torch.equal(y1, y2) and torch.equal(x1, x2)

@@ -153,6 +153,14 @@ def _open(path: str, role: str) -> DatasetInfo:
     return check_beton(path)
 
 
+def _set_compile(cfg: DataConfig) -> None:
+    """FFCV decides when a loader is built whether its pipeline is compiled; the switch is
+    FFCV's own and process-wide, so every loader sets it from its config."""
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_enabled(cfg.jit)
+
+
 def _device_ops(device: torch.device) -> list:
     from ffcv.transforms import ToDevice
 
@@ -192,6 +200,7 @@ def make_train_loader(cfg: DataConfig, *, distributed: bool, seed: int, device: 
     # no distributed version of it.
     order = OrderOption.RANDOM if (cfg.os_cache or distributed) else OrderOption.QUASI_RANDOM
     threads = torch.get_num_threads()
+    _set_compile(cfg)
     loader = Loader(info.path, batch_size=cfg.batch_size, num_workers=cfg.loader_workers,
                     os_cache=cfg.os_cache, order=order, distributed=distributed, seed=seed,
                     drop_last=True,
@@ -227,6 +236,7 @@ def make_val_loader(cfg: DataConfig, *, distributed: bool, device: torch.device,
     image_ops = [decoder, ToTensor(), ToTorchImage(channels_last=True)] + _device_ops(device)
     label_ops = [IntDecoder(), ToTensor()] + _device_ops(device)
     threads = torch.get_num_threads()
+    _set_compile(cfg)
     loader = Loader(info.path, batch_size=cfg.val_batch_size or cfg.batch_size,
                     num_workers=cfg.loader_workers, os_cache=cfg.os_cache,
                     order=OrderOption.SEQUENTIAL, indices=indices, drop_last=False,
