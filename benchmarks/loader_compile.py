@@ -3,7 +3,8 @@
 For each data set, each setting runs in a fresh process (FFCV's compile is per process), in
 turns, ``--repeats`` times: build the training loader and take its first batch (where FFCV
 compiles), then whole training epochs at the recipe's settings, then one validation pass.
-Every process hashes every batch it saw; the script stops if the two settings disagree.
+Every process hashes every batch it saw; the script stops if any two disagree. The third
+setting is what a `data.jit=false` worker runs: numba switched off before FFCV is imported.
 
     .venv/bin/python benchmarks/loader_compile.py --repeats 3
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,7 +31,9 @@ recipe, train, val, jit, epochs = sys.argv[1:6]
 import torch
 from we_dist.config import load_config
 from we_dist.data.loaders import make_train_loader, make_val_loader
-import ffcv.loader  # imported here so that its own import is not counted below
+t = time.perf_counter()
+import ffcv.loader, ffcv.fields.rgb_image  # importing FFCV compiles a typed dict unless numba is off
+import_s = time.perf_counter() - t
 cfg = load_config(recipe, [f"data.train_path={train}", f"data.val_path={val}", f"data.jit={jit}"])
 cpu = torch.device("cpu")
 h = hashlib.sha256()
@@ -53,16 +57,23 @@ vl = make_val_loader(cfg.data, distributed=False, device=cpu)
 for x, y in vl:
     h.update(x.numpy().tobytes()); h.update(y.numpy().tobytes())
 val_s = time.perf_counter() - t
-print(json.dumps({"first": first, "epoch": epoch_s, "val": val_s, "images": len(loader) * loader.batch_size,
+print(json.dumps({"import": import_s, "first": first, "epoch": epoch_s, "val": val_s, "images": len(loader) * loader.batch_size,
                   "hash": h.hexdigest()}))
 """
 
 
-def measure(recipe: str, data: Path, jit: bool, epochs: int) -> dict:
+# (label, data.jit, numba's JIT off in the process as a data.jit=false worker has it)
+MODES = [("compiled", True, False), ("plain Python", False, False), ("plain Python, numba off (a worker's)", False, True)]
+
+
+def measure(recipe: str, data: Path, jit: bool, numba_off: bool, epochs: int) -> dict:
     """One fresh process: the loading times of ``recipe`` on ``data`` with ``data.jit=jit``."""
     cmd = [sys.executable, "-c", CHILD, recipe, str(data / "train.beton"), str(data / "val.beton"),
            str(jit).lower(), str(epochs)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}
+    if numba_off:
+        env["NUMBA_DISABLE_JIT"] = "1"
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd[:2])} ...\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -78,28 +89,29 @@ def main() -> int:
         data = ROOT / "data" / name
         if not (data / "train.beton").exists():
             sys.exit(f"{data}/train.beton is missing: convert it first (we-dist convert {name.replace('_', '-')} ...)")
-        runs = {True: [], False: []}
+        runs = {label: [] for label, _, _ in MODES}
         for _ in range(args.repeats):
-            for jit in (True, False):        # in turns, so machine noise hits both alike
-                runs[jit].append(measure(recipe, data, jit, args.epochs))
+            for label, jit, numba_off in MODES:        # in turns, so machine noise hits all alike
+                runs[label].append(measure(recipe, data, jit, numba_off, args.epochs))
         hashes = {r["hash"] for rs in runs.values() for r in rs}
         if len(hashes) != 1:
             sys.exit(f"{name}: the compiled and the plain pipeline gave different batches")
-        med = {jit: {"first": statistics.median(r["first"] for r in rs),
-                     "epoch": statistics.median(e for r in rs for e in r["epoch"]),
-                     "val": statistics.median(r["val"] for r in rs)} for jit, rs in runs.items()}
-        images = runs[True][0]["images"]
-        for jit in (True, False):
-            m = med[jit]
-            rows.append((name, "compiled" if jit else "plain Python", m["first"], m["epoch"], images / m["epoch"],
-                         m["val"], m["first"] + m["epoch"] + m["val"]))
+        med = {label: {"import": statistics.median(r["import"] for r in rs),
+                       "first": statistics.median(r["first"] for r in rs),
+                       "epoch": statistics.median(e for r in rs for e in r["epoch"]),
+                       "val": statistics.median(r["val"] for r in rs)} for label, rs in runs.items()}
+        images = runs["compiled"][0]["images"]
+        for label, _, _ in MODES:
+            m = med[label]
+            rows.append((name, label, m["import"], m["first"], m["epoch"], images / m["epoch"], m["val"],
+                         m["import"] + m["first"] + m["epoch"] + m["val"]))
     print(f"medians of {args.repeats} fresh processes per setting; epochs: the {args.epochs} after the first; "
           "batches identical in every process")
-    print("| data | pipeline | build + first batch (s) | training epoch (s) | img/s | validation pass (s) "
-          "| build, 1 epoch, validation (s) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, kind, first, epoch, ips, val, total in rows:
-        print(f"| {name} | {kind} | {first:.2f} | {epoch:.2f} | {ips:,.0f} | {val:.2f} | {total:.2f} |")
+    print("| data | pipeline | import FFCV (s) | build + first batch (s) | training epoch (s) | img/s "
+          "| validation pass (s) | import, build, 1 epoch, validation (s) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, kind, imp, first, epoch, ips, val, total in rows:
+        print(f"| {name} | {kind} | {imp:.2f} | {first:.2f} | {epoch:.2f} | {ips:,.0f} | {val:.2f} | {total:.2f} |")
     return 0
 
 

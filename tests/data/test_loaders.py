@@ -3,6 +3,10 @@ progressive resizing, seeded order, early exit, and the errors they raise."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -208,3 +212,43 @@ def test_the_uncompiled_pipeline_gives_the_same_batches(digits_betons):
     assert {x.shape[-1] for x, _ in compiled} == {16, 24, 32}
     for (x1, y1), (x2, y2) in zip(compiled, plain):
         assert torch.equal(y1, y2) and torch.equal(x1, x2)
+
+
+_NUMBA_OFF_CHILD = r"""
+import hashlib, sys
+import we_dist.train.loop   # what a Ray Train worker has imported when its training function starts
+from we_dist.config import DataConfig
+from we_dist.data.loaders import make_train_loader, make_val_loader, numba_off_unless_compiled
+cfg = DataConfig(**{**eval(sys.argv[1]), "jit": False})
+numba_off_unless_compiled(cfg)
+import numba, torch
+import ffcv.fields.rgb_image as rgb
+assert numba.config.DISABLE_JIT and type(rgb.IMAGE_MODES) is dict, "numba's JIT is still on"
+h = hashlib.sha256()
+train = make_train_loader(cfg, distributed=False, seed=5, device=torch.device("cpu"))
+for epoch in (0, 1, 2):
+    train.set_epoch(epoch)
+    for x, y in train:
+        h.update(x.numpy().tobytes()); h.update(y.numpy().tobytes())
+for x, y in make_val_loader(cfg, distributed=False, device=torch.device("cpu")):
+    h.update(x.numpy().tobytes()); h.update(y.numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_a_worker_without_the_compile_runs_numba_free_with_the_same_batches(digits_betons):
+    """What a Ray Train (or torchrun) worker of a ``data.jit=false`` run does first: switch
+    numba's JIT off before FFCV is imported (FFCV's import compiles otherwise). In a fresh
+    process, as a worker is, the batches still equal the compiled pipeline's, bit for bit."""
+    cfg = _cfg(digits_betons, jit=True)
+    h = hashlib.sha256()
+    for x, y in _every_batch(cfg, seed=5):
+        h.update(x.numpy().tobytes())
+        h.update(y.numpy().tobytes())
+    fields = {k: getattr(cfg, k) for k in ("train_path", "val_path", "batch_size", "val_batch_size", "min_res",
+                                          "max_res", "start_ramp", "end_ramp", "res_step", "val_res", "loader_workers")}
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}
+    child = subprocess.run([sys.executable, "-c", _NUMBA_OFF_CHILD, repr(fields)], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert child.stdout.strip().splitlines()[-1] == h.hexdigest()

@@ -40,7 +40,7 @@ from we_dist.train.callbacks import default_callbacks
 from we_dist.train.checkpoint import checkpoint_name
 from we_dist.train.evaluation import all_reduce_sum, broadcast_buffers, evaluate
 from we_dist.train.events import Callback, Callbacks
-from we_dist.data.loaders import Loaders
+from we_dist.data.loaders import Loaders, numba_off_unless_compiled
 from we_dist.train.loop_state import LoopState
 from we_dist.train.ray_logs import hide_report_lines
 from we_dist.train.session import RaySession
@@ -185,6 +185,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """Entry point for Ray Train's ``train_loop_per_worker``."""
     hide_report_lines()
     cfg = config_from_dict(loop_config["config"])
+    numba_off_unless_compiled(cfg.data)   # a fresh Ray worker: nothing has imported numba yet
     session = RaySession()
     uri, run_id = loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id")
     # Rank 0 samples its machine (CPU, memory, GPUs) into the run while it trains: on a cluster

@@ -13,6 +13,7 @@ import os
 import sys
 
 from we_dist.config import load_config
+from we_dist.data.loaders import numba_off_unless_compiled
 from we_dist.train.driver import resolve_paths
 from we_dist.train.loop import run_training
 from we_dist.train.session import TorchrunSession
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     cfg = resolve_paths(load_config(argv[0], argv[1:]))
+    numba_off_unless_compiled(cfg.data)
     session = TorchrunSession(os.path.join(cfg.checkpoint.storage_path, cfg.name), use_gpu=cfg.scaling.use_gpu)
     started = os.environ.get("WE_DIST_STARTED_AT")   # set by a launcher, e.g. benchmarks/startup.py
     metrics = run_training(cfg, session, started_at=float(started) if started else None)
