@@ -91,6 +91,8 @@ def test_config_changes_name_result_keys_only():
     new = {"optim": {"lr": 0.2}, "tracking": {"uri": "b"}, "train": {"progress": False, "epochsx": 1}}
     assert config_changes(old, new) == ["optim.lr: 0.1 -> 0.2"]
     assert config_changes(None, new) == [] and config_changes(new, new) == []
+    # A run finished before data.jit existed, re-run from a recipe that loads uncompiled: same batches.
+    assert config_changes({"data": {"batch_size": 64}}, {"data": {"batch_size": 64, "jit": False}}) == []
 
 
 def _train(tmp_path: Path, digits, *extra: str) -> subprocess.CompletedProcess:

@@ -624,8 +624,9 @@ def plan_resume_or_refuse(cfg: Config, run_dir: str) -> ResumePlan:
 
 
 # Keys that change how a run is watched, not what it computes: a re-run may differ in them.
+# (data.jit: compiled or plain loading give the same batches, bit for bit; tests/data.)
 NON_RESULT_KEYS = ("tracking.", "description", "train.progress", "train.log_every_steps", "checkpoint.resume",
-                   "checkpoint.num_to_keep", "checkpoint.max_failures", "checkpoint.storage_path")
+                   "checkpoint.num_to_keep", "checkpoint.max_failures", "checkpoint.storage_path", "data.jit")
 
 
 def _trained_config(checkpoint: str) -> dict[str, Any] | None:
