@@ -205,3 +205,9 @@ def test_live_table_shows_each_variants_own_epochs(tmp_path):
             TrialRow("b", "TERMINATED", {"variant": "scratch-b@0.5", "seed": 0}, epochs_done=24)]
     table = render_table(rows, ["variant", "seed"], "val/top1", {"l1@0.5": 3})
     assert "2/3" in table and " 24 " in table and "finished" in table
+    # The shape stage gives no epochs at all: its live table must not fall back to the recipe's
+    # (it showed Scratch-B at "11/5").
+    from we_dist.tune.sweep import live_epochs
+
+    assert live_epochs(None, {"variant_epochs": epochs["shape"]}) == {}
+    assert " 24 " in render_table(rows[1:], ["variant", "seed"], "val/top1", live_epochs(None, {"variant_epochs": {}}))

@@ -49,7 +49,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from we_dist.config import ConfigError, config_from_dict
 from we_dist.storage import filesystem, storage_root
@@ -227,6 +227,13 @@ def _scheduler(spec: SweepSpec) -> Any:
                          reduction_factor=spec.scheduler.reduction_factor, stop_last_trials=False)
 
 
+def live_epochs(spec: Any, ctx: Mapping[str, Any]) -> int | Mapping[str, int]:
+    """What the live table shows a run's epochs out of: a comparison's or study's per-variant
+    epochs when it gives them, even none (a study's shape stage: Scratch-B's epochs follow from
+    each seed's pruned shape, so its rows show the epochs done alone), else the sweep's."""
+    return ctx["variant_epochs"] if "variant_epochs" in ctx else spec.trial_epochs
+
+
 def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
@@ -249,7 +256,7 @@ def build_tuner(spec: SweepSpec, ctx: dict[str, Any], max_concurrent: int) -> An
         ),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=spec.storage_path, verbose=0,
-            callbacks=[LiveTable(spec.keys, spec.metric, spec.mode, ctx.get("variant_epochs") or spec.trial_epochs,
+            callbacks=[LiveTable(spec.keys, spec.metric, spec.mode, live_epochs(spec, ctx),
                                  total=spec.num_trials(),
                                  kind="comparison" if ctx.get("kind") in ("compare", "study") else "sweep"),
                        StateRecorder()],
