@@ -93,6 +93,14 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _pruned_and_rounded(name: str, model: nn.Module, decision: dict, r: int) -> nn.Module:
+    """A fresh ``name`` with ``decision`` applied, checked to keep a multiple of ``r`` everywhere."""
+    pruned = _network(name)
+    apply_decision(pruned, CIFAR, decision)
+    _assert_rounded(model, pruned, r)
+    return pruned
+
+
 # --- the rule -------------------------------------------------------------------------------------
 
 
@@ -134,9 +142,7 @@ def test_l1(name, r):
     modules = dict(model.named_modules())
     for layer, idxs in rounded["prune"].items():
         _spared_are_the_best(plain["prune"][layer], idxs, filter_l1(modules[layer]))
-    pruned = _network(name)
-    apply_decision(pruned, CIFAR, rounded)
-    _assert_rounded(model, pruned, r)
+    _pruned_and_rounded(name, model, rounded, r)
 
 
 @pytest.mark.parametrize("name,r", NETS)
@@ -151,9 +157,7 @@ def test_slimming(name, r):
         scores = {root: bn_scale_importance(group) for root, group in prunable_groups(model, CIFAR)}
     for root, idxs in rounded["prune"].items():
         _spared_are_the_best(plain["prune"][root], idxs, scores[root])
-    pruned = _network(name)
-    apply_decision(pruned, CIFAR, rounded)
-    _assert_rounded(model, pruned, r)
+    _pruned_and_rounded(name, model, rounded, r)
 
 
 @pytest.mark.parametrize("name,r", NETS)
@@ -276,9 +280,7 @@ def test_round_to_1_decides_as_before(name):
 def test_l1_budget_counts_the_rounded_network(name, r, target):
     model = _network(name)
     decision = l1_budget_decision(model, CIFAR, (0.1,), (), target, round_to=r)
-    pruned = _network(name)
-    apply_decision(pruned, CIFAR, decision)
-    _assert_rounded(model, pruned, r)
+    pruned = _pruned_and_rounded(name, model, decision, r)
     _assert_met(_reduction(model, pruned), target)
     assert decision["budget"]["achieved"] == pytest.approx(_reduction(model, pruned))
 
@@ -287,9 +289,7 @@ def test_l1_budget_counts_the_rounded_network(name, r, target):
 def test_slimming_budget_counts_the_rounded_network(name, r, target):
     model = _network(name)
     decision = slim_decide(model, CIFAR, SlimmingSettings(mac_reduction=target, round_to=r))
-    pruned = _network(name)
-    apply_decision(pruned, CIFAR, decision)
-    _assert_rounded(model, pruned, r)
+    pruned = _pruned_and_rounded(name, model, decision, r)
     _assert_met(_reduction(model, pruned), target)
 
 
