@@ -3,7 +3,9 @@ progressive resizing, seeded order, early exit, and the errors they raise."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -215,11 +217,12 @@ def test_the_uncompiled_pipeline_gives_the_same_batches(digits_betons):
 
 
 _NUMBA_OFF_CHILD = r"""
-import hashlib, sys
+import hashlib, json, sys
 import we_dist.train.loop   # what a Ray Train worker has imported when its training function starts
-from we_dist.config import DataConfig
+from we_dist.config import DataConfig, validate_section
 from we_dist.data.loaders import make_train_loader, make_val_loader, numba_off_unless_compiled
-cfg = DataConfig(**{**eval(sys.argv[1]), "jit": False})
+cfg = validate_section(DataConfig, json.loads(sys.argv[1]))
+assert not cfg.jit
 numba_off_unless_compiled(cfg)
 import numba, torch
 import ffcv.fields.rgb_image as rgb
@@ -245,10 +248,9 @@ def test_a_worker_without_the_compile_runs_numba_free_with_the_same_batches(digi
     for x, y in _every_batch(cfg, seed=5):
         h.update(x.numpy().tobytes())
         h.update(y.numpy().tobytes())
-    fields = {k: getattr(cfg, k) for k in ("train_path", "val_path", "batch_size", "val_batch_size", "min_res",
-                                          "max_res", "start_ramp", "end_ramp", "res_step", "val_res", "loader_workers")}
+    settings = json.dumps({**dataclasses.asdict(cfg), "jit": False})
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_JIT"}
-    child = subprocess.run([sys.executable, "-c", _NUMBA_OFF_CHILD, repr(fields)], capture_output=True, text=True,
+    child = subprocess.run([sys.executable, "-c", _NUMBA_OFF_CHILD, settings], capture_output=True, text=True,
                            env=env, timeout=300)
     assert child.returncode == 0, child.stderr[-3000:]
     assert child.stdout.strip().splitlines()[-1] == h.hexdigest()
