@@ -101,6 +101,18 @@ def _pruned_and_rounded(name: str, model: nn.Module, decision: dict, r: int) -> 
     return pruned
 
 
+def _kept_and_rounded(name: str, model: nn.Module, keep: dict, r: int) -> nn.Module:
+    """A fresh ``name`` cut to the kept counts ``keep`` (per consumer), checked to keep a
+    multiple of ``r`` everywhere."""
+    pruned = _network(name)
+    for pair in prunable_pairs(pruned, CIFAR):
+        drop = pair.channels - keep[pair.consumer]
+        if drop:
+            remove_channels(pruned, CIFAR, pair.consumer, list(range(drop)))
+    _assert_rounded(model, pruned, r)
+    return pruned
+
+
 # --- the rule -------------------------------------------------------------------------------------
 
 
@@ -192,12 +204,7 @@ def test_calibrated_kept_counts(name, r):
         k = keep[pair.consumer]
         assert k == rounded_keep(pair.channels, plain[pair.consumer], r)
         assert k == pair.channels or k % r == 0
-    pruned = _network(name)
-    for pair in prunable_pairs(pruned, CIFAR):
-        drop = pair.channels - keep[pair.consumer]
-        if drop:
-            remove_channels(pruned, CIFAR, pair.consumer, list(range(drop)))
-    _assert_rounded(model, pruned, r)
+    pruned = _kept_and_rounded(name, model, keep, r)
 
 
 def _dap_scores(macs: MacModel, seed: int = 3) -> dict[str, torch.Tensor]:
@@ -307,12 +314,7 @@ def test_soft_pruning_budget_counts_the_rounded_network(name, r, target):
 def test_calibrated_budget_counts_the_rounded_network(name, r, target):
     model = _network(name)
     keep, _ = keep_counts(model, CIFAR, 0.5, target, round_to=r)
-    pruned = _network(name)
-    for pair in prunable_pairs(pruned, CIFAR):
-        drop = pair.channels - keep[pair.consumer]
-        if drop:
-            remove_channels(pruned, CIFAR, pair.consumer, list(range(drop)))
-    _assert_rounded(model, pruned, r)
+    pruned = _kept_and_rounded(name, model, keep, r)
     _assert_met(_reduction(model, pruned), target)
 
 
